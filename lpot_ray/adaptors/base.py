@@ -1,0 +1,81 @@
+"""The contract between lpot_ray and one framework.
+
+The driver uses an adaptor to validate and serialise the user's model (``prepare``), to list what
+can be quantized (``capabilities``) and to measure the fp32 baseline. Workers use it to rebuild the
+model from bytes (``load``), quantize it for a candidate config, run it on batches, and lower the
+chosen config to the framework's real int8 kernels. Framework imports live inside each adaptor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..space import Op, OpCapability, TuneConfig
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """A quantized model compiled to the framework's kernels, and what really runs int8 there."""
+
+    model: Any
+    int8_ops: tuple[str, ...]
+    fp32_ops: tuple[str, ...]
+
+
+class Adaptor(ABC):
+    """One framework's view of models, quantization and measurement."""
+
+    framework: str = ""
+
+    def set_threads(self, threads: int) -> None:
+        """Framework intra-op threads for this process (Ray sets OMP_NUM_THREADS=1 in workers)."""
+
+    # --- driver side -------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, model: Any, example_inputs: Any) -> bytes:
+        """Check the user's model and serialise it for workers (raise ModelError saying why not)."""
+
+    # --- both sides --------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, payload: bytes) -> Any:
+        """Rebuild the fp32 model from ``prepare``'s bytes."""
+
+    @abstractmethod
+    def capabilities(self, model: Any) -> list[OpCapability]:
+        """Quantizable ops in model order and the int8 schemes that really lower for each."""
+
+    @abstractmethod
+    def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
+        """The model quantized per ``config``, calibrated on the first ``sampling_size`` samples."""
+
+    @abstractmethod
+    def predict(self, model: Any, inputs: Any) -> np.ndarray:
+        """Run a batch; the output as numpy for the built-in metrics."""
+
+    def user_model(self, model: Any) -> Any:
+        """What a user's ``eval_func`` receives for a quantized ``model``."""
+        return model
+
+    @abstractmethod
+    def lower(self, model: Any, ops: Sequence[Op], config: TuneConfig, example_inputs: Any) -> Lowered:
+        """Compile the quantized model to real int8 kernels and read back which ops run int8."""
+
+    @abstractmethod
+    def lower_fp32(self, model: Any, example_inputs: Any) -> Any:
+        """The fp32 model compiled the same way, for a fair latency comparison."""
+
+    @abstractmethod
+    def serialize(self, model: Any, example_inputs: Any) -> bytes:
+        """A quantized model as bytes, to move it between processes or save it."""
+
+    @abstractmethod
+    def deserialize(self, payload: bytes) -> Any:
+        """The inverse of ``serialize``: a runnable quantized model."""
+
+    @staticmethod
+    def batch_size(inputs: Any) -> int:
+        return len(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)

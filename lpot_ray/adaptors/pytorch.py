@@ -1,0 +1,261 @@
+"""PyTorch: real int8 on CPU through torchao's PT2E flow and the X86 inductor quantizer.
+
+The model is exported once (``torch.export`` with a dynamic batch dimension) and travels as
+``torch.export.save`` bytes. A candidate config becomes one X86InductorQuantizer with a
+per-module QuantizationConfig for each int8 op (no global config, so an op not listed stays fp32).
+Calibration statistics are cached per observed graph node and observer kind: a fallback trial
+loads them into its fresh observers instead of running calibration again. Evaluation runs the
+converted (reference, dequantize → fp32 op → quantize) model; ``lower`` compiles it with inductor
+and freezing, which is where the int8 oneDNN kernels appear, and reads the int8 op list from the
+generated code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import DataError, MissingFrameworkError, ModelError
+from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
+from .base import Adaptor, Lowered
+
+
+def import_torch():
+    """torch and the torchao PT2E pieces, with a one-line error when they are missing."""
+    try:
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        import torch
+        from torchao.quantization import pt2e
+        from torchao.quantization.pt2e import quantize_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+    except ImportError:
+        raise MissingFrameworkError("pytorch", "torch") from None
+    return torch, pt2e, quantize_pt2e, x86_inductor_quantizer
+
+
+QUANTIZABLE_MODULES = {"Conv2d": "conv2d", "Linear": "linear"}
+WEIGHT = TensorScheme("int8", "sym", "per_channel", "minmax")
+ACTIVATIONS = [TensorScheme("uint8", "asym", "per_tensor", algorithm) for algorithm in ("minmax", "kl")]
+
+# Kernel calls in inductor's generated code, per op type: the int8 ones and every one.
+_KERNELS = {
+    "Conv2d": (r"onednn\.qconv\w*pointwise", r"onednn\.qconv\w*pointwise|_convolution_pointwise|extern_kernels\.convolution"),
+    "Linear": (r"onednn\.qlinear\w*pointwise", r"onednn\.qlinear\w*pointwise|_linear_pointwise|extern_kernels\.(?:addmm|mm)\("),
+}
+
+
+def as_args(inputs: Any) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+class PyTorchAdaptor(Adaptor):
+    framework = "pytorch"
+
+    def __init__(self) -> None:
+        self.torch, self.pt2e, self.quantize_pt2e, self.x86 = import_torch()
+        self.calibration_cache: dict[tuple, dict] = {}
+        self.calibration_passes = 0  # forward passes spent calibrating, to prove the cache works
+
+    def set_threads(self, threads: int) -> None:
+        self.torch.set_num_threads(max(1, int(threads)))
+
+    # --- driver side -------------------------------------------------------------------------
+    def prepare(self, model: Any, example_inputs: Any) -> bytes:
+        torch = self.torch
+        if not isinstance(model, torch.nn.Module):
+            raise ModelError(f"model: expected a torch.nn.Module for framework 'pytorch', got {type(model).__name__}")
+        args = as_args(example_inputs)
+        if not all(isinstance(arg, torch.Tensor) for arg in args):
+            raise DataError("calibration loader: batches must be tensors (or a tuple of tensors, then labels)")
+        model.eval()
+        batch = torch.export.Dim("batch", min=1)
+        dynamic = tuple({0: batch} for _ in args)
+        try:
+            exported = torch.export.export(model, args, dynamic_shapes=dynamic)
+        except Exception as error:  # torch raises many kinds here; the user needs the reason
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelError(f"model: torch.export could not export {type(model).__name__}: {first_line}") from error
+        buffer = io.BytesIO()
+        torch.export.save(exported, buffer)
+        return buffer.getvalue()
+
+    # --- both sides --------------------------------------------------------------------------
+    def load(self, payload: bytes) -> Any:
+        return self.torch.export.load(io.BytesIO(payload))
+
+    def capabilities(self, model: Any) -> list[OpCapability]:
+        module = model.module()
+        params = dict(module.named_parameters())
+        capabilities, seen = [], set()
+        for node in module.graph.nodes:
+            if node.op != "call_function" or "nn_module_stack" not in node.meta:
+                continue
+            path, type_name = list(node.meta["nn_module_stack"].values())[-1]
+            op_type = type_name.rsplit(".", 1)[-1]
+            if op_type not in QUANTIZABLE_MODULES or str(node.target).split(".")[1] != QUANTIZABLE_MODULES[op_type]:
+                continue
+            if path in seen:
+                continue
+            seen.add(path)
+            schemes = tuple(OpScheme(WEIGHT, activation) for activation in ACTIVATIONS)
+            capabilities.append(OpCapability(Op(path, op_type, _macs(node, params.get(f"{path}.weight"))), schemes))
+        return capabilities
+
+    def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
+        quantizer = self.x86.X86InductorQuantizer()
+        for name, scheme in config.op_schemes:
+            if not scheme.is_fp32:
+                quantizer.set_module_name_qconfig(name, self.quantization_config(scheme))
+        prepared = self.quantize_pt2e.prepare_pt2e(model.module(), quantizer)
+        self._calibrate(prepared, calibration, config.sampling_size)
+        converted = self.quantize_pt2e.convert_pt2e(prepared)
+        self.pt2e.allow_exported_model_train_eval(converted)
+        return converted
+
+    def quantization_config(self, scheme: OpScheme):
+        """torchao's QuantizationConfig for one op scheme."""
+        obs = self.pt2e
+        default = self.x86.get_default_x86_inductor_quantization_config()
+        activation_observer = {"minmax": obs.MinMaxObserver, "kl": obs.HistogramObserver}[scheme.activation.algorithm]
+        activation = dataclasses.replace(default.input_activation, observer_or_fake_quant_ctr=activation_observer)
+        weight = default.weight
+        if scheme.weight.granularity == "per_tensor":
+            weight = dataclasses.replace(
+                weight, observer_or_fake_quant_ctr=obs.MinMaxObserver,
+                qscheme=self.torch.per_tensor_symmetric, ch_axis=None,
+            )
+        return dataclasses.replace(default, input_activation=activation, output_activation=activation, weight=weight)
+
+    def _calibrate(self, prepared: Any, calibration: Sequence[Any], sampling_size: int) -> None:
+        observers = {}
+        for node in prepared.graph.nodes:
+            if node.op == "call_module" and node.target.startswith("activation_post_process"):
+                observer = getattr(prepared, node.target)
+                observed = node.args[0].name
+                observers[(observed, type(observer).__name__, str(getattr(observer, "qscheme", "")), sampling_size)] = observer
+        if observers and all(key in self.calibration_cache for key in observers):
+            for key, observer in observers.items():
+                observer.load_state_dict(self.calibration_cache[key])
+            return
+        with self.torch.no_grad():
+            for inputs in _take_samples(calibration, sampling_size):
+                prepared(*as_args(inputs))
+                self.calibration_passes += 1
+        for key, observer in observers.items():
+            self.calibration_cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
+
+    def predict(self, model: Any, inputs: Any) -> np.ndarray:
+        with self.torch.no_grad():
+            output = model(*as_args(inputs))
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        return output.detach().float().numpy()
+
+    def user_model(self, model: Any) -> Any:
+        return model
+
+    def lower(self, model: Any, ops: Sequence[Op], config: TuneConfig, example_inputs: Any) -> Lowered:
+        from torch._inductor.utils import run_and_get_code
+
+        compiled = self._compile(model)
+        with self.torch.no_grad(), self._inductor_settings():
+            _, code = run_and_get_code(compiled, *as_args(example_inputs))
+        int8_ops = _int8_ops_from_code("\n".join(code), {op.name: op.op_type for op in ops}, config)
+        fp32_ops = tuple(name for name, _ in config.op_schemes if name not in int8_ops)
+        return Lowered(compiled, int8_ops, fp32_ops)
+
+    def lower_fp32(self, model: Any, example_inputs: Any) -> Any:
+        compiled = self._compile(model.module())
+        with self.torch.no_grad(), self._inductor_settings():
+            compiled(*as_args(example_inputs))
+        return compiled
+
+    def _compile(self, module: Any) -> Any:
+        torch = self.torch
+        compiled = torch.compile(module)
+
+        def run(*args):
+            with torch.no_grad(), self._inductor_settings():
+                return compiled(*args)
+
+        return run
+
+    def _inductor_settings(self):
+        import torch._inductor.config as inductor_config
+
+        # Freezing turns weights into constants: only then does inductor fuse the q/dq pattern
+        # into int8 oneDNN kernels.
+        return inductor_config.patch(freezing=True)
+
+    def serialize(self, model: Any, example_inputs: Any) -> bytes:
+        torch = self.torch
+        args = as_args(example_inputs)
+        batch = torch.export.Dim("batch", min=1)
+        exported = torch.export.export(model, args, dynamic_shapes=tuple({0: batch} for _ in args))
+        buffer = io.BytesIO()
+        torch.export.save(exported, buffer)
+        return buffer.getvalue()
+
+    def deserialize(self, payload: bytes) -> Any:
+        module = self.torch.export.load(io.BytesIO(payload)).module()
+        self.pt2e.allow_exported_model_train_eval(module)
+        return module
+
+
+def _take_samples(batches: Sequence[Any], sampling_size: int):
+    """The calibration batches holding the first ``sampling_size`` samples."""
+    seen = 0
+    for inputs in batches:
+        if seen >= sampling_size:
+            return
+        yield inputs
+        seen += Adaptor.batch_size(inputs)
+    if seen == 0:
+        raise DataError("calibration loader: yielded no batches")
+
+
+def _macs(node: Any, weight: Any) -> int:
+    """Multiply-accumulates of one conv/linear call for a single sample."""
+    value = node.meta.get("val")
+    if value is None or weight is None:
+        return 0
+    per_output = int(np.prod(weight.shape[1:]))
+    output_elements = 1
+    for dim in list(value.shape)[1:]:
+        with contextlib.suppress(TypeError):
+            output_elements *= int(dim)
+    return output_elements * per_output
+
+
+def _int8_ops_from_code(code: str, op_types: dict[str, str], config: TuneConfig) -> tuple[str, ...]:
+    """Which configured ops inductor really lowered to int8 kernels.
+
+    Kernels of one op type are called in graph order, so when the code has one call per op of
+    that type, the i-th call is the i-th op. Otherwise an op type counts as int8 only if the
+    number of int8 calls covers every op the config quantizes.
+    """
+    int8: list[str] = []
+    ops_by_type: dict[str, list[tuple[str, OpScheme]]] = {}
+    for name, scheme in config.op_schemes:
+        ops_by_type.setdefault(op_types[name], []).append((name, scheme))
+    for op_type, ops in ops_by_type.items():
+        int8_pattern, any_pattern = _KERNELS[op_type]
+        calls = [bool(re.match(int8_pattern, m.group(0))) for m in re.finditer(any_pattern, _call_lines(code))]
+        if len(calls) == len(ops):
+            int8 += [name for (name, scheme), is_int8 in zip(ops, calls) if is_int8 and not scheme.is_fp32]
+        else:
+            wanted = [name for name, scheme in ops if not scheme.is_fp32]
+            if sum(calls) >= len(wanted):
+                int8 += wanted
+    return tuple(name for name, _ in config.op_schemes if name in int8)
+
+
+def _call_lines(code: str) -> str:
+    return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("#") and "assert_size_stride" not in line)
+

@@ -1,0 +1,291 @@
+"""LPOT's YAML schema, validated with precise errors.
+
+A configuration is loaded with ``yaml.safe_load`` (or given as a dict) and validated by pydantic
+models that forbid unknown keys. Errors are rewritten into one ``ConfigError`` whose lines each
+name the key path, the value found and what is allowed. Keys that LPOT 1.x knows but lpot_ray
+does not implement yet are reported as such, so an LPOT user knows the key is not a typo.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DTYPES = ("int8", "uint8", "fp32", "bf16")
+SCHEMES = ("sym", "asym")
+GRANULARITIES = ("per_channel", "per_tensor")
+ALGORITHMS = ("minmax", "kl", "percentile")
+
+# Dotted key paths LPOT 1.x accepts that lpot_ray does not implement yet.
+LPOT_ONLY_KEYS = frozenset(
+    {
+        "model.inputs",
+        "model.outputs",
+        "quantization.recipes",
+        "quantization.calibration.dataloader",
+        "quantization.train",
+        "quantization.optimization",
+        "quantization.use_bf16",
+        "evaluation.accuracy.dataloader",
+        "evaluation.accuracy.postprocess",
+        "evaluation.accuracy.configs",
+        "evaluation.accuracy.multi_metrics",
+        "evaluation.performance",
+        "tuning.multi_objectives",
+        "tuning.tensorboard",
+        "tuning.diagnosis",
+        "tuning.strategy.accuracy_weight",
+        "tuning.strategy.latency_weight",
+        "tuning.strategy.sigopt_api_token",
+        "tuning.strategy.sigopt_project_id",
+        "tuning.strategy.sigopt_experiment_name",
+        "pruning",
+        "distillation",
+        "graph_optimization",
+        "mixed_precision",
+        "model_conversion",
+        "nas",
+    }
+)
+
+# Values LPOT 1.x accepts for a key that lpot_ray does not implement yet.
+LPOT_ONLY_VALUES = {
+    "quantization.approach": {"post_training_dynamic_quant", "quant_aware_training", "post_training_auto_quant"},
+    "device": {"gpu"},
+    "tuning.objective": {"footprint", "modelsize", "accuracy"},
+}
+
+_Strings = Union[str, list[str]]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    name: str = "model"
+    framework: str
+
+
+class TensorRestriction(_Section):
+    """What the user allows for one tensor; each field a value or a list of values."""
+
+    dtype: Optional[tuple[str, ...]] = None
+    scheme: Optional[tuple[str, ...]] = None
+    granularity: Optional[tuple[str, ...]] = None
+    algorithm: Optional[tuple[str, ...]] = None
+
+    @field_validator("dtype", "scheme", "granularity", "algorithm", mode="before")
+    @classmethod
+    def _as_tuple(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    @model_validator(mode="after")
+    def _known_values(self) -> "TensorRestriction":
+        allowed = {"dtype": DTYPES, "scheme": SCHEMES, "granularity": GRANULARITIES, "algorithm": ALGORITHMS}
+        for field, choices in allowed.items():
+            for value in getattr(self, field) or ():
+                if value not in choices:
+                    raise ValueError(f"{field} {value!r} must be one of {', '.join(choices)}")
+        return self
+
+
+class OpRestriction(_Section):
+    weight: Optional[TensorRestriction] = None
+    activation: Optional[TensorRestriction] = None
+
+
+class CalibrationSection(_Section):
+    sampling_size: tuple[int, ...] = (100,)
+
+    @field_validator("sampling_size", mode="before")
+    @classmethod
+    def _as_tuple(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, int) and not isinstance(value, bool) else tuple(value) if isinstance(value, list) else value
+
+    @field_validator("sampling_size")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(size < 1 for size in value):
+            raise ValueError("must be a positive integer or a list of them")
+        return value
+
+
+class QuantizationSection(_Section):
+    approach: Literal["post_training_static_quant"] = "post_training_static_quant"
+    calibration: CalibrationSection = CalibrationSection()
+    model_wise: OpRestriction = OpRestriction()
+    op_wise: dict[str, OpRestriction] = Field(default_factory=dict)
+
+    @field_validator("op_wise")
+    @classmethod
+    def _valid_patterns(cls, value: dict[str, OpRestriction]) -> dict[str, OpRestriction]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"op name pattern {pattern!r} is not a valid regular expression ({error})")
+        return value
+
+
+class AccuracySection(_Section):
+    metric: Optional[dict[str, Any]] = None
+
+    @field_validator("metric")
+    @classmethod
+    def _one_metric(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        if value is not None and len(value) != 1:
+            raise ValueError("must name exactly one metric, e.g. {topk: 1}")
+        return value
+
+
+class EvaluationSection(_Section):
+    accuracy: AccuracySection = AccuracySection()
+
+
+class StrategySection(_Section):
+    name: str = "basic"
+
+
+class AccuracyCriterion(_Section):
+    relative: Optional[float] = None
+    absolute: Optional[float] = None
+    higher_is_better: bool = True
+
+    @field_validator("relative")
+    @classmethod
+    def _relative_range(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not 0 <= value < 1:
+            raise ValueError("must be in [0, 1)")
+        return value
+
+    @field_validator("absolute")
+    @classmethod
+    def _absolute_range(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            if raw.get("relative") is not None and raw.get("absolute") is not None:
+                raise ValueError("give either relative or absolute, not both")
+            if raw.get("relative") is None and raw.get("absolute") is None:
+                return {**raw, "relative": 0.01}
+        return raw
+
+
+class ExitPolicy(_Section):
+    timeout: float = Field(0, ge=0)
+    max_trials: int = Field(100, ge=1)
+    performance_only: Literal[False] = False
+
+
+class WorkspaceSection(_Section):
+    path: str = "./lpot_ray_workspace"
+    resume: Optional[str] = None
+
+
+class TuningSection(_Section):
+    strategy: StrategySection = StrategySection()
+    accuracy_criterion: AccuracyCriterion = AccuracyCriterion()
+    objective: Literal["performance"] = "performance"
+    exit_policy: ExitPolicy = ExitPolicy()
+    random_seed: int = 1978
+    workspace: WorkspaceSection = WorkspaceSection()
+
+
+class RaySection(_Section):
+    address: Optional[str] = None
+    workers: Optional[int] = Field(None, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class Config(_Section):
+    """A whole tuning configuration, LPOT-compatible."""
+
+    version: Union[float, str] = 1.0
+    model: ModelSection
+    device: Literal["cpu"] = "cpu"
+    quantization: QuantizationSection = QuantizationSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    tuning: TuningSection = TuningSection()
+    ray: RaySection = RaySection()
+
+
+def load_config(source: Union[Config, dict, str, os.PathLike]) -> Config:
+    """Read a configuration from a YAML path, a dict or an existing ``Config``."""
+    if isinstance(source, Config):
+        return source
+    origin = "configuration"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: configuration file not found")
+        try:
+            source = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: malformed YAML: {error}") from None
+    if not isinstance(source, dict):
+        raise ConfigError(f"{origin}: must be a mapping of sections, got {type(source).__name__}")
+    _reject_lpot_only(source, origin)
+    try:
+        return Config.model_validate(source)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, origin)) from None
+
+
+def _reject_lpot_only(raw: dict, origin: str) -> None:
+    for path, value in _walk(raw):
+        if path in LPOT_ONLY_KEYS:
+            raise ConfigError(f"{origin}: `{path}` is an LPOT option lpot_ray does not support yet")
+        if isinstance(value, str) and value in LPOT_ONLY_VALUES.get(path, ()):
+            raise ConfigError(f"{origin}: `{path}: {value}` is an LPOT option lpot_ray does not support yet")
+
+
+def _walk(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        yield path, value
+        if isinstance(value, dict) and path != "quantization.op_wise":
+            yield from _walk(value, path + ".")
+
+
+def _describe(error: ValidationError, origin: str) -> str:
+    lines = []
+    for problem in error.errors():
+        path = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"`{path}` is not a known key{_allowed_keys(problem['loc'])}")
+        elif problem["type"] == "missing":
+            lines.append(f"`{path}` is required")
+        else:
+            lines.append(f"`{path}`: {problem['input']!r} {message[0].lower()}{message[1:]}")
+    return f"{origin}: " + "; ".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> str:
+    section: Any = Config
+    for part in loc[:-1]:
+        fields = getattr(section, "model_fields", None)
+        if fields is None or part not in fields:
+            return ""
+        annotation = fields[part].annotation
+        section = next((arg for arg in getattr(annotation, "__args__", (annotation,)) if hasattr(arg, "model_fields")), annotation)
+    fields = getattr(section, "model_fields", None)
+    return f"; allowed here: {', '.join(fields)}" if fields else ""

@@ -1,0 +1,232 @@
+"""The quantization search space as plain data.
+
+An adaptor says what each op can do (``OpCapability``); the user's ``model_wise`` / ``op_wise``
+restrictions narrow that down; the result is a ``TuningSpace``: for every op, the ordered list of
+``OpScheme`` choices, fp32 fallback always last. A candidate is a ``TuneConfig``: one scheme per op
+plus the calibration sampling size, immutable and identified by a stable ``key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Optional
+
+from .config import OpRestriction, QuantizationSection, TensorRestriction
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TensorScheme:
+    """How one tensor (weight or activation) is quantized."""
+
+    dtype: str = "int8"
+    scheme: str = "sym"
+    granularity: str = "per_tensor"
+    algorithm: str = "minmax"
+
+    def allowed_by(self, restriction: Optional[TensorRestriction]) -> bool:
+        if restriction is None:
+            return True
+        return all(
+            getattr(restriction, name) is None or getattr(self, name) in getattr(restriction, name)
+            for name in ("dtype", "scheme", "granularity", "algorithm")
+        )
+
+
+@dataclass(frozen=True)
+class OpScheme:
+    """One choice for one op: its weight and activation schemes; both None means fp32."""
+
+    weight: Optional[TensorScheme] = None
+    activation: Optional[TensorScheme] = None
+
+    @property
+    def is_fp32(self) -> bool:
+        return self.weight is None and self.activation is None
+
+    def to_dict(self) -> dict:
+        if self.is_fp32:
+            return {"dtype": "fp32"}
+        return {
+            "weight": None if self.weight is None else vars(self.weight).copy(),
+            "activation": None if self.activation is None else vars(self.activation).copy(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OpScheme":
+        if data.get("dtype") == "fp32":
+            return FP32
+        return cls(
+            weight=None if data.get("weight") is None else TensorScheme(**data["weight"]),
+            activation=None if data.get("activation") is None else TensorScheme(**data["activation"]),
+        )
+
+    def describe(self) -> str:
+        if self.is_fp32:
+            return "fp32"
+        parts = []
+        for role, tensor in (("w", self.weight), ("a", self.activation)):
+            if tensor is not None:
+                parts.append(f"{role}:{tensor.dtype}/{tensor.scheme}/{tensor.granularity}/{tensor.algorithm}")
+        return " ".join(parts)
+
+
+FP32 = OpScheme()
+
+
+@dataclass(frozen=True)
+class Op:
+    """One quantizable operation: its name (module path), type (module class) and cost in MACs."""
+
+    name: str
+    op_type: str
+    macs: int = 0
+
+
+@dataclass(frozen=True)
+class OpCapability:
+    """What the framework can do for one op, most preferred scheme first (fp32 not included)."""
+
+    op: Op
+    schemes: tuple[OpScheme, ...]
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """One full candidate: a scheme per op, in model order, plus the calibration sampling size."""
+
+    op_schemes: tuple[tuple[str, OpScheme], ...]
+    sampling_size: int
+
+    @property
+    def key(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def fp32_ops(self) -> tuple[str, ...]:
+        return tuple(name for name, scheme in self.op_schemes if scheme.is_fp32)
+
+    @property
+    def int8_ops(self) -> tuple[str, ...]:
+        return tuple(name for name, scheme in self.op_schemes if not scheme.is_fp32)
+
+    def scheme_of(self, op_name: str) -> OpScheme:
+        return dict(self.op_schemes)[op_name]
+
+    def with_fallback(self, op_names: Iterable[str]) -> "TuneConfig":
+        """The same config with ``op_names`` in fp32."""
+        fallback = set(op_names)
+        return replace(
+            self, op_schemes=tuple((name, FP32 if name in fallback else scheme) for name, scheme in self.op_schemes)
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "ops": {name: scheme.to_dict() for name, scheme in self.op_schemes},
+            "order": [name for name, _ in self.op_schemes],
+            "sampling_size": self.sampling_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TuneConfig":
+        return cls(
+            op_schemes=tuple((name, OpScheme.from_dict(data["ops"][name])) for name in data["order"]),
+            sampling_size=int(data["sampling_size"]),
+        )
+
+
+@dataclass(frozen=True)
+class TuningSpace:
+    """Per-op choices (capabilities ∩ user restrictions, fp32 last) and calibration sizes."""
+
+    ops: tuple[Op, ...]
+    choices: dict[str, tuple[OpScheme, ...]] = field(hash=False)
+    sampling_sizes: tuple[int, ...]
+
+    @classmethod
+    def build(cls, capabilities: list[OpCapability], quantization: QuantizationSection) -> "TuningSpace":
+        names = [capability.op.name for capability in capabilities]
+        patterns = {pattern: re.compile(pattern) for pattern in quantization.op_wise}
+        for pattern, regex in patterns.items():
+            if not any(regex.fullmatch(name) for name in names):
+                raise ConfigError(
+                    f"`quantization.op_wise`: {pattern!r} matches no op of the model; its ops are: {', '.join(names)}"
+                )
+        choices = {}
+        for capability in capabilities:
+            restriction = quantization.model_wise
+            for pattern, regex in patterns.items():
+                if regex.fullmatch(capability.op.name):
+                    restriction = _overlay(restriction, quantization.op_wise[pattern])
+            choices[capability.op.name] = _restrict(capability.schemes, restriction) + (FP32,)
+        return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size))
+
+    @property
+    def total_macs(self) -> int:
+        return sum(op.macs for op in self.ops)
+
+    def model_wise_configs(self) -> list[TuneConfig]:
+        """One config per distinct int8 scheme (each op takes it if it can) and sampling size."""
+        schemes: list[OpScheme] = []
+        for op in self.ops:
+            for scheme in self.choices[op.name]:
+                if not scheme.is_fp32 and scheme not in schemes:
+                    schemes.append(scheme)
+        configs: list[TuneConfig] = []
+        for size in self.sampling_sizes:
+            for scheme in schemes or [FP32]:
+                op_schemes = tuple(
+                    (op.name, scheme if scheme in self.choices[op.name] else self.choices[op.name][0])
+                    for op in self.ops
+                )
+                config = TuneConfig(op_schemes, size)
+                if config not in configs:
+                    configs.append(config)
+        return configs
+
+    def fp32_macs_fraction(self, config: TuneConfig) -> float:
+        """Share of the model's multiply-accumulates left in fp32: the trial-time speed proxy."""
+        total = self.total_macs
+        if total == 0:
+            return len(config.fp32_ops) / max(1, len(self.ops))
+        macs = {op.name: op.macs for op in self.ops}
+        return sum(macs[name] for name in config.fp32_ops) / total
+
+    def fingerprint(self) -> dict:
+        return {
+            "ops": [[op.name, op.op_type] for op in self.ops],
+            "choices": {name: [scheme.to_dict() for scheme in schemes] for name, schemes in self.choices.items()},
+            "sampling_sizes": list(self.sampling_sizes),
+        }
+
+
+def _overlay(base: OpRestriction, override: OpRestriction) -> OpRestriction:
+    """op_wise fields replace model_wise fields for the ops they match."""
+    merged = {}
+    for role in ("weight", "activation"):
+        low, high = getattr(base, role), getattr(override, role)
+        if high is None:
+            merged[role] = low
+        elif low is None:
+            merged[role] = high
+        else:
+            merged[role] = low.model_copy(update={k: v for k, v in high.model_dump().items() if v is not None})
+    return OpRestriction(**merged)
+
+
+def _restrict(schemes: tuple[OpScheme, ...], restriction: OpRestriction) -> tuple[OpScheme, ...]:
+    def fp32_only(tensor: Optional[TensorRestriction]) -> bool:
+        return tensor is not None and tensor.dtype == ("fp32",)
+
+    if fp32_only(restriction.weight) or fp32_only(restriction.activation):
+        return ()
+    return tuple(
+        scheme
+        for scheme in schemes
+        if (scheme.weight is None or scheme.weight.allowed_by(restriction.weight))
+        and (scheme.activation is None or scheme.activation.allowed_by(restriction.activation))
+    )
