@@ -1,0 +1,21 @@
+"""lpot_ray: the fastest low-precision model that still meets your accuracy goal, tuned on Ray.
+
+Importing lpot_ray imports no deep-learning framework; each adaptor imports its own when used.
+"""
+
+from .api import Quantization, tune
+from .config import Config, load_config
+from .errors import ConfigError, DataError, EvaluationError, HistoryError, LpotRayError, MissingFrameworkError, ModelError
+from .metrics import Metric
+from .result import TuneResult, load
+from .space import Op, OpScheme, TensorScheme, TuneConfig, TuningSpace
+from .strategies.base import Strategy
+from .trial import Trial
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "ConfigError", "DataError", "EvaluationError", "HistoryError", "LpotRayError", "Metric",
+    "MissingFrameworkError", "ModelError", "Op", "OpScheme", "Quantization", "Strategy", "TensorScheme",
+    "Trial", "TuneConfig", "TuneResult", "TuningSpace", "load", "load_config", "tune",
+]

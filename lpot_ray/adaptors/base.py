@@ -45,6 +45,10 @@ class Adaptor(ABC):
         """Rebuild the fp32 model from ``prepare``'s bytes."""
 
     @abstractmethod
+    def weights_digest(self, model: Any) -> str:
+        """A hash of the fp32 weights: part of the history's fingerprint."""
+
+    @abstractmethod
     def capabilities(self, model: Any) -> list[OpCapability]:
         """Quantizable ops in model order and the int8 schemes that really lower for each."""
 

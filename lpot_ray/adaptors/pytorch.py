@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import logging
 import re
@@ -88,6 +89,13 @@ class PyTorchAdaptor(Adaptor):
     # --- both sides --------------------------------------------------------------------------
     def load(self, payload: bytes) -> Any:
         return self.torch.export.load(io.BytesIO(payload))
+
+    def weights_digest(self, model: Any) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict.items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def capabilities(self, model: Any) -> list[OpCapability]:
         module = model.module()
@@ -176,15 +184,9 @@ class PyTorchAdaptor(Adaptor):
             compiled(*as_args(example_inputs))
         return compiled
 
-    def _compile(self, module: Any) -> Any:
-        torch = self.torch
-        compiled = torch.compile(module)
-
-        def run(*args):
-            with torch.no_grad(), self._inductor_settings():
-                return compiled(*args)
-
-        return run
+    def _compile(self, module: Any) -> "CompiledModel":
+        # Static shapes: inductor's dynamic-batch int8 conv lowering gets strides wrong in this release.
+        return CompiledModel(self.torch.compile(module, dynamic=False), self._inductor_settings)
 
     def _inductor_settings(self):
         import torch._inductor.config as inductor_config
@@ -206,6 +208,26 @@ class PyTorchAdaptor(Adaptor):
         module = self.torch.export.load(io.BytesIO(payload)).module()
         self.pt2e.allow_exported_model_train_eval(module)
         return module
+
+
+class CompiledModel:
+    """A compiled model callable like the module it came from; eval()/train() are no-ops."""
+
+    def __init__(self, compiled: Any, settings: Any):
+        self.compiled = compiled
+        self.settings = settings
+
+    def __call__(self, *args: Any) -> Any:
+        import torch
+
+        with torch.no_grad(), self.settings():
+            return self.compiled(*args)
+
+    def eval(self) -> "CompiledModel":
+        return self
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        return self
 
 
 def _take_samples(batches: Sequence[Any], sampling_size: int):

@@ -1,0 +1,64 @@
+"""A small CNN trained on scikit-learn's bundled digits: the demo's and the tests' real model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def digits_loaders(batch_size: int = 64, calibration_batch_size: int = 32) -> tuple[Any, Any, Any]:
+    """(train, calibration, evaluation) torch DataLoaders over the 8x8 digits, split 1300/200/297."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images, labels = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(images))
+    images = torch.tensor(images[order] / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    labels = torch.tensor(labels[order])
+    train = TensorDataset(images[:1300], labels[:1300])
+    calibration = TensorDataset(images[1300:1500], labels[1300:1500])
+    evaluation = TensorDataset(images[1500:], labels[1500:])
+    return (
+        DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        DataLoader(calibration, batch_size=calibration_batch_size),
+        DataLoader(evaluation, batch_size=batch_size),
+    )
+
+
+def digits_cnn() -> Any:
+    """Two conv layers and two linear layers: 4 quantizable ops of very different sizes."""
+    import torch
+    from torch import nn
+
+    class DigitsCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+            self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+            self.fc1 = nn.Linear(32 * 4 * 4, 64)
+            self.fc2 = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.conv1(x))
+            x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+            x = torch.relu(self.fc1(x.flatten(1)))
+            return self.fc2(x)
+
+    return DigitsCNN()
+
+
+def train_digits_cnn(epochs: int = 8, seed: int = 0) -> tuple[Any, Any, Any]:
+    """A trained DigitsCNN (about 97% accurate) with its calibration and evaluation loaders."""
+    import torch
+
+    torch.manual_seed(seed)
+    train, calibration, evaluation = digits_loaders()
+    model = digits_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for images, labels in train:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    return model.eval(), calibration, evaluation

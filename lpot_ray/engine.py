@@ -1,0 +1,199 @@
+"""The ask/tell loop: keep every worker busy while the strategy has work, decide deterministically.
+
+Proposals are numbered in the order the strategy made them (``seq``). Outcomes may arrive in any
+order, but each is committed to the history at once and told to the strategy strictly in
+proposal order, so the search, the stop at the first passing config (``timeout: 0``) and the
+final choice never depend on which worker was faster or how many there were.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+from .config import AccuracyCriterion, ExitPolicy
+from .executor import Executor
+from .history import History
+from .space import TuneConfig
+from .strategies.base import Strategy
+from .trial import CANCELLED, FAILED, OK, Trial
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """Whether an accuracy is close enough to the fp32 baseline."""
+
+    baseline: float
+    relative: Optional[float] = None
+    absolute: Optional[float] = None
+    higher_is_better: bool = True
+
+    @classmethod
+    def from_config(cls, baseline: float, config: AccuracyCriterion) -> "Criterion":
+        return cls(baseline, config.relative, config.absolute, config.higher_is_better)
+
+    @property
+    def allowed_loss(self) -> float:
+        if self.absolute is not None:
+            return self.absolute
+        return (self.relative or 0.0) * abs(self.baseline)
+
+    def loss(self, accuracy: float) -> float:
+        return self.baseline - accuracy if self.higher_is_better else accuracy - self.baseline
+
+    def passes(self, accuracy: Optional[float]) -> bool:
+        if accuracy is None or not math.isfinite(accuracy):
+            return False
+        return self.loss(accuracy) <= self.allowed_loss + 1e-12
+
+
+@dataclass
+class EngineOutcome:
+    trials: list[Trial]  # every trial told to the strategy, in proposal order
+    n_evaluated: int
+    stopped_by: str
+    passing: list[Trial] = field(default_factory=list)  # best first
+
+
+class Engine:
+    def __init__(
+        self,
+        strategy: Strategy,
+        executor: Executor,
+        history: History,
+        criterion: Criterion,
+        exit_policy: ExitPolicy,
+        objective: Callable[[TuneConfig], float],
+        on_progress: Callable[["Engine"], None] = lambda engine: None,
+    ):
+        self.strategy = strategy
+        self.executor = executor
+        self.history = history
+        self.criterion = criterion
+        self.exit_policy = exit_policy
+        self.objective = objective
+        self.on_progress = on_progress
+        self.known: dict[str, Trial] = {trial.key: trial for trial in history.trials()}
+        self.proposals: dict[int, TuneConfig] = {}
+        self.in_flight: dict[int, TuneConfig] = {}
+        self.finished: dict[int, Trial] = {}  # outcomes not yet told
+        self.told: list[Trial] = []
+        self.n_evaluated = 0
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def run(self) -> EngineOutcome:
+        stopped_by = ""
+        while True:
+            if not stopped_by:
+                self._propose()
+            stopped_by = self._tell_in_order() or stopped_by
+            stopped_by = stopped_by or self._limit_reached()
+            if stopped_by:
+                for seq in list(self.in_flight):
+                    self._cancel(seq)
+            self._cancel_obsolete()
+            self.on_progress(self)
+            if not self.in_flight and not self.finished:
+                if stopped_by or self.strategy.finished or not self._propose():
+                    break
+                continue
+            self._collect(self.executor.wait(timeout=0.5))
+        return EngineOutcome(self.told, self.n_evaluated, stopped_by or "strategy finished", self.passing())
+
+    def passing(self) -> list[Trial]:
+        """Passing trials, best first: the first in proposal order when timeout is 0, else by objective."""
+        passing = [trial for trial in self.told if trial.passed]
+        if self.exit_policy.timeout == 0:
+            return passing
+        return sorted(passing, key=lambda trial: (trial.objective, trial.key))
+
+    # --- proposing ---------------------------------------------------------------------------
+    def _propose(self) -> bool:
+        budget = self.exit_policy.max_trials - len(self.proposals)
+        wanted = min(self.executor.free_slots(), budget)
+        if wanted <= 0:
+            return False
+        configs = self.strategy.ask(wanted)
+        for config in configs:
+            seq = len(self.proposals)
+            self.proposals[seq] = config
+            if config.key in self.known:
+                self.finished[seq] = replace(self.known[config.key], seq=seq)
+            elif any(other.key == config.key for other in self.in_flight.values()):
+                pass  # answered when the identical in-flight config finishes
+            else:
+                self.in_flight[seq] = config
+                self.executor.submit(seq, config)
+        return bool(configs)
+
+    # --- outcomes ----------------------------------------------------------------------------
+    def _collect(self, rows: list[dict]) -> None:
+        for row in rows:
+            seq = row["seq"]
+            config = self.in_flight.pop(seq, None)
+            if config is None:
+                continue
+            trial = self._trial_from_row(seq, config, row)
+            self.history.record(trial)  # committed before the strategy hears of it
+            self.n_evaluated += 1
+            self.known[trial.key] = trial
+            self.finished[seq] = trial
+            for other_seq, other in self.proposals.items():
+                if other.key == trial.key and other_seq not in self.finished and other_seq not in self.in_flight:
+                    self.finished[other_seq] = replace(trial, seq=other_seq)
+
+    def _trial_from_row(self, seq: int, config: TuneConfig, row: dict) -> Trial:
+        accuracy = row.get("accuracy")
+        status = row.get("status", FAILED)
+        return Trial(
+            seq=seq,
+            config=config,
+            status=status,
+            accuracy=accuracy,
+            passed=status == OK and self.criterion.passes(accuracy),
+            objective=self.objective(config),
+            reason=row.get("reason", ""),
+            worker=row.get("worker", ""),
+            started=row.get("started", 0.0),
+            duration=row.get("duration", 0.0),
+            figures=row.get("figures", {}),
+        )
+
+    def _tell_in_order(self) -> str:
+        while len(self.told) in self.finished:
+            trial = self.finished.pop(len(self.told))
+            self.told.append(trial)
+            self.strategy.tell(trial)
+            if trial.passed and self.exit_policy.timeout == 0:
+                return "first passing config (timeout 0)"
+        return ""
+
+    def _limit_reached(self) -> str:
+        if self.exit_policy.timeout > 0 and self.elapsed >= self.exit_policy.timeout:
+            return f"timeout of {self.exit_policy.timeout:g} s"
+        if len(self.told) >= self.exit_policy.max_trials:
+            return f"max_trials {self.exit_policy.max_trials}"
+        return ""
+
+    # --- cancelling --------------------------------------------------------------------------
+    def _cancel_obsolete(self) -> None:
+        obsolete = self.strategy.obsolete()
+        for seq, config in list(self.in_flight.items()):
+            if config.key in obsolete:
+                self._cancel(seq)
+        for seq, config in self.proposals.items():
+            if config.key in obsolete and seq >= len(self.told) and seq not in self.finished and seq not in self.in_flight:
+                self.finished[seq] = Trial(seq, config, status=CANCELLED)
+
+    def _cancel(self, seq: int) -> None:
+        config = self.in_flight.pop(seq)
+        self.executor.cancel(seq)
+        for other_seq, other in self.proposals.items():  # it and any duplicate waiting on it
+            if other.key == config.key and other_seq not in self.finished and other_seq not in self.in_flight:
+                self.finished[other_seq] = Trial(other_seq, other, status=CANCELLED)

@@ -1,0 +1,60 @@
+"""How a model's accuracy is measured: a built-in metric over a loader, or the user's eval_func."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .errors import EvaluationError
+from .metrics import make_metric
+
+
+class TrialCancelled(Exception):
+    """Raised between evaluation batches once the engine no longer needs the trial."""
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """LPOT's loader convention: a batch is (inputs, labels); a bare batch has no labels."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    return batch, None
+
+
+@dataclass
+class Evaluation:
+    """Either ``eval_func(model) -> float`` or ``metric`` ({name: params}) over ``dataloader``."""
+
+    eval_func: Optional[Callable[[Any], float]] = None
+    dataloader: Any = None
+    metric: Optional[dict] = None
+
+    def run(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False) -> float:
+        if self.eval_func is not None:
+            value = self.eval_func(adaptor.user_model(model))
+        else:
+            value = self._run_metric(adaptor, model, should_stop)
+        return _as_accuracy(value)
+
+    def _run_metric(self, adaptor: Any, model: Any, should_stop: Callable[[], bool]) -> float:
+        metric = make_metric(self.metric)
+        for batch in self.dataloader:
+            if should_stop():
+                raise TrialCancelled()
+            inputs, labels = split_batch(batch)
+            if labels is None:
+                raise EvaluationError("eval_dataloader: batches must be (inputs, labels) for a built-in metric")
+            metric.update(adaptor.predict(model, inputs), np.asarray(labels))
+        return metric.result()
+
+
+def _as_accuracy(value: Any) -> float:
+    try:
+        accuracy = float(value)
+    except (TypeError, ValueError):
+        raise EvaluationError(f"evaluation returned {value!r}; expected a number") from None
+    if math.isnan(accuracy) or math.isinf(accuracy):
+        raise EvaluationError(f"evaluation returned {accuracy}; expected a finite number")
+    return accuracy

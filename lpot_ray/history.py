@@ -1,0 +1,133 @@
+"""The durable trial store: one SQLite database per tuning workspace.
+
+Every finished trial is one transaction (WAL journal), committed before the strategy hears of it,
+so a driver killed at any moment leaves a consistent database. Configs and figures are JSON
+columns, never pickles. The ``meta`` table holds the job's fingerprint (model weights, space,
+criterion, strategy, seed) so a resume of a different job is refused, and the fp32 baseline so a
+resume measures nothing again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import HistoryError
+from .space import TuneConfig
+from .trial import Trial
+
+DB_NAME = "history.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trials (
+    key TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL,
+    accuracy REAL,
+    passed INTEGER NOT NULL,
+    objective REAL,
+    reason TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    started REAL NOT NULL,
+    duration REAL NOT NULL,
+    figures TEXT NOT NULL,
+    recorded REAL NOT NULL
+);
+"""
+
+
+def resolve_db_path(location: Union[str, os.PathLike]) -> Path:
+    """A history database path from itself or from the workspace folder holding it."""
+    path = Path(location)
+    return path / DB_NAME if path.is_dir() else path
+
+
+class History:
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute("PRAGMA synchronous=NORMAL")
+            self.connection.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as error:
+            raise HistoryError(f"{self.path}: can't open the tuning history: {error}") from None
+
+    @classmethod
+    def start(cls, workspace: Union[str, os.PathLike], resume: Optional[Union[str, os.PathLike]], fingerprint: dict) -> "History":
+        """Open the history to resume, or a fresh one in the workspace (an old one is kept aside)."""
+        if resume is not None:
+            path = resolve_db_path(resume)
+            if not path.is_file():
+                raise HistoryError(f"{path}: no tuning history to resume there")
+            history = cls(path)
+            history.check_fingerprint(fingerprint)
+            return history
+        path = Path(workspace) / DB_NAME
+        if path.exists():
+            path.rename(path.with_name(f"history-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.db"))
+            for suffix in ("-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
+        history = cls(path)
+        history.set_meta("fingerprint", fingerprint)
+        return history
+
+    # --- meta --------------------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.connection:
+            self.connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+
+    def get_meta(self, key: str) -> Any:
+        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def check_fingerprint(self, fingerprint: dict) -> None:
+        stored = self.get_meta("fingerprint")
+        if stored is None:
+            raise HistoryError(f"{self.path}: not an lpot_ray tuning history (no fingerprint)")
+        differing = [part for part in sorted(set(stored) | set(fingerprint)) if stored.get(part) != _jsonable(fingerprint.get(part))]
+        if differing:
+            raise HistoryError(
+                f"{self.path}: can't resume: this job differs from the recorded one in {', '.join(differing)}"
+            )
+
+    # --- trials ------------------------------------------------------------------------------
+    def record(self, trial: Trial) -> None:
+        row = (
+            trial.key, trial.seq, json.dumps(trial.config.to_dict(), sort_keys=True), trial.status, trial.accuracy,
+            int(trial.passed), trial.objective, trial.reason, trial.worker, trial.started, trial.duration,
+            json.dumps(trial.figures, sort_keys=True), time.time(),
+        )
+        with self.connection:
+            self.connection.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+
+    def trials(self) -> list[Trial]:
+        rows = self.connection.execute(
+            "SELECT seq, config, status, accuracy, passed, objective, reason, worker, started, duration, figures "
+            "FROM trials ORDER BY seq"
+        ).fetchall()
+        return [
+            Trial(
+                seq=seq, config=TuneConfig.from_dict(json.loads(config)), status=status, accuracy=accuracy,
+                passed=bool(passed), objective=objective, reason=reason, worker=worker, started=started,
+                duration=duration, figures=json.loads(figures),
+            )
+            for seq, config, status, accuracy, passed, objective, reason, worker, started, duration, figures in rows
+        ]
+
+    def __len__(self) -> int:
+        return self.connection.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True))

@@ -1,0 +1,83 @@
+"""What a tuning returns, and how a chosen model is saved and read back."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from . import registry
+from .errors import ModelError
+from .space import TuneConfig
+from .trial import Trial
+
+MODEL_FILE = {"pytorch": "model.pt2"}
+INFO_FILE = "tune_result.json"
+
+
+@dataclass
+class TuneResult:
+    """The fastest passing int8 model found, or (``passed`` False) the closest failing trial."""
+
+    model: Any
+    config: Optional[TuneConfig]
+    accuracy: Optional[float]
+    objectives: dict
+    baseline: float
+    n_trials: int
+    n_evaluated: int
+    int8_ops: tuple[str, ...]
+    fp32_ops: tuple[str, ...]
+    passed: bool
+    best_failing: Optional[Trial] = None
+    framework: str = ""
+    stopped_by: str = ""
+    workspace: str = ""
+    model_bytes: bytes = field(default=b"", repr=False)
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the quantized model and its config into the folder ``path``."""
+        if not self.passed or not self.model_bytes:
+            raise ModelError("nothing to save: no config met the accuracy criterion")
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MODEL_FILE[self.framework]).write_bytes(self.model_bytes)
+        info = {
+            "framework": self.framework,
+            "config": self.config.to_dict(),
+            "accuracy": self.accuracy,
+            "baseline": self.baseline,
+            "objectives": self.objectives,
+            "int8_ops": list(self.int8_ops),
+            "fp32_ops": list(self.fp32_ops),
+            "n_trials": self.n_trials,
+        }
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        return folder
+
+
+def load(path: Union[str, os.PathLike]) -> TuneResult:
+    """Read back what ``TuneResult.save`` wrote; ``.model`` is ready to run."""
+    folder = Path(path)
+    info_path = folder / INFO_FILE
+    if not info_path.is_file():
+        raise ModelError(f"{folder}: not a saved lpot_ray model (no {INFO_FILE})")
+    info = json.loads(info_path.read_text())
+    adaptor = registry.adaptors.get(info["framework"])()
+    model_bytes = (folder / MODEL_FILE[info["framework"]]).read_bytes()
+    return TuneResult(
+        model=adaptor.deserialize(model_bytes),
+        config=TuneConfig.from_dict(info["config"]),
+        accuracy=info["accuracy"],
+        objectives=info["objectives"],
+        baseline=info["baseline"],
+        n_trials=info["n_trials"],
+        n_evaluated=0,
+        int8_ops=tuple(info["int8_ops"]),
+        fp32_ops=tuple(info["fp32_ops"]),
+        passed=True,
+        framework=info["framework"],
+        model_bytes=model_bytes,
+    )

@@ -1,0 +1,94 @@
+"""What runs on a worker: the adaptor, the fp32 model and the data, loaded once, then trials.
+
+``TrialRunner`` is plain Python so the same code runs inside a Ray actor and in-process
+(``ray.workers: 1``). Per trial only a config arrives and only figures leave.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import registry
+from .evaluation import Evaluation, TrialCancelled
+from .objectives import paired_latency_ms
+from .space import Op, TuneConfig
+from .trial import CANCELLED, FAILED, OK
+
+
+@dataclass
+class WorkerJob:
+    """Everything a worker needs, sent once through the object store."""
+
+    framework: str
+    model_payload: bytes
+    calibration: list
+    evaluation: Evaluation
+    ops: tuple[Op, ...]
+    threads: int = 1
+
+
+class TrialRunner:
+    def __init__(self, job: WorkerJob, name: str):
+        self.name = name
+        self.job = job
+        self.adaptor = registry.adaptors.get(job.framework)()
+        self.adaptor.set_threads(job.threads)
+        self.model = self.adaptor.load(job.model_payload)
+        self.example = job.calibration[0]
+
+    def run(self, seq: int, config_data: dict, should_stop: Callable[[], bool] = lambda: False) -> dict:
+        """Quantize and evaluate one config; any failure becomes a failed trial with its reason."""
+        started = time.time()
+        row: dict[str, Any] = {"seq": seq, "worker": self.name, "started": started}
+        try:
+            config = TuneConfig.from_dict(config_data)
+            passes_before = getattr(self.adaptor, "calibration_passes", 0)
+            quantized = self.adaptor.quantize(self.model, config, self.job.calibration)
+            row["figures"] = {"calibration_passes": getattr(self.adaptor, "calibration_passes", 0) - passes_before}
+            row["accuracy"] = self.job.evaluation.run(self.adaptor, quantized, should_stop)
+            row["status"] = OK
+        except TrialCancelled:
+            row["status"] = CANCELLED
+        except Exception as error:  # a trial's failure must not end the tuning
+            row["status"] = FAILED
+            row["reason"] = _reason(error)
+        row["duration"] = time.time() - started
+        return row
+
+    def finalize(self, config_data: dict, measure_latency: bool = True) -> dict:
+        """Lower the config to real int8 kernels, re-evaluate there, time it against fp32."""
+        config = TuneConfig.from_dict(config_data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantized = self.adaptor.quantize(self.model, config, self.job.calibration)
+            lowered = self.adaptor.lower(quantized, self.job.ops, config, self.example)
+            accuracy = self.job.evaluation.run(self.adaptor, lowered.model)
+            figures: dict[str, Any] = {}
+            if measure_latency:
+                fp32 = self.adaptor.lower_fp32(self.model, self.example)
+                int8_ms, fp32_ms = paired_latency_ms(lambda: lowered.model(*_args(self.example)), lambda: fp32(*_args(self.example)))
+                figures = {"latency_ms": int8_ms, "fp32_latency_ms": fp32_ms, "latency_ratio": fp32_ms / int8_ms}
+        return {
+            "accuracy": accuracy,
+            "int8_ops": list(lowered.int8_ops),
+            "fp32_ops": list(lowered.fp32_ops),
+            "figures": figures,
+            "model": self.adaptor.serialize(quantized, self.example),
+        }
+
+
+def _args(inputs: Any) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _reason(error: BaseException) -> str:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    location = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    return f"{type(error).__name__}: {message}{location}"
+
