@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import re
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -60,7 +61,8 @@ class PyTorchAdaptor(Adaptor):
 
     def __init__(self) -> None:
         self.torch, self.pt2e, self.quantize_pt2e, self.x86 = import_torch()
-        self.calibration_cache: dict[tuple, dict] = {}
+        # Per fp32 model: observer states keyed by (observed node, observer kind, sampling size).
+        self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.calibration_passes = 0  # forward passes spent calibrating, to prove the cache works
 
     def set_threads(self, threads: int) -> None:
@@ -121,7 +123,7 @@ class PyTorchAdaptor(Adaptor):
             if not scheme.is_fp32:
                 quantizer.set_module_name_qconfig(name, self.quantization_config(scheme))
         prepared = self.quantize_pt2e.prepare_pt2e(model.module(), quantizer)
-        self._calibrate(prepared, calibration, config.sampling_size)
+        self._calibrate(prepared, calibration, config.sampling_size, self.calibration_cache.setdefault(model, {}))
         converted = self.quantize_pt2e.convert_pt2e(prepared)
         self.pt2e.allow_exported_model_train_eval(converted)
         return converted
@@ -140,23 +142,23 @@ class PyTorchAdaptor(Adaptor):
             )
         return dataclasses.replace(default, input_activation=activation, output_activation=activation, weight=weight)
 
-    def _calibrate(self, prepared: Any, calibration: Sequence[Any], sampling_size: int) -> None:
+    def _calibrate(self, prepared: Any, calibration: Sequence[Any], sampling_size: int, cache: dict) -> None:
         observers = {}
         for node in prepared.graph.nodes:
             if node.op == "call_module" and node.target.startswith("activation_post_process"):
                 observer = getattr(prepared, node.target)
                 observed = node.args[0].name
                 observers[(observed, type(observer).__name__, str(getattr(observer, "qscheme", "")), sampling_size)] = observer
-        if observers and all(key in self.calibration_cache for key in observers):
+        if observers and all(key in cache for key in observers):
             for key, observer in observers.items():
-                observer.load_state_dict(self.calibration_cache[key])
+                observer.load_state_dict(cache[key])
             return
         with self.torch.no_grad():
             for inputs in _take_samples(calibration, sampling_size):
                 prepared(*as_args(inputs))
                 self.calibration_passes += 1
         for key, observer in observers.items():
-            self.calibration_cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
+            cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
 
     def predict(self, model: Any, inputs: Any) -> np.ndarray:
         with self.torch.no_grad():

@@ -1,0 +1,62 @@
+"""A fake executor: accuracy from a formula, results returned in shuffled order, no model."""
+
+from __future__ import annotations
+
+import random
+
+from lpot_ray.executor import Executor
+from lpot_ray.space import FP32, Op, OpCapability, OpScheme, TensorScheme, TuneConfig, TuningSpace
+from lpot_ray.config import load_config
+
+
+def make_space(n_ops: int = 5, **quantization) -> TuningSpace:
+    int8 = [OpScheme(TensorScheme("int8", "sym", "per_channel"), TensorScheme("uint8", "asym", "per_tensor", algorithm))
+            for algorithm in ("minmax", "kl")]
+    capabilities = [OpCapability(Op(f"op{i}", "Linear", macs=10 * (i + 1)), tuple(int8)) for i in range(n_ops)]
+    return TuningSpace.build(capabilities, load_config({"model": {"framework": "pytorch"}, "quantization": quantization}).quantization)
+
+
+class FakeExecutor(Executor):
+    """Evaluates ``accuracy_of(config)`` with ``slots`` workers, finishing in random order."""
+
+    def __init__(self, accuracy_of, slots: int, seed: int = 0):
+        self.accuracy_of = accuracy_of
+        self.slots = slots
+        self.running: list[tuple[int, TuneConfig]] = []
+        self.random = random.Random(seed)
+        self.evaluated: list[TuneConfig] = []
+        self.cancelled: list[int] = []
+
+    def free_slots(self) -> int:
+        return self.slots - len(self.running)
+
+    def submit(self, seq, config):
+        assert self.free_slots() > 0
+        self.running.append((seq, config))
+
+    def wait(self, timeout):
+        if not self.running:
+            return []
+        seq, config = self.running.pop(self.random.randrange(len(self.running)))
+        self.evaluated.append(config)
+        accuracy = self.accuracy_of(config)
+        if accuracy is None:
+            return [{"seq": seq, "status": "failed", "reason": "boom"}]
+        return [{"seq": seq, "status": "ok", "accuracy": accuracy, "worker": "fake"}]
+
+    def cancel(self, seq):
+        self.cancelled.append(seq)
+        self.running = [item for item in self.running if item[0] != seq]
+
+    def finalize(self, config, measure_latency):
+        raise NotImplementedError
+
+
+def sensitive_ops_accuracy(sensitive: dict[str, float], baseline: float = 0.9):
+    """Accuracy = baseline minus the loss of each sensitive op left int8."""
+    def accuracy_of(config: TuneConfig) -> float:
+        return baseline - sum(loss for name, loss in sensitive.items() if name in config.int8_ops)
+    return accuracy_of
+
+
+__all__ = ["FP32", "FakeExecutor", "make_space", "sensitive_ops_accuracy"]

@@ -1,0 +1,83 @@
+import pytest
+
+from lpot_ray.config import load_config
+from lpot_ray.errors import ConfigError
+
+MINIMAL = {"model": {"framework": "pytorch"}}
+
+
+def with_section(**sections):
+    return {**MINIMAL, **sections}
+
+
+def test_defaults_follow_lpot():
+    config = load_config(MINIMAL)
+    assert config.tuning.accuracy_criterion.relative == 0.01
+    assert config.tuning.accuracy_criterion.higher_is_better is True
+    assert config.tuning.exit_policy.timeout == 0
+    assert config.tuning.strategy.name == "basic"
+    assert config.quantization.calibration.sampling_size == (100,)
+
+
+def test_yaml_file_is_read(tmp_path):
+    path = tmp_path / "conf.yaml"
+    path.write_text(
+        "model:\n  name: net\n  framework: pytorch\n"
+        "quantization:\n  calibration:\n    sampling_size: [50, 100]\n"
+        "  model_wise:\n    activation:\n      algorithm: [minmax, kl]\n"
+        "  op_wise: {'fc.*': {activation: {dtype: [fp32]}}}\n"
+        "tuning:\n  accuracy_criterion:\n    absolute: 0.02\n    higher_is_better: False\n"
+        "  exit_policy: {timeout: 30, max_trials: 7}\n"
+        "ray: {workers: 3, cpus_per_worker: 0.5}\n"
+    )
+    config = load_config(path)
+    assert config.quantization.calibration.sampling_size == (50, 100)
+    assert config.quantization.model_wise.activation.algorithm == ("minmax", "kl")
+    assert config.quantization.op_wise["fc.*"].activation.dtype == ("fp32",)
+    assert config.tuning.accuracy_criterion.absolute == 0.02
+    assert config.tuning.accuracy_criterion.relative is None
+    assert config.tuning.exit_policy.max_trials == 7
+    assert config.ray.workers == 3
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (with_section(tuning={"accuracy_criterion": {"relative": -0.1}}),
+         "`tuning.accuracy_criterion.relative`: -0.1 must be in [0, 1)"),
+        (with_section(tuning={"accuracy_criterion": {"relative": 0.1, "absolute": 0.1}}), "either relative or absolute"),
+        (with_section(tuning={"strategy": {"name": "basic"}, "speed": 1}), "`tuning.speed` is not a known key; allowed here: strategy"),
+        (with_section(tuning={"tensorboard": True}), "`tuning.tensorboard` is an LPOT option lpot_ray does not support yet"),
+        (with_section(quantization={"approach": "quant_aware_training"}),
+         "`quantization.approach: quant_aware_training` is an LPOT option lpot_ray does not support yet"),
+        (with_section(quantization={"model_wise": {"weight": {"granularity": "per_chan"}}}), "'per_chan' must be one of per_channel, per_tensor"),
+        (with_section(quantization={"op_wise": {"conv[": {}}}), "not a valid regular expression"),
+        (with_section(tuning={"exit_policy": {"timeout": "soon"}}), "`tuning.exit_policy.timeout`: 'soon'"),
+        (with_section(tuning={"exit_policy": {"max_trials": 0}}), "`tuning.exit_policy.max_trials`: 0"),
+        (with_section(ray={"workers": 0}), "`ray.workers`: 0"),
+        (with_section(quantization={"calibration": {"sampling_size": 0}}), "`quantization.calibration.sampling_size`: 0 must be a positive"),
+        (with_section(evaluation={"accuracy": {"metric": {"topk": 1, "Accuracy": None}}}), "exactly one metric"),
+        ({"model": {"name": "x"}}, "`model.framework` is required"),
+        (with_section(device="gpu"), "`device: gpu` is an LPOT option"),
+    ],
+)
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(raw)
+    assert expected in str(caught.value)
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: {framework: pytorch\n")
+    with pytest.raises(ConfigError, match="broken.yaml: malformed YAML"):
+        load_config(path)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path)

@@ -1,0 +1,90 @@
+"""The ask/tell loop and the basic strategy, with a fake evaluation: pure logic, no model."""
+
+import pytest
+
+from lpot_ray.config import ExitPolicy
+from lpot_ray.engine import Criterion, Engine
+from lpot_ray.history import History
+from lpot_ray.strategies.basic import BasicStrategy
+
+from fakes import FakeExecutor, make_space, sensitive_ops_accuracy
+
+
+def run(tmp_path, accuracy_of, slots=2, seed=0, timeout=60.0, max_trials=100, space=None, criterion=0.01, name="h"):
+    space = space or make_space()
+    history = History(tmp_path / f"{name}.db")
+    executor = FakeExecutor(accuracy_of, slots, seed)
+    engine = Engine(BasicStrategy(space), executor, history, Criterion(0.9, absolute=criterion),
+                    ExitPolicy(timeout=timeout, max_trials=max_trials), space.fp32_macs_fraction)
+    return engine.run(), executor, history
+
+
+def test_model_wise_pass_ends_the_search(tmp_path):
+    outcome, executor, _ = run(tmp_path, sensitive_ops_accuracy({}))
+    assert [trial.config.fp32_ops for trial in outcome.trials] == [(), ()]
+    assert outcome.passing[0].config.fp32_ops == ()
+
+
+def test_fallback_accumulates_then_prunes_to_the_needed_ops(tmp_path):
+    # op1 and op3 each cost 0.05; the criterion allows 0.01: both must be fp32, nothing else.
+    outcome, executor, _ = run(tmp_path, sensitive_ops_accuracy({"op1": 0.05, "op3": 0.05, "op4": 0.001}))
+    best = outcome.passing[0]
+    assert set(best.config.fp32_ops) == {"op1", "op3"}
+    phases = [len(trial.config.fp32_ops) for trial in outcome.trials]
+    assert phases[:2] == [0, 0] and phases[2:7] == [1] * 5  # model-wise, then one-op fallback
+
+
+@pytest.mark.parametrize("slots", [1, 2, 5])
+def test_same_choice_whatever_the_number_of_workers_and_completion_order(tmp_path, slots):
+    accuracy = sensitive_ops_accuracy({"op0": 0.02, "op2": 0.03, "op4": 0.004})
+    reference, _, _ = run(tmp_path, accuracy, slots=1, seed=0, name="ref")
+    outcome, _, _ = run(tmp_path, accuracy, slots=slots, seed=slots, name=f"s{slots}")
+    assert outcome.passing[0].config.key == reference.passing[0].config.key
+    assert set(outcome.passing[0].config.fp32_ops) == {"op0", "op2"}
+
+
+def test_timeout_zero_stops_at_the_first_passing_config_in_proposal_order(tmp_path):
+    outcome, executor, _ = run(tmp_path, sensitive_ops_accuracy({"op1": 0.05}), slots=5, timeout=0)
+    passing = [trial for trial in outcome.trials if trial.passed]
+    assert passing == [outcome.passing[0]] and outcome.passing[0].config.fp32_ops == ("op1",)
+    assert outcome.stopped_by.startswith("first passing")
+
+
+def test_speculative_prefixes_longer_than_the_winner_are_cancelled(tmp_path):
+    space = make_space(n_ops=8)
+    accuracy = sensitive_ops_accuracy({f"op{i}": 0.02 for i in range(2)} | {"op5": 0.001})
+    outcome, executor, _ = run(tmp_path, accuracy, slots=6, space=space)
+    assert set(outcome.passing[0].config.fp32_ops) == {"op0", "op1"}
+    assert executor.cancelled, "prefixes longer than the smallest passing one should be cancelled"
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path):
+    def accuracy(config):
+        return None if config.fp32_ops == ("op0",) else sensitive_ops_accuracy({"op2": 0.05})(config)
+
+    outcome, _, history = run(tmp_path, accuracy)
+    failed = [trial for trial in history.trials() if trial.status == "failed"]
+    assert len(failed) == 1 and failed[0].reason == "boom"
+    assert outcome.passing[0].config.fp32_ops == ("op2",)
+
+
+def test_max_trials_bounds_the_search(tmp_path):
+    outcome, executor, _ = run(tmp_path, sensitive_ops_accuracy({"op1": 0.05, "op3": 0.05}), max_trials=4)
+    assert len(executor.evaluated) <= 4 and outcome.stopped_by == "max_trials 4"
+
+
+def test_resume_replays_history_and_evaluates_nothing_again(tmp_path):
+    accuracy = sensitive_ops_accuracy({"op1": 0.05, "op3": 0.05})
+    first, _, history = run(tmp_path, accuracy)
+    space = make_space()
+    executor = FakeExecutor(accuracy, 2)
+    engine = Engine(BasicStrategy(space), executor, history, Criterion(0.9, absolute=0.01),
+                    ExitPolicy(timeout=60), space.fp32_macs_fraction)
+    second = engine.run()
+    assert executor.evaluated == [] and second.n_evaluated == 0
+    assert second.passing[0].key == first.passing[0].key
+
+
+def test_nothing_passes_when_every_op_hurts_even_in_fp32(tmp_path):
+    outcome, _, _ = run(tmp_path, lambda config: 0.5)
+    assert outcome.passing == [] and outcome.stopped_by == "strategy finished"

@@ -1,0 +1,99 @@
+"""The PyTorch adaptor on a real digits CNN: real PT2E int8, calibration cache, lowering."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+from lpot_ray.config import load_config
+from lpot_ray.errors import ModelError
+from lpot_ray.space import FP32, OpScheme, TensorScheme, TuningSpace
+
+
+def build(model, calibration, **quantization):
+    adaptor = PyTorchAdaptor()
+    batches = [images for images, _ in calibration]
+    exported = adaptor.load(adaptor.prepare(model, batches[0]))
+    conf = {"model": {"framework": "pytorch"}, "quantization": quantization}
+    space = TuningSpace.build(adaptor.capabilities(exported), load_config(conf).quantization)
+    return adaptor, exported, space, batches
+
+
+def test_capabilities_list_conv_and_linear_modules_with_their_macs(digits):
+    model, calibration, _ = digits
+    _, _, space, _ = build(model, calibration)
+    assert [(op.name, op.op_type) for op in space.ops] == [
+        ("conv1", "Conv2d"), ("conv2", "Conv2d"), ("fc1", "Linear"), ("fc2", "Linear")]
+    assert space.ops[1].macs == 8 * 8 * 32 * 16 * 9  # conv2: output elements x (in_ch x 3 x 3)
+    assert all(scheme.weight.granularity == "per_channel" for op in space.ops for scheme in space.choices[op.name][:-1])
+
+
+def test_cached_calibration_gives_the_same_outputs_without_a_forward_pass(digits):
+    model, calibration, evaluation = digits
+    adaptor, exported, space, batches = build(model, calibration)
+    full = space.model_wise_configs()[0]
+    adaptor.quantize(exported, full, batches)  # calibrates once
+    passes = adaptor.calibration_passes
+    cached = adaptor.quantize(exported, full.with_fallback(["conv1"]), batches)
+    assert adaptor.calibration_passes == passes
+
+    fresh_adaptor = PyTorchAdaptor()
+    fresh = fresh_adaptor.quantize(exported, full.with_fallback(["conv1"]), batches)
+    assert fresh_adaptor.calibration_passes > 0
+    images = next(iter(evaluation))[0]
+    assert torch.equal(cached(images), fresh(images))
+
+
+def test_lowering_runs_int8_kernels_and_reports_fallback_ops(digits):
+    model, calibration, _ = digits
+    adaptor, exported, space, batches = build(model, calibration)
+    config = space.model_wise_configs()[0].with_fallback(["fc1"])
+    lowered = adaptor.lower(adaptor.quantize(exported, config, batches), space.ops, config, batches[0])
+    assert lowered.int8_ops == ("conv1", "conv2", "fc2")
+    assert lowered.fp32_ops == ("fc1",)
+
+
+def test_per_tensor_weights_do_not_lower_to_int8_so_they_are_not_offered(digits):
+    model, calibration, _ = digits
+    adaptor, exported, space, batches = build(model, calibration)
+    config = space.model_wise_configs()[0]
+    per_tensor = {name: OpScheme(dataclasses.replace(scheme.weight, granularity="per_tensor"), scheme.activation)
+                  for name, scheme in config.op_schemes}
+    config = dataclasses.replace(config, op_schemes=tuple(per_tensor.items()))
+    lowered = adaptor.lower(adaptor.quantize(exported, config, batches), space.ops, config, batches[0])
+    assert lowered.int8_ops == ()  # inductor silently compiles them to fp32
+
+    _, _, restricted, _ = build(model, calibration, model_wise={"weight": {"granularity": "per_tensor"}})
+    assert all(restricted.choices[op.name] == (FP32,) for op in restricted.ops)
+
+
+def test_model_that_torch_export_cannot_handle_is_a_model_error(digits):
+    _, calibration, _ = digits
+
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.fc(x.flatten(1))
+            return -self.fc(x.flatten(1))
+
+    adaptor = PyTorchAdaptor()
+    with pytest.raises(ModelError, match="torch.export could not export DataDependent"):
+        adaptor.prepare(DataDependent(), next(iter(calibration))[0])
+    with pytest.raises(ModelError, match="expected a torch.nn.Module"):
+        adaptor.prepare(object(), next(iter(calibration))[0])
+
+
+def test_quantized_model_round_trips_through_bytes(digits):
+    model, calibration, evaluation = digits
+    adaptor, exported, space, batches = build(model, calibration)
+    quantized = adaptor.quantize(exported, space.model_wise_configs()[0], batches)
+    restored = adaptor.deserialize(adaptor.serialize(quantized, batches[0]))
+    images = next(iter(evaluation))[0]
+    np.testing.assert_array_equal(adaptor.predict(restored, images), adaptor.predict(quantized, images))
+    restored.eval()  # user eval functions call this on quantized models

@@ -1,0 +1,116 @@
+"""tune() end to end: real torch, real Ray workers, real SQLite."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lpot_ray
+from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+from lpot_ray.history import History
+
+from conftest import base_conf
+
+
+def accuracy_of(model, loader):
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
+    return correct / total
+
+
+def test_two_workers_tune_to_an_int8_model_that_saves_and_reloads(ray_session, digits, tmp_path):
+    model, calibration, evaluation = digits
+    result = lpot_ray.tune(model, base_conf(tmp_path), q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed and result.int8_ops == ("conv1", "conv2", "fc1", "fc2") and result.fp32_ops == ()
+    assert result.accuracy >= result.baseline * 0.99
+    assert result.n_trials == result.n_evaluated == len(History(tmp_path / "ws" / "history.db"))
+    assert {"latency_ms", "fp32_latency_ms", "latency_ratio"} <= set(result.objectives)
+    workers = {trial.worker for trial in History(tmp_path / "ws" / "history.db").trials()}
+    assert workers <= {"worker-0", "worker-1"} and workers
+
+    loaded = lpot_ray.load(result.save(tmp_path / "saved"))
+    assert loaded.config == result.config and loaded.int8_ops == result.int8_ops
+    # The reported accuracy is the compiled model's; the reloaded reference model may differ by a sample.
+    assert abs(accuracy_of(loaded.model, evaluation) - result.accuracy) <= 1.5 / len(evaluation.dataset)
+
+
+def test_strict_criterion_falls_back_only_the_ops_that_need_it(ray_session, outlier_digits, tmp_path):
+    model, calibration, evaluation = outlier_digits
+    # Measure the model-wise int8 loss, then ask for less than that: fallback is required.
+    adaptor = PyTorchAdaptor()
+    batches = [images for images, _ in calibration]
+    exported = adaptor.load(adaptor.prepare(model, batches[0]))
+    conf = base_conf(tmp_path)
+    space = lpot_ray.TuningSpace.build(adaptor.capabilities(exported), lpot_ray.load_config(conf).quantization)
+    int8_accuracy = accuracy_of(adaptor.quantize(exported, space.model_wise_configs()[0], batches), evaluation)
+    fp32_accuracy = accuracy_of(model, evaluation)
+    loss = fp32_accuracy - int8_accuracy
+    assert loss > 0.05
+
+    conf["tuning"].update(accuracy_criterion={"absolute": loss / 4}, exit_policy={"timeout": 600, "max_trials": 40})
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed
+    assert 1 <= len(result.fp32_ops) < len(space.ops)
+    assert set(result.fp32_ops) == {"conv2", "fc1"}  # pruned: conv1, ranked in first, was given back
+    assert fp32_accuracy - result.accuracy <= loss / 4
+
+
+def test_user_eval_func_calls_model_eval_with_its_own_batch_size(ray_session, digits, tmp_path):
+    model, calibration, evaluation = digits
+    images = torch.cat([batch for batch, _ in evaluation])
+    labels = torch.cat([batch for _, batch in evaluation])
+    calls = []
+
+    def eval_func(candidate):
+        candidate.eval()
+        calls.append(1)
+        with torch.no_grad():
+            predictions = torch.cat([candidate(images[i:i + 50]).argmax(1) for i in range(0, len(images), 50)])
+        return float((predictions == labels).float().mean())
+
+    conf = base_conf(tmp_path)
+    del conf["evaluation"]
+    result = lpot_ray.Quantization(conf)(model, q_dataloader=calibration, eval_func=eval_func)
+    assert result.passed and math.isclose(result.baseline, accuracy_of(model, evaluation), rel_tol=1e-6)
+    assert calls, "the baseline runs the eval_func in the driver"
+
+
+def test_resume_evaluates_nothing_twice(ray_session, outlier_digits, tmp_path):
+    model, calibration, evaluation = outlier_digits
+    conf = base_conf(tmp_path, accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 600, "max_trials": 40})
+    first = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    again = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation,
+                          resume_file=tmp_path / "ws")
+    assert again.n_evaluated == 0 and again.n_trials == first.n_trials
+    assert again.config == first.config
+
+
+def test_same_seed_same_config_with_one_and_two_workers(ray_session, outlier_digits, tmp_path):
+    model, calibration, evaluation = outlier_digits
+    chosen = []
+    for workers in (1, 2):
+        conf = base_conf(tmp_path / str(workers), accuracy_criterion={"absolute": 0.02},
+                         exit_policy={"timeout": 600, "max_trials": 40})
+        conf["ray"]["workers"] = workers
+        chosen.append(lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation).config)
+    assert chosen[0] == chosen[1]
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_tuning_goes_on(ray_session, digits, tmp_path):
+    model, calibration, evaluation = digits
+
+    def eval_func(candidate):
+        if isinstance(candidate, torch.fx.GraphModule):  # every quantized candidate
+            raise RuntimeError("scorer exploded")
+        return accuracy_of(candidate, evaluation)
+
+    conf = base_conf(tmp_path)
+    del conf["evaluation"]
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=eval_func)
+    assert not result.passed and result.model is None and result.best_failing is None
+    trials = History(tmp_path / "ws" / "history.db").trials()
+    assert trials and all(trial.status == "failed" and "scorer exploded" in trial.reason for trial in trials)
