@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 from . import registry
 from .config import Config, load_config
 from .engine import Criterion, Engine, EngineOutcome
-from .errors import ConfigError, DataError, ModelError
+from .errors import ConfigError, DataError, EvaluationError, ModelError
 from .evaluation import Evaluation, split_batch
 from .executor import Executor, LocalExecutor, RayExecutor, cluster_cpus, ray_connection
 from .history import History
@@ -137,7 +137,12 @@ def _baseline(history: History, evaluation: Evaluation, adaptor: Any, model: Any
     recorded = history.get_meta("baseline")
     if recorded is not None:
         return recorded
-    baseline = evaluation.run(adaptor, model)
+    try:
+        baseline = evaluation.run(adaptor, model)
+    except EvaluationError as error:
+        raise EvaluationError(f"fp32 baseline: {error}") from None
+    except Exception as error:  # the user's code or data: say so before any worker starts
+        raise EvaluationError(f"fp32 baseline: evaluating the original model failed: {type(error).__name__}: {error}") from error
     history.set_meta("baseline", baseline)
     return baseline
 

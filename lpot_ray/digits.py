@@ -26,7 +26,7 @@ def digits_loaders(batch_size: int = 64, calibration_batch_size: int = 32) -> tu
     )
 
 
-def digits_cnn() -> Any:
+def digits_cnn(width: int = 16) -> Any:
     """Two conv layers and two linear layers: 4 quantizable ops of very different sizes."""
     import torch
     from torch import nn
@@ -34,10 +34,10 @@ def digits_cnn() -> Any:
     class DigitsCNN(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-            self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-            self.fc1 = nn.Linear(32 * 4 * 4, 64)
-            self.fc2 = nn.Linear(64, 10)
+            self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+            self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+            self.fc1 = nn.Linear(2 * width * 4 * 4, 4 * width)
+            self.fc2 = nn.Linear(4 * width, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = torch.relu(self.conv1(x))
@@ -48,13 +48,13 @@ def digits_cnn() -> Any:
     return DigitsCNN()
 
 
-def train_digits_cnn(epochs: int = 8, seed: int = 0) -> tuple[Any, Any, Any]:
+def train_digits_cnn(epochs: int = 8, seed: int = 0, width: int = 16) -> tuple[Any, Any, Any]:
     """A trained DigitsCNN (about 97% accurate) with its calibration and evaluation loaders."""
     import torch
 
     torch.manual_seed(seed)
     train, calibration, evaluation = digits_loaders()
-    model = digits_cnn()
+    model = digits_cnn(width)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
         for images, labels in train:

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
-from .trial import FAILED
+from .trial import CANCELLED, FAILED
 
 log = logging.getLogger("lpot_ray")
 
@@ -22,6 +22,8 @@ class ProgressLine:
 
     def __call__(self, engine: Any) -> None:
         for trial in engine.told[self.reported:]:
+            if trial.status == CANCELLED:
+                continue
             log.info("trial %d %s accuracy=%s fp32 ops=%d %s", trial.seq, trial.status,
                      "-" if trial.accuracy is None else f"{trial.accuracy:.4f}", len(trial.config.fp32_ops),
                      "passed" if trial.passed else trial.reason)

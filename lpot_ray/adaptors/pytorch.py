@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import re
+import warnings
 import weakref
 from typing import Any, Sequence
 
@@ -30,8 +31,10 @@ from .base import Adaptor, Lowered
 
 def import_torch():
     """torch and the torchao PT2E pieces, with a one-line error when they are missing."""
+    # torchao logs about CUDA-only kernels and a deprecated pytree call on import: noise on a CPU.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        logging.getLogger("torchao").setLevel(logging.ERROR)
         import torch
         from torchao.quantization import pt2e
         from torchao.quantization.pt2e import quantize_pt2e
@@ -174,7 +177,8 @@ class PyTorchAdaptor(Adaptor):
         from torch._inductor.utils import run_and_get_code
 
         compiled = self._compile(model)
-        with self.torch.no_grad(), self._inductor_settings():
+        with self.torch.no_grad(), self._inductor_settings(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # inductor's own tensor-copy warning while lowering
             _, code = run_and_get_code(compiled, *as_args(example_inputs))
         int8_ops = _int8_ops_from_code("\n".join(code), {op.name: op.op_type for op in ops}, config)
         fp32_ops = tuple(name for name, _ in config.op_schemes if name not in int8_ops)

@@ -1,0 +1,110 @@
+"""Bad input fails with a clear error, before any worker starts."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import lpot_ray
+from lpot_ray import api
+from lpot_ray.errors import ConfigError, DataError, EvaluationError, ModelError
+
+from conftest import base_conf
+
+
+@pytest.fixture(autouse=True)
+def no_workers(monkeypatch, ray_session):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a worker was started despite bad input")
+
+    monkeypatch.setattr(api, "RayExecutor", refuse)
+    monkeypatch.setattr(api, "LocalExecutor", refuse)
+
+
+def tune(digits, conf, **kwargs):
+    model, calibration, evaluation = digits
+    arguments = {"q_dataloader": calibration, "eval_dataloader": evaluation, **kwargs}
+    return lpot_ray.tune(model, conf, **arguments)
+
+
+def test_malformed_yaml(digits, tmp_path):
+    path = tmp_path / "conf.yaml"
+    path.write_text("model: [pytorch\n")
+    with pytest.raises(ConfigError, match="conf.yaml: malformed YAML"):
+        tune(digits, path)
+
+
+@pytest.mark.parametrize(
+    "section, value, message",
+    [
+        ("strategy", {"tuning": {"strategy": {"name": "fancy"}}}, "unknown strategy 'fancy'; registered: basic"),
+        ("metric", {"evaluation": {"accuracy": {"metric": {"top5": 1}}}}, "unknown metric 'top5'; registered: Accuracy, topk"),
+        ("framework", {"model": {"framework": "caffe"}}, "unknown framework 'caffe'; registered: pytorch"),
+        ("metric parameter", {"evaluation": {"accuracy": {"metric": {"topk": 0}}}}, "topk`: 0 must be a positive integer"),
+    ],
+)
+def test_unknown_plugin_names_list_the_registered_ones(digits, tmp_path, section, value, message):
+    conf = base_conf(tmp_path)
+    for key, part in value.items():
+        conf[key] = {**conf.get(key, {}), **part}
+    with pytest.raises(ConfigError, match=message):
+        tune(digits, conf)
+
+
+def test_model_the_adaptor_cannot_export(digits, tmp_path):
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)) if x.mean() > 0 else self.fc(-x.flatten(1))
+
+    with pytest.raises(ModelError, match="torch.export could not export Branchy"):
+        tune((Branchy(),) + tuple(digits[1:]), base_conf(tmp_path))
+
+
+def test_eval_func_that_raises(digits, tmp_path):
+    def eval_func(model):
+        raise KeyError("labels")
+
+    with pytest.raises(EvaluationError, match="fp32 baseline: evaluating the original model failed: KeyError"):
+        tune(digits, base_conf(tmp_path), eval_dataloader=None, eval_func=eval_func)
+
+
+@pytest.mark.parametrize("value", [math.nan, "high", None])
+def test_eval_func_that_returns_no_number(digits, tmp_path, value):
+    with pytest.raises(EvaluationError, match="fp32 baseline: evaluation returned"):
+        tune(digits, base_conf(tmp_path), eval_func=lambda model: value)
+
+
+def test_empty_loaders(digits, tmp_path):
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(DataError, match="q_dataloader: yielded no batches"):
+        tune(digits, base_conf(tmp_path), q_dataloader=empty)
+    with pytest.raises(EvaluationError, match="no samples were evaluated"):
+        tune(digits, base_conf(tmp_path), eval_dataloader=empty)
+
+
+def test_missing_evaluation_and_q_func(digits, tmp_path):
+    with pytest.raises(ConfigError, match="pass eval_func, or eval_dataloader"):
+        tune(digits, base_conf(tmp_path), eval_dataloader=None)
+    with pytest.raises(ConfigError, match="q_func: quantization-aware training is not supported yet"):
+        tune(digits, base_conf(tmp_path), q_func=lambda model: model)
+
+
+def test_op_wise_name_the_model_does_not_have(digits, tmp_path):
+    conf = base_conf(tmp_path)
+    conf["quantization"] = {"op_wise": {"classifier": {"activation": {"dtype": "fp32"}}}}
+    with pytest.raises(ConfigError, match="'classifier' matches no op of the model; its ops are: conv1, conv2, fc1, fc2"):
+        tune(digits, conf)
+
+
+def test_resume_of_another_job_is_refused_saying_what_differs(digits, tmp_path):
+    from lpot_ray.history import History
+
+    history = History.start(tmp_path / "old", None, {"model": "abc", "space": {}, "criterion": {}, "strategy": "basic", "seed": 1978})
+    history.close()
+    with pytest.raises(lpot_ray.HistoryError, match="differs from the recorded one in criterion, model, space"):
+        tune(digits, base_conf(tmp_path), resume_file=tmp_path / "old")

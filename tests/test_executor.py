@@ -1,0 +1,76 @@
+"""Ray workers: cooperative cancellation and surviving a worker that dies mid-trial."""
+
+import time
+
+import pytest
+
+from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+from lpot_ray.config import load_config
+from lpot_ray.evaluation import Evaluation
+from lpot_ray.executor import RayExecutor
+from lpot_ray.space import TuningSpace
+from lpot_ray.worker import WorkerJob
+
+
+class SlowLoader:
+    """An evaluation loader that takes ``delay`` seconds per batch."""
+
+    def __init__(self, loader, delay):
+        self.loader = loader
+        self.delay = delay
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.delay)
+            yield batch
+
+
+@pytest.fixture
+def job_and_space(digits):
+    model, calibration, evaluation = digits
+    adaptor = PyTorchAdaptor()
+    batches = [images for images, _ in calibration]
+    payload = adaptor.prepare(model, batches[0])
+    space = TuningSpace.build(adaptor.capabilities(adaptor.load(payload)),
+                              load_config({"model": {"framework": "pytorch"}}).quantization)
+    evaluation = Evaluation(dataloader=SlowLoader(evaluation, 0.5), metric={"topk": 1})
+    return WorkerJob("pytorch", payload, batches, evaluation, space.ops), space
+
+
+def wait_for(executor, count, limit=120):
+    rows, deadline = [], time.monotonic() + limit
+    while len(rows) < count and time.monotonic() < deadline:
+        rows += executor.wait(timeout=1)
+    return rows
+
+
+def test_a_cancelled_trial_stops_between_batches_and_frees_its_worker(ray_session, job_and_space):
+    job, space = job_and_space
+    executor = RayExecutor(job, workers=1, cpus_per_worker=1)
+    try:
+        config = space.model_wise_configs()[0]
+        executor.submit(0, config)
+        time.sleep(8)  # the worker starts, imports torch and enters the evaluation
+        started = time.monotonic()
+        executor.cancel(0)
+        assert executor.wait(timeout=30) == []  # the cancelled trial reports nothing
+        assert time.monotonic() - started < 3  # 5 batches x 0.5 s would take longer than this
+        assert executor.free_slots() == 1
+    finally:
+        executor.shutdown()
+
+
+def test_a_worker_killed_mid_trial_costs_only_a_rerun(ray_session, job_and_space):
+    job, space = job_and_space
+    executor = RayExecutor(job, workers=2, cpus_per_worker=1)
+    try:
+        configs = space.model_wise_configs()
+        executor.submit(0, configs[0])
+        executor.submit(1, configs[1])
+        time.sleep(6)
+        ray_session.kill(executor.actors[0], no_restart=True)
+        rows = wait_for(executor, 2)
+        assert sorted(row["seq"] for row in rows) == [0, 1]
+        assert all(row["status"] == "ok" for row in rows)
+    finally:
+        executor.shutdown()
