@@ -1,24 +1,25 @@
 """tune() and Quantization: config → space → strategy → executor → history → result.
 
 Every check that needs no worker runs first (config, plug-in names, data, model export, space,
-history), so bad input fails in seconds. Then the slow starts overlap: Ray connects in the main
-thread while the fp32 baseline is measured in another; workers start once the baseline is known
-to work, and import their framework while the engine already proposes.
+history), so bad input fails in seconds. Then the slow starts overlap: the engine runs in a
+thread of its own, measuring the fp32 baseline and evaluating the first trials in the driver
+(worker 0), while the main thread starts or joins Ray and adds the Ray workers, which import their
+framework and join as they come up. Workers start only once the baseline is known to work.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Optional, Union
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional, Union
 
 from . import registry
 from .config import Config, load_config
 from .engine import Criterion, Engine, EngineOutcome
 from .errors import ConfigError, DataError, EvaluationError, ModelError
 from .evaluation import Evaluation, split_batch
-from .executor import Executor, LocalExecutor, RayExecutor, cluster_cpus, ray_connection
+from .executor import Executor, cluster_cpus, ray_connection
 from .history import History
 from .metrics import make_metric
 from .progress import ProgressLine
@@ -58,25 +59,85 @@ def tune(
         raise ModelError(f"model: {type(model).__name__} has no op lpot_ray can quantize for {config.model.framework}")
     history = History.start(config.tuning.workspace.path, resume_file or config.tuning.workspace.resume,
                             _fingerprint(config, adaptor.weights_digest(fp32_model), space))
-    cpus_per_worker = config.ray.cpus_per_worker
-    job = WorkerJob(config.model.framework, payload, calibration, evaluation, space.ops, threads=max(1, int(cpus_per_worker)))
+    job = WorkerJob(config.model.framework, payload, calibration, evaluation, space.ops,
+                    threads=max(1, int(config.ray.cpus_per_worker)))
 
-    progress = ProgressLine()
+    run = _TuningRun(config, space, adaptor, model, evaluation, history, strategy_class, objective)
+    executor = Executor(job)
     try:
-        with ThreadPoolExecutor(1) as pool:
-            baseline = pool.submit(_baseline, history, evaluation, adaptor, model)
-            with _executor(job, config, address, verbose, baseline.result) as executor:
-                criterion = Criterion.from_config(baseline.result(), config.tuning.accuracy_criterion)
-                strategy = strategy_class(space, criterion.higher_is_better, config.tuning.random_seed)
-                engine = Engine(strategy, executor, history, criterion, config.tuning.exit_policy,
-                                lambda tune_config: objective.proxy(space, tune_config), progress)
-                outcome = engine.run()
-                progress.close()
-                return _result(outcome, executor, adaptor, criterion, history, config)
+        with ThreadPoolExecutor(1, thread_name_prefix="lpot-ray-engine") as pool:
+            outcome = pool.submit(run, executor)
+            try:
+                _grow_on_ray(executor, config, address, verbose, run, outcome)
+                return outcome.result()
+            except BaseException:
+                run.stop()
+                raise
     finally:
-        progress.close()
+        executor.shutdown()
         history.close()
 
+
+class TuningInterrupted(RuntimeError):
+    """The engine was asked to stop (e.g. Ctrl-C in the driver)."""
+
+
+class _TuningRun:
+    """The driver's side of a tuning, run in its own thread while Ray starts in the main one."""
+
+    def __init__(self, config: Config, space: TuningSpace, adaptor: Any, model: Any, evaluation: Evaluation,
+                 history: History, strategy_class: type, objective: Any):
+        self.config, self.space, self.adaptor, self.model = config, space, adaptor, model
+        self.evaluation, self.history = evaluation, history
+        self.strategy_class, self.objective = strategy_class, objective
+        self.baseline_known = threading.Event()
+        self.engine: Optional[Engine] = None
+        self.stopped = False
+
+    def __call__(self, executor: Executor) -> TuneResult:
+        try:
+            baseline = _baseline(self.history, self.evaluation, self.adaptor, self.model)
+        finally:
+            self.baseline_known.set()
+        criterion = Criterion.from_config(baseline, self.config.tuning.accuracy_criterion)
+        strategy = self.strategy_class(self.space, criterion.higher_is_better, self.config.tuning.random_seed)
+        progress = ProgressLine()
+        self.engine = Engine(strategy, executor, self.history, criterion, self.config.tuning.exit_policy,
+                             lambda tune_config: self.objective.proxy(self.space, tune_config), progress)
+        if self.stopped:
+            self.engine.stop()
+        try:
+            outcome = self.engine.run()
+        finally:
+            progress.close()
+        if self.stopped:
+            raise TuningInterrupted("tuning stopped; finished trials are in the history")
+        return _result(outcome, executor, self.adaptor, criterion, self.history, self.config)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def _grow_on_ray(executor: Executor, config: Config, address: Optional[str], verbose: bool,
+                 run: _TuningRun, outcome: Future) -> None:
+    """Join or start Ray (main thread) and add workers 2..N, unless the tuning is over first."""
+    address = address or config.ray.address
+    workers = config.ray.workers
+    if workers == 1 or (workers is None and not address and not os.environ.get("RAY_ADDRESS") and (os.cpu_count() or 1) < 2):
+        return
+    with ray_connection(address, verbose):
+        run.baseline_known.wait()  # a broken evaluation stops the tuning before any worker starts
+        if outcome.done():
+            return
+        if workers is None:
+            workers = max(1, int(cluster_cpus() // config.ray.cpus_per_worker))
+        try:
+            executor.add_ray_workers(workers - 1, config.ray.cpus_per_worker)
+            outcome.exception()  # wait for the end while Ray is up
+        finally:
+            executor.shutdown()
 
 class Quantization:
     """LPOT's entry point: ``Quantization(conf)(model, q_dataloader=..., eval_func=...)``."""
@@ -145,26 +206,6 @@ def _baseline(history: History, evaluation: Evaluation, adaptor: Any, model: Any
         raise EvaluationError(f"fp32 baseline: evaluating the original model failed: {type(error).__name__}: {error}") from error
     history.set_meta("baseline", baseline)
     return baseline
-
-
-@contextlib.contextmanager
-def _executor(job: WorkerJob, config: Config, address: Optional[str], verbose: bool,
-              wait_for_baseline: Callable[[], float]) -> Iterator[Executor]:
-    address = address or config.ray.address
-    workers = config.ray.workers
-    if workers == 1 and not address and not os.environ.get("RAY_ADDRESS"):
-        wait_for_baseline()
-        yield LocalExecutor(job)
-        return
-    with ray_connection(address, verbose):
-        wait_for_baseline()  # a broken evaluation stops here, before any worker starts
-        if workers is None:
-            workers = max(1, int(cluster_cpus() // config.ray.cpus_per_worker))
-        executor = RayExecutor(job, workers, config.ray.cpus_per_worker)
-        try:
-            yield executor
-        finally:
-            executor.shutdown()
 
 
 # --- the result ------------------------------------------------------------------------------

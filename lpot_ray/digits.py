@@ -62,3 +62,32 @@ def train_digits_cnn(epochs: int = 8, seed: int = 0, width: int = 16) -> tuple[A
             torch.nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
     return model.eval(), calibration, evaluation
+
+
+def with_activation_outliers(model: Any, calibration: Any, scale: float = 1000.0) -> Any:
+    """The same function with two huge activation channels, as large language models have.
+
+    One output channel of conv1 and one of conv2 are scaled up by ``scale`` and the consumers'
+    weights scaled down, so fp32 outputs are unchanged (ReLU and max-pooling commute with positive
+    scaling) while per-tensor int8 activations at the inputs of conv2 and fc1 lose almost all
+    resolution: tuning must keep conv2 and fc1 in fp32.
+    """
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        images = torch.cat([batch for batch, _ in calibration])
+        conv1_out = torch.relu(model.conv1(images))
+        channel = int(conv1_out.mean(dim=(0, 2, 3)).argmax())
+        model.conv1.weight[channel] *= scale
+        model.conv1.bias[channel] *= scale
+        model.conv2.weight[:, channel] /= scale
+        conv2_out = torch.max_pool2d(torch.relu(model.conv2(torch.relu(model.conv1(images)))), 2)
+        channel = int(conv2_out.mean(dim=(0, 2, 3)).argmax())
+        pooled = conv2_out.shape[2] * conv2_out.shape[3]
+        model.conv2.weight[channel] *= scale
+        model.conv2.bias[channel] *= scale
+        model.fc1.weight[:, channel * pooled:(channel + 1) * pooled] /= scale
+    return model.eval()

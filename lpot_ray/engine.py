@@ -82,6 +82,11 @@ class Engine:
         self.told: list[Trial] = []
         self.n_evaluated = 0
         self.started = time.monotonic()
+        self.stop_requested = False
+
+    def stop(self) -> None:
+        """Ask the loop to cancel what runs and return (thread-safe)."""
+        self.stop_requested = True
 
     @property
     def elapsed(self) -> float:
@@ -93,16 +98,19 @@ class Engine:
             if not stopped_by:
                 self._propose()
             stopped_by = self._tell_in_order() or stopped_by
-            stopped_by = stopped_by or self._limit_reached()
+            stopped_by = stopped_by or self._limit_reached() or ("stopped" if self.stop_requested else "")
             if stopped_by:
                 for seq in list(self.in_flight):
                     self._cancel(seq)
             self._cancel_obsolete()
             self.on_progress(self)
             if not self.in_flight and not self.finished:
-                if stopped_by or self.strategy.finished or not self._propose():
+                if stopped_by or self.strategy.finished:
                     break
-                continue
+                if self._propose():
+                    continue
+                if not self.executor.busy():
+                    break  # the strategy has nothing more to propose and nothing is running
             self._collect(self.executor.wait(timeout=0.5))
         return EngineOutcome(self.told, self.n_evaluated, stopped_by or "strategy finished", self.passing())
 

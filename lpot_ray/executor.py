@@ -1,21 +1,23 @@
-"""Where trials run: Ray worker actors, or the driver's own process when there is one worker.
+"""Where trials run: the driver's own process and Ray worker actors, as interchangeable slots.
 
-Both executors offer the same small interface to the engine: ``free_slots``, ``submit``,
-``wait``, ``cancel``, ``finalize`` and ``shutdown``. Each Ray worker is a ``TrialWorker`` actor
-built once per tuning from one object-store copy of the job (adaptor name, model bytes, data);
-a trial sends a config and gets back a row of figures. A worker that dies costs only its
-in-flight trial, which is re-run on another worker a bounded number of times.
+The driver is always worker 0: it holds the fp32 model already, so it evaluates trials from the
+first second, while Ray starts and the worker actors import their framework. Each Ray worker is a
+``TrialWorker`` actor built once per tuning from one object-store copy of the job (adaptor name,
+model bytes, data); it joins as a slot when it reports ready. A trial sends a config and gets
+back a row of figures. A worker that dies costs only its in-flight trial, which is re-run
+elsewhere a bounded number of times. ``workers: 1`` is the driver alone, without Ray.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import sys
 import sysconfig
-from abc import ABC, abstractmethod
 from typing import Any, Iterator, Optional
 
 from .space import TuneConfig
@@ -23,55 +25,28 @@ from .trial import CANCELLED, FAILED
 from .worker import TrialRunner, WorkerJob
 
 MAX_RETRIES = 2
+log = logging.getLogger("lpot_ray")
 
 
-class Executor(ABC):
-    slots: int = 1
-
-    @abstractmethod
-    def free_slots(self) -> int: ...
-
-    @abstractmethod
-    def submit(self, seq: int, config: TuneConfig) -> None: ...
-
-    @abstractmethod
-    def wait(self, timeout: float) -> list[dict]:
-        """Rows of trials that finished (ok or failed); cancelled trials are dropped."""
-
-    @abstractmethod
-    def cancel(self, seq: int) -> None: ...
-
-    @abstractmethod
-    def finalize(self, config: TuneConfig, measure_latency: bool) -> dict: ...
-
-    def shutdown(self) -> None:
-        pass
-
-
-class LocalExecutor(Executor):
-    """One worker in the driver's process: the same engine, no Ray, for debugging and 1 CPU."""
+class InProcessSlot:
+    """Worker 0: a thread of the driver running trials on the driver's copy of the model."""
 
     def __init__(self, job: WorkerJob):
-        self.runner = TrialRunner(job, "local")
-        self.queue: collections.deque = collections.deque()
+        self.name = "driver"
+        self.runner = TrialRunner(job, self.name)
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lpot-ray-trial")
+        self.cancelled: set[int] = set()
+        self.ready = None  # ready at once
 
-    def free_slots(self) -> int:
-        return 0 if self.queue else 1
-
-    def submit(self, seq: int, config: TuneConfig) -> None:
-        self.queue.append((seq, config))
-
-    def wait(self, timeout: float) -> list[dict]:
-        if not self.queue:
-            return []
-        seq, config = self.queue.popleft()
-        return [self.runner.run(seq, config.to_dict())]
+    def run(self, seq: int, config: TuneConfig) -> concurrent.futures.Future:
+        return self.pool.submit(self.runner.run, seq, config.to_dict(), lambda: seq in self.cancelled)
 
     def cancel(self, seq: int) -> None:
-        self.queue = collections.deque(item for item in self.queue if item[0] != seq)
+        self.cancelled.add(seq)
 
-    def finalize(self, config: TuneConfig, measure_latency: bool) -> dict:
-        return self.runner.finalize(config.to_dict(), measure_latency)
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.runner.close()
 
 
 class TrialWorker:
@@ -81,35 +56,87 @@ class TrialWorker:
         self.runner = TrialRunner(job, name)
         self.cancelled: set[int] = set()
 
+    def ready(self) -> str:
+        return self.runner.name
+
     def run(self, seq: int, config: dict) -> dict:
         return self.runner.run(seq, config, lambda: seq in self.cancelled)
 
     def cancel(self, seq: int) -> None:
         self.cancelled.add(seq)
 
-    def finalize(self, config: dict, measure_latency: bool) -> dict:
-        return self.runner.finalize(config, measure_latency)
 
+class RaySlot:
+    def __init__(self, actor_class: Any, job_ref: Any, name: str):
+        self.name = name
+        self.actor = actor_class.remote(job_ref, name)
+        self.ready: Optional[concurrent.futures.Future] = self.actor.ready.remote().future()
 
-class RayExecutor(Executor):
-    def __init__(self, job: WorkerJob, workers: int, cpus_per_worker: float):
+    def run(self, seq: int, config: TuneConfig) -> concurrent.futures.Future:
+        return self.actor.run.remote(seq, config.to_dict()).future()
+
+    def cancel(self, seq: int) -> None:
+        self.actor.cancel.remote(seq)
+
+    def close(self) -> None:
         import ray
 
-        _ship_user_code_by_value(job)
-        self.ray = ray
-        self.slots = workers
-        self._actor_class = ray.remote(TrialWorker).options(num_cpus=cpus_per_worker, max_concurrency=2)
-        self._job_ref = ray.put(job)  # the model and data enter the object store once
-        self.actors = [self._start_actor(index) for index in range(workers)]
-        self.idle = list(range(workers))
-        self.queue: collections.deque = collections.deque()  # (seq, config, attempt)
-        self.running: dict[Any, tuple[int, int, TuneConfig, int]] = {}  # ref -> (seq, worker, config, attempt)
-        self.cancelled: set[int] = set()
+        ray.kill(self.actor)
 
-    def _start_actor(self, index: int) -> Any:
-        return self._actor_class.remote(self._job_ref, f"worker-{index}")
+
+class Executor:
+    """Slots (the driver, then Ray workers as they come up) and the trials running on them."""
+
+    def __init__(self, job: WorkerJob, in_process: bool = True):
+        self.job = job
+        self.slots: list[Any] = [InProcessSlot(job)] if in_process else []
+        self.idle: list[Any] = list(self.slots)
+        self.joining: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # slots added from another thread
+        self.starting: list[Any] = []  # Ray slots not ready yet
+        self.queue: collections.deque = collections.deque()  # (seq, config, attempt)
+        self.running: dict[concurrent.futures.Future, tuple[int, Any, TuneConfig, int]] = {}
+        self.cancelled: set[int] = set()
+        self._ray_slot_factory: Optional[Any] = None
+
+    # --- growing ---------------------------------------------------------------------------
+    def add_ray_workers(self, count: int, cpus_per_worker: float) -> None:
+        """Start ``count`` Ray worker actors; each becomes a slot once it is ready. Thread-safe."""
+        import ray
+
+        _ship_user_code_by_value(self.job)
+        actor_class = ray.remote(TrialWorker).options(num_cpus=cpus_per_worker, max_concurrency=2)
+        job_ref = ray.put(self.job)  # the model and data enter the object store once
+        self._ray_slot_factory = lambda name: RaySlot(actor_class, job_ref, name)
+        for index in range(1, count + 1):
+            self.joining.put(self._ray_slot_factory(f"worker-{index}"))
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                self.starting.append(self.joining.get_nowait())
+            except queue.Empty:
+                break
+        for slot in [slot for slot in self.starting if slot.ready.done()]:
+            self.starting.remove(slot)
+            try:
+                slot.ready.result()
+            except Exception as error:  # a worker that can't start is reported and left out
+                log.warning("%s could not start: %s", slot.name, str(error).splitlines()[0])
+                continue
+            self.slots.append(slot)
+            self.idle.append(slot)
+
+    # --- the engine's interface --------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self.slots) + len(self.starting) + self.joining.qsize()
+
+    def busy(self) -> bool:
+        """True while a trial runs, even a cancelled one winding down."""
+        return bool(self.running or self.queue)
 
     def free_slots(self) -> int:
+        self._admit()
         return max(0, len(self.idle) - len(self.queue))
 
     def submit(self, seq: int, config: TuneConfig) -> None:
@@ -117,55 +144,74 @@ class RayExecutor(Executor):
         self._dispatch()
 
     def _dispatch(self) -> None:
+        self._admit()
         while self.queue and self.idle:
             seq, config, attempt = self.queue.popleft()
-            worker = self.idle.pop(0)
-            ref = self.actors[worker].run.remote(seq, config.to_dict())
-            self.running[ref] = (seq, worker, config, attempt)
+            slot = self.idle.pop(0)
+            self.running[slot.run(seq, config)] = (seq, slot, config, attempt)
 
     def wait(self, timeout: float) -> list[dict]:
-        if not self.running:
+        """Rows of trials that finished (ok or failed); cancelled trials are dropped."""
+        self._admit()
+        watched = list(self.running) + [slot.ready for slot in self.starting]
+        if not watched:
             return []
-        ready, pending = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
-        if ready and pending:
-            ready += self.ray.wait(pending, num_returns=len(pending), timeout=0)[0]
+        done, _ = concurrent.futures.wait(watched, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
         rows = []
-        for ref in ready:
-            seq, worker, config, attempt = self.running.pop(ref)
-            self.idle.append(worker)
-            row = self._collect(ref, seq, worker, config, attempt)
+        for future in [future for future in done if future in self.running]:
+            seq, slot, config, attempt = self.running.pop(future)
+            row = self._collect(future, seq, slot, config, attempt)
             if row is not None and seq not in self.cancelled and row.get("status") != CANCELLED:
                 rows.append(row)
         self._dispatch()
         return rows
 
-    def _collect(self, ref: Any, seq: int, worker: int, config: TuneConfig, attempt: int) -> Optional[dict]:
+    def _collect(self, future: concurrent.futures.Future, seq: int, slot: Any, config: TuneConfig, attempt: int) -> Optional[dict]:
         try:
-            return self.ray.get(ref)
-        except self.ray.exceptions.RayActorError as error:
-            logging.getLogger(__name__).warning("worker-%d died during trial %d: %s", worker, seq, error)
-            self.actors[worker] = self._start_actor(worker)
+            row = future.result()
+            self.idle.append(slot)
+            return row
+        except Exception as error:  # the worker process died or Ray failed to deliver
+            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            log.warning("%s failed while running trial %d: %s", slot.name, seq, reason)
+            self._replace(slot)
             if attempt < MAX_RETRIES and seq not in self.cancelled:
                 self.queue.appendleft((seq, config, attempt + 1))
                 return None
-            return {"seq": seq, "status": FAILED, "worker": f"worker-{worker}",
-                    "reason": f"worker died {attempt + 1} times running this trial: {type(error).__name__}"}
-        except self.ray.exceptions.RayError as error:
-            return {"seq": seq, "status": FAILED, "worker": f"worker-{worker}", "reason": str(error).splitlines()[0]}
+            return {"seq": seq, "status": FAILED, "worker": slot.name,
+                    "reason": f"worker failed {attempt + 1} times running this trial; last: {reason}"}
+
+    def _replace(self, slot: Any) -> None:
+        self.slots.remove(slot)
+        if isinstance(slot, RaySlot) and self._ray_slot_factory is not None:
+            self.starting.append(self._ray_slot_factory(slot.name))
+        elif isinstance(slot, InProcessSlot):
+            self.slots.append(slot)
+            self.idle.append(slot)
 
     def cancel(self, seq: int) -> None:
         self.cancelled.add(seq)
         self.queue = collections.deque(item for item in self.queue if item[0] != seq)
-        for running_seq, worker, _, _ in self.running.values():
+        for running_seq, slot, _, _ in self.running.values():
             if running_seq == seq:
-                self.actors[worker].cancel.remote(seq)
+                slot.cancel(seq)
 
     def finalize(self, config: TuneConfig, measure_latency: bool) -> dict:
-        return self.ray.get(self.actors[0].finalize.remote(config.to_dict(), measure_latency))
+        """Lower and time the chosen config in the driver, which holds the model already."""
+        driver = next((slot for slot in self.slots if isinstance(slot, InProcessSlot)), None)
+        if driver is None:
+            return TrialRunner(self.job, "driver").finalize(config.to_dict(), measure_latency)
+        # A cancelled trial may still be winding down on the driver: wait for it between batches.
+        concurrent.futures.wait([future for future, entry in self.running.items() if entry[1] is driver])
+        return driver.runner.finalize(config.to_dict(), measure_latency)
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            self.ray.kill(actor)
+        """Stop every slot; safe to call twice."""
+        self._admit()
+        slots, self.slots, self.starting, self.idle = self.slots + self.starting, [], [], []
+        for slot in slots:
+            with contextlib.suppress(Exception):
+                slot.close()
 
 
 @contextlib.contextmanager
@@ -177,7 +223,7 @@ def ray_connection(address: Optional[str], verbose: bool = False) -> Iterator[No
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or None
     owned = False
     if not ray.is_initialized():
         ray.init(
@@ -208,12 +254,11 @@ def _ship_user_code_by_value(job: WorkerJob) -> None:
     """
     import ray.cloudpickle
 
-    installed = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], sysconfig.get_paths()["stdlib"]}
-    candidates = [job.evaluation.eval_func, job.evaluation.dataloader]
+    paths = sysconfig.get_paths()
+    installed = {paths["purelib"], paths["platlib"], paths["stdlib"]}
     dataset = getattr(job.evaluation.dataloader, "dataset", None)
-    candidates += [dataset, getattr(dataset, "__class__", None)]
-    for obj in candidates:
-        module = sys.modules.get(getattr(obj, "__module__", None) or getattr(type(obj), "__module__", ""))
+    for obj in (job.evaluation.eval_func, job.evaluation.dataloader, dataset):
+        module = sys.modules.get(getattr(obj, "__module__", None) or type(obj).__module__)
         path = getattr(module, "__file__", None)
         if module is None or path is None or module.__name__ == "__main__":
             continue

@@ -21,8 +21,8 @@ INFO_FILE = "tune_result.json"
 class TuneResult:
     """The fastest passing int8 model found, or (``passed`` False) the closest failing trial."""
 
-    model: Any
-    config: Optional[TuneConfig]
+    model: Any = field(repr=False)
+    config: Optional[TuneConfig] = field(repr=False)
     accuracy: Optional[float]
     objectives: dict
     baseline: float

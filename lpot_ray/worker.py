@@ -37,9 +37,13 @@ class TrialRunner:
         self.name = name
         self.job = job
         self.adaptor = registry.adaptors.get(job.framework)()
-        self.adaptor.set_threads(job.threads)
+        self.previous_threads = self.adaptor.set_threads(job.threads)
         self.model = self.adaptor.load(job.model_payload)
         self.example = job.calibration[0]
+
+    def close(self) -> None:
+        """Give the process its thread count back (it matters when the runner is the driver)."""
+        self.adaptor.set_threads(self.previous_threads)
 
     def run(self, seq: int, config_data: dict, should_stop: Callable[[], bool] = lambda: False) -> dict:
         """Quantize and evaluate one config; any failure becomes a failed trial with its reason."""

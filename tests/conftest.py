@@ -35,26 +35,11 @@ def digits(trained_digits):
 
 @pytest.fixture(scope="session")
 def outlier_digits(trained_digits):
-    """The digits CNN with two activation outliers (as LLMs have): conv2 and fc1 lose accuracy
-    in int8 with per-tensor activations; the fp32 function is unchanged."""
-    import torch
+    """The digits CNN with two activation outliers: conv2 and fc1 must stay fp32."""
+    from lpot_ray.digits import with_activation_outliers
 
     model, calibration, evaluation = trained_digits
-    model = copy.deepcopy(model)
-    scale = 1000.0
-    with torch.no_grad():
-        images = torch.cat([batch for batch, _ in calibration])
-        conv1_out = torch.relu(model.conv1(images))
-        channel = int(conv1_out.mean(dim=(0, 2, 3)).argmax())
-        model.conv1.weight[channel] *= scale
-        model.conv1.bias[channel] *= scale
-        model.conv2.weight[:, channel] /= scale
-        conv2_out = torch.max_pool2d(torch.relu(model.conv2(torch.relu(model.conv1(images)))), 2)
-        channel = int(conv2_out.mean(dim=(0, 2, 3)).argmax())
-        model.conv2.weight[channel] *= scale
-        model.conv2.bias[channel] *= scale
-        model.fc1.weight[:, channel * 16 : channel * 16 + 16] /= scale
-    return model.eval(), calibration, evaluation
+    return with_activation_outliers(model, calibration), calibration, evaluation
 
 
 def base_conf(tmp_path, **tuning) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-from lpot_ray.executor import Executor
 from lpot_ray.space import FP32, Op, OpCapability, OpScheme, TensorScheme, TuneConfig, TuningSpace
 from lpot_ray.config import load_config
 
@@ -16,7 +15,7 @@ def make_space(n_ops: int = 5, **quantization) -> TuningSpace:
     return TuningSpace.build(capabilities, load_config({"model": {"framework": "pytorch"}, "quantization": quantization}).quantization)
 
 
-class FakeExecutor(Executor):
+class FakeExecutor:
     """Evaluates ``accuracy_of(config)`` with ``slots`` workers, finishing in random order."""
 
     def __init__(self, accuracy_of, slots: int, seed: int = 0):
@@ -26,6 +25,7 @@ class FakeExecutor(Executor):
         self.random = random.Random(seed)
         self.evaluated: list[TuneConfig] = []
         self.cancelled: list[int] = []
+        self.cancelled_waits = 0
 
     def free_slots(self) -> int:
         return self.slots - len(self.running)
@@ -34,8 +34,17 @@ class FakeExecutor(Executor):
         assert self.free_slots() > 0
         self.running.append((seq, config))
 
+    def busy(self):
+        return bool(self.running)
+
     def wait(self, timeout):
         if not self.running:
+            return []
+        winding_down = [item for item in self.running if item[0] in self.cancelled]
+        if winding_down:  # like a real worker, a cancelled trial holds its slot for a while
+            self.cancelled_waits += 1
+            if self.cancelled_waits % 2 == 0:
+                self.running.remove(winding_down[0])
             return []
         seq, config = self.running.pop(self.random.randrange(len(self.running)))
         self.evaluated.append(config)
@@ -46,7 +55,6 @@ class FakeExecutor(Executor):
 
     def cancel(self, seq):
         self.cancelled.append(seq)
-        self.running = [item for item in self.running if item[0] != seq]
 
     def finalize(self, config, measure_latency):
         raise NotImplementedError

@@ -18,8 +18,7 @@ def no_workers(monkeypatch, ray_session):
     def refuse(*args, **kwargs):
         raise AssertionError("a worker was started despite bad input")
 
-    monkeypatch.setattr(api, "RayExecutor", refuse)
-    monkeypatch.setattr(api, "LocalExecutor", refuse)
+    monkeypatch.setattr(api.Executor, "add_ray_workers", refuse)
 
 
 def tune(digits, conf, **kwargs):

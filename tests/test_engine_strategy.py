@@ -88,3 +88,13 @@ def test_resume_replays_history_and_evaluates_nothing_again(tmp_path):
 def test_nothing_passes_when_every_op_hurts_even_in_fp32(tmp_path):
     outcome, _, _ = run(tmp_path, lambda config: 0.5)
     assert outcome.passing == [] and outcome.stopped_by == "strategy finished"
+
+
+def test_pruning_runs_after_a_cancelled_prefix_winds_down(tmp_path):
+    # Needs op1 and op2 in fp32; ties rank op0 first, so the passing prefix is {op0, op1, op2}
+    # and the longer prefix in flight is cancelled; pruning must still give op0 back.
+    needed = {"op1", "op2"}
+    outcome, executor, _ = run(tmp_path, lambda config: 0.9 if needed <= set(config.fp32_ops) else 0.1,
+                               slots=1, space=make_space(n_ops=4))
+    assert executor.cancelled
+    assert set(outcome.passing[0].config.fp32_ops) == needed

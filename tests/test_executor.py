@@ -7,7 +7,7 @@ import pytest
 from lpot_ray.adaptors.pytorch import PyTorchAdaptor
 from lpot_ray.config import load_config
 from lpot_ray.evaluation import Evaluation
-from lpot_ray.executor import RayExecutor
+from lpot_ray.executor import Executor
 from lpot_ray.space import TuningSpace
 from lpot_ray.worker import WorkerJob
 
@@ -37,6 +37,13 @@ def job_and_space(digits):
     return WorkerJob("pytorch", payload, batches, evaluation, space.ops), space
 
 
+def wait_for_workers(executor, count, limit=120):
+    deadline = time.monotonic() + limit
+    while executor.free_slots() < count and time.monotonic() < deadline:
+        executor.wait(timeout=1)
+    assert executor.free_slots() == count
+
+
 def wait_for(executor, count, limit=120):
     rows, deadline = [], time.monotonic() + limit
     while len(rows) < count and time.monotonic() < deadline:
@@ -46,11 +53,13 @@ def wait_for(executor, count, limit=120):
 
 def test_a_cancelled_trial_stops_between_batches_and_frees_its_worker(ray_session, job_and_space):
     job, space = job_and_space
-    executor = RayExecutor(job, workers=1, cpus_per_worker=1)
+    executor = Executor(job, in_process=False)
+    executor.add_ray_workers(1, cpus_per_worker=1)
     try:
+        wait_for_workers(executor, 1)
         config = space.model_wise_configs()[0]
         executor.submit(0, config)
-        time.sleep(8)  # the worker starts, imports torch and enters the evaluation
+        time.sleep(1.5)  # the worker starts, imports torch and enters the evaluation
         started = time.monotonic()
         executor.cancel(0)
         assert executor.wait(timeout=30) == []  # the cancelled trial reports nothing
@@ -62,13 +71,15 @@ def test_a_cancelled_trial_stops_between_batches_and_frees_its_worker(ray_sessio
 
 def test_a_worker_killed_mid_trial_costs_only_a_rerun(ray_session, job_and_space):
     job, space = job_and_space
-    executor = RayExecutor(job, workers=2, cpus_per_worker=1)
+    executor = Executor(job, in_process=False)
+    executor.add_ray_workers(2, cpus_per_worker=1)
     try:
+        wait_for_workers(executor, 2)
         configs = space.model_wise_configs()
         executor.submit(0, configs[0])
         executor.submit(1, configs[1])
-        time.sleep(6)
-        ray_session.kill(executor.actors[0], no_restart=True)
+        time.sleep(1.5)
+        ray_session.kill(executor.slots[0].actor, no_restart=True)
         rows = wait_for(executor, 2)
         assert sorted(row["seq"] for row in rows) == [0, 1]
         assert all(row["status"] == "ok" for row in rows)

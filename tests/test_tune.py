@@ -1,6 +1,7 @@
 """tune() end to end: real torch, real Ray workers, real SQLite."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_two_workers_tune_to_an_int8_model_that_saves_and_reloads(ray_session, d
     assert result.n_trials == result.n_evaluated == len(History(tmp_path / "ws" / "history.db"))
     assert {"latency_ms", "fp32_latency_ms", "latency_ratio"} <= set(result.objectives)
     workers = {trial.worker for trial in History(tmp_path / "ws" / "history.db").trials()}
-    assert workers <= {"worker-0", "worker-1"} and workers
+    assert workers <= {"driver", "worker-1"} and workers
 
     loaded = lpot_ray.load(result.save(tmp_path / "saved"))
     assert loaded.config == result.config and loaded.int8_ops == result.int8_ops
@@ -91,12 +92,20 @@ def test_resume_evaluates_nothing_twice(ray_session, outlier_digits, tmp_path):
 
 def test_same_seed_same_config_with_one_and_two_workers(ray_session, outlier_digits, tmp_path):
     model, calibration, evaluation = outlier_digits
+
+    def slow_eval(candidate):  # slow enough that the Ray worker joins and takes trials
+        time.sleep(0.8)
+        return accuracy_of(candidate, evaluation)
+
     chosen = []
     for workers in (1, 2):
         conf = base_conf(tmp_path / str(workers), accuracy_criterion={"absolute": 0.02},
                          exit_policy={"timeout": 600, "max_trials": 40})
+        del conf["evaluation"]
         conf["ray"]["workers"] = workers
-        chosen.append(lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation).config)
+        chosen.append(lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=slow_eval).config)
+        ran_on = {trial.worker for trial in History(tmp_path / str(workers) / "ws" / "history.db").trials()}
+        assert ran_on == ({"driver"} if workers == 1 else {"driver", "worker-1"})
     assert chosen[0] == chosen[1]
 
 

@@ -31,8 +31,12 @@ class Adaptor(ABC):
 
     framework: str = ""
 
-    def set_threads(self, threads: int) -> None:
-        """Framework intra-op threads for this process (Ray sets OMP_NUM_THREADS=1 in workers)."""
+    def set_threads(self, threads: int) -> int:
+        """Set the framework's intra-op threads for this process; return the previous count.
+
+        Ray sets OMP_NUM_THREADS=1 in workers, so each worker sets its own ``cpus_per_worker``.
+        """
+        return threads
 
     # --- driver side -------------------------------------------------------------------------
     @abstractmethod

@@ -68,8 +68,10 @@ class PyTorchAdaptor(Adaptor):
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.calibration_passes = 0  # forward passes spent calibrating, to prove the cache works
 
-    def set_threads(self, threads: int) -> None:
+    def set_threads(self, threads: int) -> int:
+        previous = self.torch.get_num_threads()
         self.torch.set_num_threads(max(1, int(threads)))
+        return previous
 
     # --- driver side -------------------------------------------------------------------------
     def prepare(self, model: Any, example_inputs: Any) -> bytes:
