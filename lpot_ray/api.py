@@ -1,17 +1,17 @@
 """tune() and Quantization: config → space → strategy → executor → history → result.
 
 Every check that needs no worker runs first (config, plug-in names, data, model export, space,
-history), so bad input fails in seconds. Then the slow starts overlap: the engine runs in a
-thread of its own, measuring the fp32 baseline and evaluating the first trials in the driver
-(worker 0), while the main thread starts or joins Ray and adds the Ray workers, which import their
-framework and join as they come up. Workers start only once the baseline is known to work.
+history), so bad input fails in seconds. Then the slow starts overlap: the driver measures the
+fp32 baseline and evaluates the first trials itself (it is worker 0) while Ray connects in the
+background (a private local Ray only once the first trial shows there is more to do); Ray
+workers are added once Ray is up and the baseline is known to work, and join as they finish
+importing their framework. A tuning never waits for Ray to start or stop.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+
 from typing import Any, Callable, Optional, Union
 
 from . import registry
@@ -19,10 +19,11 @@ from .config import Config, load_config
 from .engine import Criterion, Engine, EngineOutcome
 from .errors import ConfigError, DataError, EvaluationError, ModelError
 from .evaluation import Evaluation, split_batch
-from .executor import Executor, cluster_cpus, ray_connection
+from .executor import Executor
 from .history import History
 from .metrics import make_metric
 from .progress import ProgressLine
+from .ray_session import RayPlan
 from .result import TuneResult
 from .space import TuningSpace
 from .trial import OK
@@ -62,82 +63,33 @@ def tune(
     job = WorkerJob(config.model.framework, payload, calibration, evaluation, space.ops,
                     threads=max(1, int(config.ray.cpus_per_worker)))
 
-    run = _TuningRun(config, space, adaptor, model, evaluation, history, strategy_class, objective)
     executor = Executor(job)
+    if _wants_ray(config, address):
+        executor.grow_on(RayPlan(address or config.ray.address, config.ray.workers, config.ray.cpus_per_worker, verbose))
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="lpot-ray-engine") as pool:
-            outcome = pool.submit(run, executor)
-            try:
-                _grow_on_ray(executor, config, address, verbose, run, outcome)
-                return outcome.result()
-            except BaseException:
-                run.stop()
-                raise
+        baseline = _baseline(history, evaluation, adaptor, model)
+        criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion)
+        strategy = strategy_class(space, criterion.higher_is_better, config.tuning.random_seed)
+        progress = ProgressLine()
+        engine = Engine(strategy, executor, history, criterion, config.tuning.exit_policy,
+                        lambda tune_config: objective.proxy(space, tune_config), progress)
+        try:
+            outcome = engine.run()
+        finally:
+            progress.close()
+        return _result(outcome, executor, adaptor, criterion, history, config)
     finally:
         executor.shutdown()
         history.close()
 
 
-class TuningInterrupted(RuntimeError):
-    """The engine was asked to stop (e.g. Ctrl-C in the driver)."""
+def _wants_ray(config: Config, address: Optional[str]) -> bool:
+    """Ray workers join the driver unless it is to work alone (``workers: 1``, or one CPU)."""
+    if config.ray.workers == 1:
+        return False
+    clustered = address or config.ray.address or os.environ.get("RAY_ADDRESS")
+    return bool(config.ray.workers or clustered or (os.cpu_count() or 1) > 1)
 
-
-class _TuningRun:
-    """The driver's side of a tuning, run in its own thread while Ray starts in the main one."""
-
-    def __init__(self, config: Config, space: TuningSpace, adaptor: Any, model: Any, evaluation: Evaluation,
-                 history: History, strategy_class: type, objective: Any):
-        self.config, self.space, self.adaptor, self.model = config, space, adaptor, model
-        self.evaluation, self.history = evaluation, history
-        self.strategy_class, self.objective = strategy_class, objective
-        self.baseline_known = threading.Event()
-        self.engine: Optional[Engine] = None
-        self.stopped = False
-
-    def __call__(self, executor: Executor) -> TuneResult:
-        try:
-            baseline = _baseline(self.history, self.evaluation, self.adaptor, self.model)
-        finally:
-            self.baseline_known.set()
-        criterion = Criterion.from_config(baseline, self.config.tuning.accuracy_criterion)
-        strategy = self.strategy_class(self.space, criterion.higher_is_better, self.config.tuning.random_seed)
-        progress = ProgressLine()
-        self.engine = Engine(strategy, executor, self.history, criterion, self.config.tuning.exit_policy,
-                             lambda tune_config: self.objective.proxy(self.space, tune_config), progress)
-        if self.stopped:
-            self.engine.stop()
-        try:
-            outcome = self.engine.run()
-        finally:
-            progress.close()
-        if self.stopped:
-            raise TuningInterrupted("tuning stopped; finished trials are in the history")
-        return _result(outcome, executor, self.adaptor, criterion, self.history, self.config)
-
-    def stop(self) -> None:
-        self.stopped = True
-        if self.engine is not None:
-            self.engine.stop()
-
-
-def _grow_on_ray(executor: Executor, config: Config, address: Optional[str], verbose: bool,
-                 run: _TuningRun, outcome: Future) -> None:
-    """Join or start Ray (main thread) and add workers 2..N, unless the tuning is over first."""
-    address = address or config.ray.address
-    workers = config.ray.workers
-    if workers == 1 or (workers is None and not address and not os.environ.get("RAY_ADDRESS") and (os.cpu_count() or 1) < 2):
-        return
-    with ray_connection(address, verbose):
-        run.baseline_known.wait()  # a broken evaluation stops the tuning before any worker starts
-        if outcome.done():
-            return
-        if workers is None:
-            workers = max(1, int(cluster_cpus() // config.ray.cpus_per_worker))
-        try:
-            executor.add_ray_workers(workers - 1, config.ray.cpus_per_worker)
-            outcome.exception()  # wait for the end while Ray is up
-        finally:
-            executor.shutdown()
 
 class Quantization:
     """LPOT's entry point: ``Quantization(conf)(model, q_dataloader=..., eval_func=...)``."""

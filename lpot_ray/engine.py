@@ -98,6 +98,8 @@ class Engine:
             if not stopped_by:
                 self._propose()
             stopped_by = self._tell_in_order() or stopped_by
+            if self.told and not stopped_by and not self.strategy.finished:
+                self.executor.want_more()
             stopped_by = stopped_by or self._limit_reached() or ("stopped" if self.stop_requested else "")
             if stopped_by:
                 for seq in list(self.in_flight):

@@ -18,8 +18,9 @@ import os
 import queue
 import sys
 import sysconfig
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
+from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
 from .trial import CANCELLED, FAILED
 from .worker import TrialRunner, WorkerJob
@@ -97,8 +98,34 @@ class Executor:
         self.running: dict[concurrent.futures.Future, tuple[int, Any, TuneConfig, int]] = {}
         self.cancelled: set[int] = set()
         self._ray_slot_factory: Optional[Any] = None
+        self._plan: Optional[RayPlan] = None
+        self.session: Optional[RaySession] = None
 
     # --- growing ---------------------------------------------------------------------------
+    def grow_on(self, plan: RayPlan) -> None:
+        """Add Ray workers per ``plan``: connect now if Ray is cheap to reach, else on demand."""
+        self._plan = plan
+        if plan.connect_eagerly():
+            self.want_more()
+
+    def want_more(self) -> None:
+        """The engine has more work than the driver alone: start Ray if planned (idempotent)."""
+        if self._plan is not None and self.session is None:
+            self.session = self._plan.connect()
+
+    def _grow(self) -> None:
+        if self.session is None or self._plan is None or not self.session.ready.is_set():
+            return
+        plan, self._plan = self._plan, None
+        if self.session.error is not None:
+            if self.session.address:
+                raise ConnectionError(f"ray.address {self.session.address!r}: can't connect: {self.session.error}")
+            log.warning("a local Ray could not start (%s); trials run in the driver alone", self.session.error)
+            return
+        workers = plan.workers or max(1, int(self.session.cluster_cpus() // plan.cpus_per_worker))
+        if workers > 1:
+            self.add_ray_workers(workers - 1, plan.cpus_per_worker)
+
     def add_ray_workers(self, count: int, cpus_per_worker: float) -> None:
         """Start ``count`` Ray worker actors; each becomes a slot once it is ready. Thread-safe."""
         import ray
@@ -111,6 +138,7 @@ class Executor:
             self.joining.put(self._ray_slot_factory(f"worker-{index}"))
 
     def _admit(self) -> None:
+        self._grow()
         while True:
             try:
                 self.starting.append(self.joining.get_nowait())
@@ -206,44 +234,15 @@ class Executor:
         return driver.runner.finalize(config.to_dict(), measure_latency)
 
     def shutdown(self) -> None:
-        """Stop every slot; safe to call twice."""
+        """Stop every slot and release Ray; safe to call twice."""
+        self._plan = None
         self._admit()
         slots, self.slots, self.starting, self.idle = self.slots + self.starting, [], [], []
         for slot in slots:
             with contextlib.suppress(Exception):
                 slot.close()
-
-
-@contextlib.contextmanager
-def ray_connection(address: Optional[str], verbose: bool = False) -> Iterator[None]:
-    """Connect in lpot_ray's order: address > RAY_ADDRESS > a running Ray > a private local Ray.
-
-    A Ray that lpot_ray started is shut down at the end; one it found running is left alone.
-    """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    owned = False
-    if not ray.is_initialized():
-        ray.init(
-            address=address or "local",
-            include_dashboard=False if not address else None,
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.ERROR,
-        )
-        owned = True
-    try:
-        yield
-    finally:
-        if owned:
-            ray.shutdown()
-
-
-def cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 1))
+        if self.session is not None:
+            self.session.release()
 
 
 def _ship_user_code_by_value(job: WorkerJob) -> None:

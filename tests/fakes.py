@@ -34,6 +34,9 @@ class FakeExecutor:
         assert self.free_slots() > 0
         self.running.append((seq, config))
 
+    def want_more(self):
+        pass
+
     def busy(self):
         return bool(self.running)
 
