@@ -5,11 +5,13 @@ export, baseline, trials and the final compile all count. Two jobs on the digits
 
 - demo:     the demo's job (the first int8 config passes);
 - fallback: the same CNN with two activation outliers under a strict criterion, so the basic
-            strategy needs one-op fallback, accumulated fallback and pruning (many trials).
+            strategy needs one-op fallback, accumulated fallback and pruning (10 trials);
+- heavy:    the fallback job with an evaluation set 60 times larger (about 2 s per trial), long
+            enough for a Ray worker's start-up (several seconds on 2 cores) to pay back.
 
 Runs alternate between 1 and 2 workers so both see the same machine load. Usage:
 
-    python benchmarks/workers_scaling.py [--repeat 2]
+    python benchmarks/workers_scaling.py [--repeat 2] [--jobs demo fallback heavy]
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ JOB = textwrap.dedent(
     job, workers, workspace = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     model, calibration, evaluation = trained_model(workspace.parent / "model")
     conf = demo_config(workspace, workers)
-    if job == "fallback":
+    if job == "heavy":
+        import torch.utils.data as data
+        evaluation = data.DataLoader(data.ConcatDataset([evaluation.dataset] * 60), batch_size=64)
+    if job in ("fallback", "heavy"):
         model = with_activation_outliers(model, calibration)
         conf["tuning"]["accuracy_criterion"] = {"absolute": 0.02}
         conf["tuning"]["exit_policy"] = {"timeout": 600, "max_trials": 40}
@@ -47,6 +52,9 @@ JOB = textwrap.dedent(
     }))
     """
 )
+
+
+JOBS = ("demo", "fallback", "heavy")
 
 
 def measure(job: str, workers: int, root: str, run: int) -> dict:
@@ -62,11 +70,12 @@ def measure(job: str, workers: int, root: str, run: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         measure("demo", 1, root, -1)  # trains and caches the model; warms the inductor cache
         rows = []
-        for job in ("demo", "fallback"):
+        for job in args.jobs:
             for run in range(args.repeat):
                 for workers in (1, 2):
                     rows.append((job, workers, measure(job, workers, root, run)))
@@ -76,7 +85,7 @@ def main() -> None:
         print(f"{job:9} {workers:>7} {row['wall_s']:>7.1f} {row['trials']:>6} {','.join(row['fp32_ops']) or '-':18} "
               f"{row['baseline']:.3f}/{row['accuracy']:.3f}  {row['fp32_ms']:>8.2f} {row['int8_ms']:>8.2f} "
               f"{row['latency_ratio']:>8.2f}x")
-    for job in ("demo", "fallback"):
+    for job in args.jobs:
         one = [row["wall_s"] for name, workers, row in rows if name == job and workers == 1]
         two = [row["wall_s"] for name, workers, row in rows if name == job and workers == 2]
         print(f"{job}: wall time 1 worker / 2 workers = {sum(one) / sum(two):.2f}")

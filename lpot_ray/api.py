@@ -25,7 +25,7 @@ from .metrics import make_metric
 from .progress import ProgressLine
 from .ray_session import RayPlan
 from .result import TuneResult
-from .space import TuningSpace
+from .space import TuningSpace, describe_capabilities
 from .trial import OK
 from .worker import WorkerJob
 
@@ -55,9 +55,13 @@ def tune(
     calibration = _calibration_batches(q_dataloader, max(config.quantization.calibration.sampling_size))
     payload = adaptor.prepare(model, calibration[0])
     fp32_model = adaptor.load(payload)
-    space = TuningSpace.build(adaptor.capabilities(fp32_model), config.quantization)
+    capabilities = adaptor.capabilities(fp32_model)
+    space = TuningSpace.build(capabilities, config.quantization)
     if not space.ops:
         raise ModelError(f"model: {type(model).__name__} has no op lpot_ray can quantize for {config.model.framework}")
+    if not space.has_int8:
+        raise ConfigError(f"quantization: model_wise/op_wise leave no int8 scheme for any op; "
+                          f"{config.model.framework} offers {describe_capabilities(capabilities)}")
     history = History.start(config.tuning.workspace.path, resume_file or config.tuning.workspace.resume,
                             _fingerprint(config, adaptor.weights_digest(fp32_model), space))
     job = WorkerJob(config.model.framework, payload, calibration, evaluation, space.ops,

@@ -60,6 +60,7 @@ LPOT_ONLY_VALUES = {
     "quantization.approach": {"post_training_dynamic_quant", "quant_aware_training", "post_training_auto_quant"},
     "device": {"gpu"},
     "tuning.objective": {"footprint", "modelsize", "accuracy"},
+    "tuning.exit_policy.performance_only": {True},
 }
 
 _Strings = Union[str, list[str]]
@@ -191,7 +192,7 @@ class AccuracyCriterion(_Section):
 class ExitPolicy(_Section):
     timeout: float = Field(0, ge=0)
     max_trials: int = Field(100, ge=1)
-    performance_only: Literal[False] = False
+    performance_only: bool = False
 
 
 class WorkspaceSection(_Section):
@@ -253,8 +254,9 @@ def _reject_lpot_only(raw: dict, origin: str) -> None:
     for path, value in _walk(raw):
         if path in LPOT_ONLY_KEYS:
             raise ConfigError(f"{origin}: `{path}` is an LPOT option lpot_ray does not support yet")
-        if isinstance(value, str) and value in LPOT_ONLY_VALUES.get(path, ()):
-            raise ConfigError(f"{origin}: `{path}: {value}` is an LPOT option lpot_ray does not support yet")
+        if isinstance(value, (str, bool)) and value in LPOT_ONLY_VALUES.get(path, ()):
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"{origin}: `{path}: {shown}` is an LPOT option lpot_ray does not support yet")
 
 
 def _walk(tree: dict, prefix: str = ""):

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ops left fp32      {', '.join(result.fp32_ops) or 'none'}")
     print(f"latency per batch  fp32 {figures['fp32_latency_ms']:.2f} ms, int8 {figures['latency_ms']:.2f} ms "
           f"(fp32/int8 = {figures['latency_ratio']:.2f}x)")
-    print(f"trials             {result.n_trials} ({result.stopped_by})")
+    print(f"trials             {result.n_trials}, stopped by: {result.stopped_by}")
     print(f"wall time          {wall:.1f} s")
     print(f"saved to           {result.save(workspace / 'int8_model')}")
     return 0

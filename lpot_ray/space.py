@@ -166,6 +166,10 @@ class TuningSpace:
         return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size))
 
     @property
+    def has_int8(self) -> bool:
+        return any(not scheme.is_fp32 for schemes in self.choices.values() for scheme in schemes)
+
+    @property
     def total_macs(self) -> int:
         return sum(op.macs for op in self.ops)
 
@@ -202,6 +206,12 @@ class TuningSpace:
             "choices": {name: [scheme.to_dict() for scheme in schemes] for name, schemes in self.choices.items()},
             "sampling_sizes": list(self.sampling_sizes),
         }
+
+
+def describe_capabilities(capabilities: list[OpCapability]) -> str:
+    """The distinct int8 schemes an adaptor offers, for error messages."""
+    offered = sorted({scheme.describe() for capability in capabilities for scheme in capability.schemes})
+    return "; ".join(offered) or "nothing"
 
 
 def _overlay(base: OpRestriction, override: OpRestriction) -> OpRestriction:

@@ -59,6 +59,8 @@ def test_yaml_file_is_read(tmp_path):
         (with_section(evaluation={"accuracy": {"metric": {"topk": 1, "Accuracy": None}}}), "exactly one metric"),
         ({"model": {"name": "x"}}, "`model.framework` is required"),
         (with_section(device="gpu"), "`device: gpu` is an LPOT option"),
+        (with_section(tuning={"exit_policy": {"performance_only": True}}),
+         "`tuning.exit_policy.performance_only: true` is an LPOT option lpot_ray does not support yet"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, expected):
