@@ -136,7 +136,7 @@ class QuantizationSection(_Section):
             try:
                 re.compile(pattern)
             except re.error as error:
-                raise ValueError(f"op name pattern {pattern!r} is not a valid regular expression ({error})")
+                raise ValueError(f"op name pattern {pattern!r} is not a valid regular expression ({error})") from None
         return value
 
 

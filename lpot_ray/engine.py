@@ -82,11 +82,6 @@ class Engine:
         self.told: list[Trial] = []
         self.n_evaluated = 0
         self.started = time.monotonic()
-        self.stop_requested = False
-
-    def stop(self) -> None:
-        """Ask the loop to cancel what runs and return (thread-safe)."""
-        self.stop_requested = True
 
     @property
     def elapsed(self) -> float:
@@ -100,7 +95,7 @@ class Engine:
             stopped_by = self._tell_in_order() or stopped_by
             if self.told and not stopped_by and not self.strategy.finished:
                 self.executor.want_more()
-            stopped_by = stopped_by or self._limit_reached() or ("stopped" if self.stop_requested else "")
+            stopped_by = stopped_by or self._limit_reached()
             if stopped_by:
                 for seq in list(self.in_flight):
                     self._cancel(seq)

@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import queue
 import sys
 import sysconfig
 from typing import Any, Optional
@@ -92,7 +91,6 @@ class Executor:
         self.job = job
         self.slots: list[Any] = [InProcessSlot(job)] if in_process else []
         self.idle: list[Any] = list(self.slots)
-        self.joining: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # slots added from another thread
         self.starting: list[Any] = []  # Ray slots not ready yet
         self.queue: collections.deque = collections.deque()  # (seq, config, attempt)
         self.running: dict[concurrent.futures.Future, tuple[int, Any, TuneConfig, int]] = {}
@@ -127,7 +125,7 @@ class Executor:
             self.add_ray_workers(workers - 1, plan.cpus_per_worker)
 
     def add_ray_workers(self, count: int, cpus_per_worker: float) -> None:
-        """Start ``count`` Ray worker actors; each becomes a slot once it is ready. Thread-safe."""
+        """Start ``count`` Ray worker actors; each becomes a slot once it is ready."""
         import ray
 
         _ship_user_code_by_value(self.job)
@@ -135,15 +133,10 @@ class Executor:
         job_ref = ray.put(self.job)  # the model and data enter the object store once
         self._ray_slot_factory = lambda name: RaySlot(actor_class, job_ref, name)
         for index in range(1, count + 1):
-            self.joining.put(self._ray_slot_factory(f"worker-{index}"))
+            self.starting.append(self._ray_slot_factory(f"worker-{index}"))
 
     def _admit(self) -> None:
         self._grow()
-        while True:
-            try:
-                self.starting.append(self.joining.get_nowait())
-            except queue.Empty:
-                break
         for slot in [slot for slot in self.starting if slot.ready.done()]:
             self.starting.remove(slot)
             try:
@@ -155,10 +148,6 @@ class Executor:
             self.idle.append(slot)
 
     # --- the engine's interface --------------------------------------------------------------
-    @property
-    def size(self) -> int:
-        return len(self.slots) + len(self.starting) + self.joining.qsize()
-
     def busy(self) -> bool:
         """True while a trial runs, even a cancelled one winding down."""
         return bool(self.running or self.queue)

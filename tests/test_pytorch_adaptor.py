@@ -9,7 +9,7 @@ import torch
 from lpot_ray.adaptors.pytorch import PyTorchAdaptor
 from lpot_ray.config import load_config
 from lpot_ray.errors import ModelError
-from lpot_ray.space import FP32, OpScheme, TensorScheme, TuningSpace
+from lpot_ray.space import FP32, OpScheme, TuningSpace
 
 
 def build(model, calibration, **quantization):

@@ -3,8 +3,6 @@
 import math
 import time
 
-import numpy as np
-import pytest
 import torch
 
 import lpot_ray

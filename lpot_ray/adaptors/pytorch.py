@@ -82,13 +82,17 @@ class PyTorchAdaptor(Adaptor):
         if not all(isinstance(arg, torch.Tensor) for arg in args):
             raise DataError("calibration loader: batches must be tensors (or a tuple of tensors, then labels)")
         model.eval()
-        batch = torch.export.Dim("batch", min=1)
-        dynamic = tuple({0: batch} for _ in args)
         try:
-            exported = torch.export.export(model, args, dynamic_shapes=dynamic)
+            return self._export(model, args)
         except Exception as error:  # torch raises many kinds here; the user needs the reason
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelError(f"model: torch.export could not export {type(model).__name__}: {first_line}") from error
+
+    def _export(self, model: Any, args: tuple) -> bytes:
+        """``torch.export`` with a dynamic batch dimension, saved to bytes (models travel so)."""
+        torch = self.torch
+        batch = torch.export.Dim("batch", min=1)
+        exported = torch.export.export(model, args, dynamic_shapes=tuple({0: batch} for _ in args))
         buffer = io.BytesIO()
         torch.export.save(exported, buffer)
         return buffer.getvalue()
@@ -172,14 +176,11 @@ class PyTorchAdaptor(Adaptor):
             output = output[0]
         return output.detach().float().numpy()
 
-    def user_model(self, model: Any) -> Any:
-        return model
-
     def lower(self, model: Any, ops: Sequence[Op], config: TuneConfig, example_inputs: Any) -> Lowered:
         from torch._inductor.utils import run_and_get_code
 
         compiled = self._compile(model)
-        with self.torch.no_grad(), self._inductor_settings(), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # inductor's own tensor-copy warning while lowering
             _, code = run_and_get_code(compiled, *as_args(example_inputs))
         int8_ops = _int8_ops_from_code("\n".join(code), {op.name: op.op_type for op in ops}, config)
@@ -188,8 +189,7 @@ class PyTorchAdaptor(Adaptor):
 
     def lower_fp32(self, model: Any, example_inputs: Any) -> Any:
         compiled = self._compile(model.module())
-        with self.torch.no_grad(), self._inductor_settings():
-            compiled(*as_args(example_inputs))
+        compiled(*as_args(example_inputs))
         return compiled
 
     def _compile(self, module: Any) -> "CompiledModel":
@@ -204,13 +204,7 @@ class PyTorchAdaptor(Adaptor):
         return inductor_config.patch(freezing=True)
 
     def serialize(self, model: Any, example_inputs: Any) -> bytes:
-        torch = self.torch
-        args = as_args(example_inputs)
-        batch = torch.export.Dim("batch", min=1)
-        exported = torch.export.export(model, args, dynamic_shapes=tuple({0: batch} for _ in args))
-        buffer = io.BytesIO()
-        torch.export.save(exported, buffer)
-        return buffer.getvalue()
+        return self._export(model, as_args(example_inputs))
 
     def deserialize(self, payload: bytes) -> Any:
         module = self.torch.export.load(io.BytesIO(payload)).module()
@@ -278,7 +272,7 @@ def _int8_ops_from_code(code: str, op_types: dict[str, str], config: TuneConfig)
         int8_pattern, any_pattern = _KERNELS[op_type]
         calls = [bool(re.match(int8_pattern, m.group(0))) for m in re.finditer(any_pattern, _call_lines(code))]
         if len(calls) == len(ops):
-            int8 += [name for (name, scheme), is_int8 in zip(ops, calls) if is_int8 and not scheme.is_fp32]
+            int8 += [name for (name, scheme), is_int8 in zip(ops, calls, strict=True) if is_int8 and not scheme.is_fp32]
         else:
             wanted = [name for name, scheme in ops if not scheme.is_fp32]
             if sum(calls) >= len(wanted):
