@@ -98,3 +98,32 @@ def test_pruning_runs_after_a_cancelled_prefix_winds_down(tmp_path):
                                slots=1, space=make_space(n_ops=4))
     assert executor.cancelled
     assert set(outcome.passing[0].config.fp32_ops) == needed
+
+
+def test_a_finalist_that_fails_once_compiled_gives_way_to_the_next(tmp_path):
+    from lpot_ray.api import _result
+    from lpot_ray.config import load_config
+
+    outcome, _, history = run(tmp_path, sensitive_ops_accuracy({"op1": 0.05, "op3": 0.05}))
+    passing = outcome.passing
+    assert len(passing) >= 2
+
+    class CompilingExecutor:
+        finalized = []
+
+        def finalize(self, config, measure_latency):
+            self.finalized.append(config.key)
+            compiled_accuracy = 0.5 if config.key == passing[0].key else 0.9  # the best breaks when compiled
+            return {"accuracy": compiled_accuracy, "int8_ops": list(config.int8_ops), "fp32_ops": list(config.fp32_ops),
+                    "figures": {"latency_ms": 1.0}, "model": b"model"}
+
+    class BytesAdaptor:
+        def deserialize(self, payload):
+            return payload
+
+    executor = CompilingExecutor()
+    config = load_config({"model": {"framework": "pytorch"}})
+    result = _result(outcome, executor, BytesAdaptor(), Criterion(0.9, absolute=0.01), history, config)
+    assert executor.finalized[:2] == [passing[0].key, passing[1].key]
+    assert result.passed and result.config == passing[1].config and result.accuracy == 0.9
+    assert history.get_meta("result")["rejected"] == [{"key": passing[0].key, "compiled_accuracy": 0.5}]
