@@ -203,7 +203,7 @@ class WorkspaceSection(_Section):
 class TuningSection(_Section):
     strategy: StrategySection = StrategySection()
     accuracy_criterion: AccuracyCriterion = AccuracyCriterion()
-    objective: Literal["performance"] = "performance"
+    objective: str = "performance"
     exit_policy: ExitPolicy = ExitPolicy()
     random_seed: int = 1978
     workspace: WorkspaceSection = WorkspaceSection()

@@ -126,6 +126,7 @@ class Engine:
             return False
         configs = self.strategy.ask(wanted)
         for config in configs:
+            self.strategy.space.check(config)
             seq = len(self.proposals)
             self.proposals[seq] = config
             if config.key in self.known:

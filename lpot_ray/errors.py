@@ -29,6 +29,14 @@ class HistoryError(LpotRayError, RuntimeError):
     """The tuning history can't be opened or does not match the job being resumed."""
 
 
+class SpaceError(LpotRayError, ValueError):
+    """A strategy proposed a config outside the tuning space (a bug in the strategy)."""
+
+
+class PluginError(LpotRayError, TypeError):
+    """A plug-in (strategy, adaptor, metric, objective) does not meet its contract."""
+
+
 class MissingFrameworkError(LpotRayError, ImportError):
     """A framework needed by the chosen adaptor is not installed."""
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
 from .config import OpRestriction, QuantizationSection, TensorRestriction
-from .errors import ConfigError
+from .errors import ConfigError, SpaceError
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,39 @@ class TuningSpace:
                     restriction = _overlay(restriction, quantization.op_wise[pattern])
             choices[capability.op.name] = _restrict(capability.schemes, restriction) + (FP32,)
         return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size))
+
+    # --- lazy enumeration: a config is a mixed-radix number over the per-op choices ----------
+    @property
+    def size(self) -> int:
+        """How many distinct configs the space holds (a Python int: it may be astronomically big)."""
+        return math.prod(len(self.choices[op.name]) for op in self.ops) * len(self.sampling_sizes)
+
+    def config_at(self, index: int) -> TuneConfig:
+        """The ``index``-th config of the product of choices, without enumerating the others.
+
+        Index 0 is every op's first (most preferred) choice; the last op varies fastest, as in
+        ``itertools.product``.
+        """
+        if not 0 <= index < self.size:
+            raise IndexError(f"config index {index} outside a space of {self.size}")
+        index, size_digit = divmod(index, len(self.sampling_sizes))
+        digits = []
+        for op in reversed(self.ops):
+            index, digit = divmod(index, len(self.choices[op.name]))
+            digits.append(self.choices[op.name][digit])
+        return TuneConfig(tuple(zip((op.name for op in self.ops), reversed(digits))), self.sampling_sizes[size_digit])
+
+    def check(self, config: TuneConfig) -> None:
+        """Raise SpaceError unless every op of ``config`` takes one of its choices."""
+        names = [op.name for op in self.ops]
+        if [name for name, _ in config.op_schemes] != names:
+            raise SpaceError(f"config {config.key} names ops {[name for name, _ in config.op_schemes]}, the space has {names}")
+        for name, scheme in config.op_schemes:
+            if scheme not in self.choices[name]:
+                allowed = ", ".join(choice.describe() for choice in self.choices[name])
+                raise SpaceError(f"op {name!r}: {scheme.describe()!r} is not among its choices ({allowed})")
+        if config.sampling_size not in self.sampling_sizes:
+            raise SpaceError(f"sampling_size {config.sampling_size} is not among {list(self.sampling_sizes)}")
 
     @property
     def has_int8(self) -> bool:

@@ -127,3 +127,53 @@ def test_a_finalist_that_fails_once_compiled_gives_way_to_the_next(tmp_path):
     assert executor.finalized[:2] == [passing[0].key, passing[1].key]
     assert result.passed and result.config == passing[1].config and result.accuracy == 0.9
     assert history.get_meta("result")["rejected"] == [{"key": passing[0].key, "compiled_accuracy": 0.5}]
+
+
+def test_exhaustive_and_random_are_lazy_distinct_and_fill_every_worker():
+    from lpot_ray.strategies.exhaustive import ExhaustiveStrategy
+    from lpot_ray.strategies.random_search import RandomStrategy
+
+    huge = make_space(n_ops=60)  # 3^60 configs: never materialised
+    assert huge.size == 3 ** 60
+    for strategy_class in (ExhaustiveStrategy, RandomStrategy):
+        strategy = strategy_class(huge, seed=7)
+        batch = strategy.ask(16)
+        assert len(batch) == 16 and len({config.key for config in batch}) == 16
+        for config in batch:
+            huge.check(config)
+    first = [config.key for config in RandomStrategy(huge, seed=3).ask(8)]
+    assert first == [config.key for config in RandomStrategy(huge, seed=3).ask(8)]
+    assert first != [config.key for config in RandomStrategy(huge, seed=4).ask(8)]
+
+
+@pytest.mark.parametrize("name", ["exhaustive", "random"])
+def test_small_spaces_are_exhausted_exactly_once(tmp_path, name):
+    from lpot_ray import registry
+
+    space = make_space(n_ops=3)
+    strategy = registry.strategies.get(name)(space, seed=1)
+    history = History(tmp_path / "h.db")
+    executor = FakeExecutor(lambda config: 0.5, slots=4)
+    outcome = Engine(strategy, executor, history, Criterion(0.9, absolute=0.01), ExitPolicy(timeout=60),
+                     space.fp32_macs_fraction).run()
+    assert len(outcome.trials) == space.size == 27
+    assert len({trial.key for trial in outcome.trials}) == 27 and strategy.finished
+
+
+def test_a_proposal_outside_the_space_names_the_op_and_the_choice(tmp_path):
+    from lpot_ray.errors import SpaceError
+    from lpot_ray.space import OpScheme, TensorScheme
+
+    space = make_space(n_ops=2)
+    bad = space.model_wise_configs()[0]
+    odd = OpScheme(TensorScheme("int8", "asym", "per_tensor"), TensorScheme("uint8", "asym", "per_tensor"))
+    bad = type(bad)(((bad.op_schemes[0][0], odd),) + bad.op_schemes[1:], bad.sampling_size)
+
+    class Rogue(BasicStrategy):
+        def ask(self, n):
+            return [bad]
+
+    engine = Engine(Rogue(space), FakeExecutor(lambda config: 0.9, 1), History(tmp_path / "h.db"),
+                    Criterion(0.9, absolute=0.01), ExitPolicy(), space.fp32_macs_fraction)
+    with pytest.raises(SpaceError, match="op 'op0': 'w:int8/asym/per_tensor/minmax a:uint8/asym/per_tensor/minmax' is not among its choices"):
+        engine.run()
