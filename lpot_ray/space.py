@@ -185,7 +185,7 @@ class TuningSpace:
         for op in reversed(self.ops):
             index, digit = divmod(index, len(self.choices[op.name]))
             digits.append(self.choices[op.name][digit])
-        return TuneConfig(tuple(zip((op.name for op in self.ops), reversed(digits))), self.sampling_sizes[size_digit])
+        return TuneConfig(tuple(zip((op.name for op in self.ops), reversed(digits), strict=True)), self.sampling_sizes[size_digit])
 
     def check(self, config: TuneConfig) -> None:
         """Raise SpaceError unless every op of ``config`` takes one of its choices."""

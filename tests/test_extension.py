@@ -1,6 +1,5 @@
 """The extension API: plug-ins registered by decorator or entry point, named in YAML."""
 
-import sys
 import textwrap
 
 import pytest
