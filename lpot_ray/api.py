@@ -74,6 +74,7 @@ def tune(
         baseline = _baseline(history, evaluation, adaptor, model)
         criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion)
         strategy = strategy_class(space, criterion.higher_is_better, config.tuning.random_seed)
+        strategy.parallelism = _planned_workers(config)
         progress = ProgressLine()
         engine = Engine(strategy, executor, history, criterion, config.tuning.exit_policy,
                         lambda tune_config: objective.proxy(space, tune_config), progress)
@@ -85,6 +86,11 @@ def tune(
     finally:
         executor.shutdown()
         history.close()
+
+
+def _planned_workers(config: Config) -> int:
+    """Workers the tuning expects: ``ray.workers``, else one per ``cpus_per_worker`` of this machine."""
+    return config.ray.workers or max(1, int((os.cpu_count() or 1) // config.ray.cpus_per_worker))
 
 
 def _wants_ray(config: Config, address: Optional[str]) -> bool:

@@ -43,6 +43,12 @@ class Criterion:
     def loss(self, accuracy: float) -> float:
         return self.baseline - accuracy if self.higher_is_better else accuracy - self.baseline
 
+    def margin(self, accuracy: Optional[float]) -> Optional[float]:
+        """Headroom left by ``accuracy``, relative to the baseline: >= 0 passes."""
+        if accuracy is None or not math.isfinite(accuracy):
+            return None
+        return (self.allowed_loss - self.loss(accuracy)) / max(abs(self.baseline), 1e-12)
+
     def passes(self, accuracy: Optional[float]) -> bool:
         if accuracy is None or not math.isfinite(accuracy):
             return False
@@ -174,6 +180,7 @@ class Engine:
     def _tell_in_order(self) -> str:
         while len(self.told) in self.finished:
             trial = self.finished.pop(len(self.told))
+            trial.margin = self.criterion.margin(trial.accuracy) if trial.status == OK else None
             self.told.append(trial)
             self.strategy.tell(trial)
             if trial.passed and self.exit_policy.timeout == 0:

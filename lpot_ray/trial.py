@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 from .space import TuneConfig
@@ -25,13 +25,11 @@ class Trial:
     started: float = 0.0
     duration: float = 0.0
     figures: dict = field(default_factory=dict)
+    # Accuracy headroom against the criterion, relative to the baseline (>= 0 passes); set by
+    # the engine when it tells the strategy, for strategies that model "how close to passing".
+    margin: Optional[float] = None
 
     @property
     def key(self) -> str:
         return self.config.key
 
-    def to_row(self) -> dict:
-        row = asdict(self)
-        row["config"] = self.config.to_dict()
-        row["key"] = self.key
-        return row

@@ -70,4 +70,13 @@ def sensitive_ops_accuracy(sensitive: dict[str, float], baseline: float = 0.9):
     return accuracy_of
 
 
-__all__ = ["FP32", "FakeExecutor", "make_space", "sensitive_ops_accuracy"]
+SIMULATED_SENSITIVITY = [0.0, 0.03, 0.0, 0.05, 0.001, 0.0, 0.04, 0.002, 0.0, 0.001, 0.0, 0.0, 0.02, 0.0, 0.004, 0.0]
+
+
+def simulated_accuracy(config: TuneConfig) -> float:
+    """A 16-op model: each int8 op costs its sensitivity (half with kl calibration)."""
+    return 0.9 - sum(SIMULATED_SENSITIVITY[int(name[2:])] * (0.5 if scheme.activation.algorithm == "kl" else 1.0)
+                     for name, scheme in config.op_schemes if not scheme.is_fp32)
+
+
+__all__ = ["FP32", "FakeExecutor", "make_space", "sensitive_ops_accuracy", "simulated_accuracy"]

@@ -121,3 +121,12 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_tuning_goes_on(ray_sess
     assert not result.passed and result.model is None and result.best_failing is None
     trials = History(tmp_path / "ws" / "history.db").trials()
     assert trials and all(trial.status == "failed" and "scorer exploded" in trial.reason for trial in trials)
+
+
+def test_bayesian_finds_the_needed_fallback_on_a_real_model(ray_session, outlier_digits, tmp_path):
+    model, calibration, evaluation = outlier_digits
+    conf = base_conf(tmp_path, strategy={"name": "bayesian"}, accuracy_criterion={"absolute": 0.02},
+                     exit_policy={"timeout": 600, "max_trials": 16})
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed and {"conv2", "fc1"} <= set(result.fp32_ops)
+    assert result.n_trials <= 16

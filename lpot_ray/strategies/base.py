@@ -14,6 +14,11 @@ from ..trial import Trial
 
 
 class Strategy(ABC):
+    # How many workers the tuning plans to run, set by the engine's owner before the first ask.
+    # A strategy that proposes in rounds sizes them by this, not by the workers free at the
+    # moment, so that its proposals do not depend on timing.
+    parallelism: int = 1
+
     def __init__(self, space: TuningSpace, higher_is_better: bool = True, seed: int = 0):
         self.space = space
         self.higher_is_better = higher_is_better
