@@ -50,7 +50,8 @@ def tune(
     evaluation = _evaluation(config, eval_dataloader, eval_func)
     strategy_class = registry.strategies.get(config.tuning.strategy.name)
     objective = registry.objectives.get(config.tuning.objective)()
-    adaptor = registry.adaptors.get(config.model.framework)()
+    adaptor_class = registry.adaptors.get(config.model.framework)
+    adaptor = adaptor_class()
 
     calibration = _calibration_batches(q_dataloader, max(config.quantization.calibration.sampling_size))
     payload = adaptor.prepare(model, calibration[0])
@@ -64,7 +65,7 @@ def tune(
                           f"{config.model.framework} offers {describe_capabilities(capabilities)}")
     history = History.start(config.tuning.workspace.path, resume_file or config.tuning.workspace.resume,
                             _fingerprint(config, adaptor.weights_digest(fp32_model), space))
-    job = WorkerJob(config.model.framework, payload, calibration, evaluation, space.ops,
+    job = WorkerJob(adaptor_class, payload, calibration, evaluation, space.ops,
                     threads=max(1, int(config.ray.cpus_per_worker)))
 
     executor = Executor(job)
@@ -153,6 +154,8 @@ def _fingerprint(config: Config, weights: str, space: TuningSpace) -> dict:
         "criterion": config.tuning.accuracy_criterion.model_dump(),
         "strategy": config.tuning.strategy.name,
         "seed": config.tuning.random_seed,
+        "metric": config.evaluation.accuracy.metric,
+        "objective": config.tuning.objective,
     }
 
 
@@ -178,7 +181,11 @@ def _result(outcome: EngineOutcome, executor: Executor, adaptor: Any, criterion:
                   framework=config.model.framework, stopped_by=outcome.stopped_by, workspace=str(history.path.parent))
     rejected = []
     for trial in outcome.passing[:FINALISTS]:
-        final = executor.finalize(trial.config, measure_latency=True)
+        try:
+            final = executor.finalize(trial.config, measure_latency=True)
+        except Exception as error:  # e.g. the compiler fails on this config: try the next finalist
+            rejected.append({"key": trial.key, "error": f"{type(error).__name__}: {error}"[:500]})
+            continue
         if not criterion.passes(final["accuracy"]):
             rejected.append({"key": trial.key, "compiled_accuracy": final["accuracy"]})
             continue

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -60,10 +61,8 @@ LPOT_ONLY_VALUES = {
     "quantization.approach": {"post_training_dynamic_quant", "quant_aware_training", "post_training_auto_quant"},
     "device": {"gpu"},
     "tuning.objective": {"footprint", "modelsize", "accuracy"},
-    "tuning.exit_policy.performance_only": {True},
 }
 
-_Strings = Union[str, list[str]]
 
 
 class _Section(BaseModel):
@@ -92,14 +91,15 @@ class TensorRestriction(_Section):
             return tuple(value)
         return value
 
-    @model_validator(mode="after")
-    def _known_values(self) -> "TensorRestriction":
-        allowed = {"dtype": DTYPES, "scheme": SCHEMES, "granularity": GRANULARITIES, "algorithm": ALGORITHMS}
-        for field, choices in allowed.items():
-            for value in getattr(self, field) or ():
-                if value not in choices:
-                    raise ValueError(f"{field} {value!r} must be one of {', '.join(choices)}")
-        return self
+    @field_validator("dtype", "scheme", "granularity", "algorithm")
+    @classmethod
+    def _known_values(cls, values: Optional[tuple[str, ...]], info: ValidationInfo) -> Optional[tuple[str, ...]]:
+        choices = {"dtype": DTYPES, "scheme": SCHEMES, "granularity": GRANULARITIES, "algorithm": ALGORITHMS}[info.field_name]
+        for value in values or ():
+            if value not in choices:
+                which = f"has {value!r}, which is not" if len(values) > 1 else "must be"
+                raise ValueError(f"{which} one of {', '.join(choices)}")
+        return values
 
 
 class OpRestriction(_Section):
@@ -112,15 +112,11 @@ class CalibrationSection(_Section):
 
     @field_validator("sampling_size", mode="before")
     @classmethod
-    def _as_tuple(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, int) and not isinstance(value, bool) else tuple(value) if isinstance(value, list) else value
-
-    @field_validator("sampling_size")
-    @classmethod
-    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value or any(size < 1 for size in value):
+    def _positive_sizes(cls, value: Any) -> Any:
+        sizes = value if isinstance(value, list) else [value]
+        if not sizes or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in sizes):
             raise ValueError("must be a positive integer or a list of them")
-        return value
+        return tuple(sizes)
 
 
 class QuantizationSection(_Section):
@@ -194,6 +190,13 @@ class ExitPolicy(_Section):
     max_trials: int = Field(100, ge=1)
     performance_only: bool = False
 
+    @field_validator("performance_only")
+    @classmethod
+    def _not_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("is an LPOT option lpot_ray does not support yet (performance_only: true)")
+        return value
+
 
 class WorkspaceSection(_Section):
     path: str = "./lpot_ray_workspace"
@@ -218,7 +221,12 @@ class RaySection(_Section):
 class Config(_Section):
     """A whole tuning configuration, LPOT-compatible."""
 
-    version: Union[float, str] = 1.0
+    version: str = "1.0"
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
     model: ModelSection
     device: Literal["cpu"] = "cpu"
     quantization: QuantizationSection = QuantizationSection()
@@ -254,9 +262,16 @@ def _reject_lpot_only(raw: dict, origin: str) -> None:
     for path, value in _walk(raw):
         if path in LPOT_ONLY_KEYS:
             raise ConfigError(f"{origin}: `{path}` is an LPOT option lpot_ray does not support yet")
-        if isinstance(value, (str, bool)) and value in LPOT_ONLY_VALUES.get(path, ()):
-            shown = str(value).lower() if isinstance(value, bool) else value
-            raise ConfigError(f"{origin}: `{path}: {shown}` is an LPOT option lpot_ray does not support yet")
+        if isinstance(value, str) and value in LPOT_ONLY_VALUES.get(path, ()) and not _registered(path, value):
+            raise ConfigError(f"{origin}: `{path}: {value}` is an LPOT option lpot_ray does not support yet")
+
+
+def _registered(path: str, value: str) -> bool:
+    """A plug-in may implement what LPOT has and lpot_ray lacks (say, a footprint objective)."""
+    from . import registry
+
+    kinds = {"tuning.objective": registry.objectives}
+    return path in kinds and value in kinds[path].names()
 
 
 def _walk(tree: dict, prefix: str = ""):
@@ -282,12 +297,18 @@ def _describe(error: ValidationError, origin: str) -> str:
 
 
 def _allowed_keys(loc: tuple) -> str:
+    """The keys the section holding ``loc``'s last key accepts (walking op_wise's patterns too)."""
     section: Any = Config
-    for part in loc[:-1]:
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
         fields = getattr(section, "model_fields", None)
         if fields is None or part not in fields:
             return ""
         annotation = fields[part].annotation
-        section = next((arg for arg in getattr(annotation, "__args__", (annotation,)) if hasattr(arg, "model_fields")), annotation)
+        if typing.get_origin(annotation) is dict:  # op_wise: the next part is a pattern
+            annotation = typing.get_args(annotation)[1]
+            parts = parts[1:]
+        section = next((arg for arg in typing.get_args(annotation) or (annotation,) if hasattr(arg, "model_fields")), annotation)
     fields = getattr(section, "model_fields", None)
     return f"; allowed here: {', '.join(fields)}" if fields else ""

@@ -96,16 +96,18 @@ class Engine:
     def run(self) -> EngineOutcome:
         stopped_by = ""
         while True:
-            if not stopped_by:
-                self._propose()
             stopped_by = self._tell_in_order() or stopped_by
-            if self.told and not stopped_by and not self.strategy.finished:
-                self.executor.want_more()
+            self._cancel_obsolete()
             stopped_by = stopped_by or self._limit_reached()
             if stopped_by:
+                self._collect(self.executor.wait(timeout=0))  # keep what finished meanwhile
                 for seq in list(self.in_flight):
                     self._cancel(seq)
-            self._cancel_obsolete()
+                stopped_by = self._tell_in_order() or stopped_by
+            else:
+                self._propose()
+                if self.told and not self.strategy.finished:
+                    self.executor.want_more()  # more work than the driver alone: bring in Ray
             self.on_progress(self)
             if not self.in_flight and not self.finished:
                 if stopped_by or self.strategy.finished:
@@ -114,19 +116,30 @@ class Engine:
                     continue
                 if not self.executor.busy():
                     break  # the strategy has nothing more to propose and nothing is running
+            if len(self.told) in self.finished:
+                continue  # outcomes to tell now (e.g. replayed from the history): no waiting
             self._collect(self.executor.wait(timeout=0.5))
         return EngineOutcome(self.told, self.n_evaluated, stopped_by or "strategy finished", self.passing())
 
     def passing(self) -> list[Trial]:
-        """Passing trials, best first: the first in proposal order when timeout is 0, else by objective."""
+        """Passing trials, best first: the first in proposal order when timeout is 0, else the
+        lowest objective, then the highest accuracy, then the config key."""
         passing = [trial for trial in self.told if trial.passed]
         if self.exit_policy.timeout == 0:
             return passing
-        return sorted(passing, key=lambda trial: (trial.objective, trial.key))
+        return sorted(passing, key=lambda trial: (trial.objective, -self.criterion.margin(trial.accuracy), trial.key))
+
+    @property
+    def counted(self) -> int:
+        """Proposals that count against max_trials: not the speculative ones the strategy has
+        since declared moot, however far they got, so the count is the same for any number of
+        workers."""
+        obsolete = self.strategy.obsolete()
+        return sum(config.key not in obsolete for config in self.proposals.values())
 
     # --- proposing ---------------------------------------------------------------------------
     def _propose(self) -> bool:
-        budget = self.exit_policy.max_trials - len(self.proposals)
+        budget = self.exit_policy.max_trials - self.counted
         wanted = min(self.executor.free_slots(), budget)
         if wanted <= 0:
             return False
@@ -156,9 +169,8 @@ class Engine:
             self.n_evaluated += 1
             self.known[trial.key] = trial
             self.finished[seq] = trial
-            for other_seq, other in self.proposals.items():
-                if other.key == trial.key and other_seq not in self.finished and other_seq not in self.in_flight:
-                    self.finished[other_seq] = replace(trial, seq=other_seq)
+            for other_seq in self._waiting_on(trial.key):
+                self.finished[other_seq] = replace(trial, seq=other_seq)
 
     def _trial_from_row(self, seq: int, config: TuneConfig, row: dict) -> Trial:
         accuracy = row.get("accuracy")
@@ -188,9 +200,11 @@ class Engine:
         return ""
 
     def _limit_reached(self) -> str:
+        if self.strategy.finished:
+            return ""
         if self.exit_policy.timeout > 0 and self.elapsed >= self.exit_policy.timeout:
             return f"timeout of {self.exit_policy.timeout:g} s"
-        if len(self.told) >= self.exit_policy.max_trials:
+        if self.counted >= self.exit_policy.max_trials and not self.in_flight and len(self.told) == len(self.proposals):
             return f"max_trials {self.exit_policy.max_trials}"
         return ""
 
@@ -200,13 +214,18 @@ class Engine:
         for seq, config in list(self.in_flight.items()):
             if config.key in obsolete:
                 self._cancel(seq)
-        for seq, config in self.proposals.items():
-            if config.key in obsolete and seq >= len(self.told) and seq not in self.finished and seq not in self.in_flight:
-                self.finished[seq] = Trial(seq, config, status=CANCELLED)
+        for key in obsolete:
+            for seq in self._waiting_on(key):
+                self.finished[seq] = Trial(seq, self.proposals[seq], status=CANCELLED)
 
     def _cancel(self, seq: int) -> None:
         config = self.in_flight.pop(seq)
         self.executor.cancel(seq)
-        for other_seq, other in self.proposals.items():  # it and any duplicate waiting on it
-            if other.key == config.key and other_seq not in self.finished and other_seq not in self.in_flight:
-                self.finished[other_seq] = Trial(other_seq, other, status=CANCELLED)
+        followers = self._waiting_on(config.key)  # duplicates waiting on it
+        for cancelled in [seq, *followers]:
+            self.finished[cancelled] = Trial(cancelled, config, status=CANCELLED)
+
+    def _waiting_on(self, key: str) -> list[int]:
+        """Untold proposals of ``key`` that wait for an identical in-flight proposal."""
+        return [seq for seq, config in self.proposals.items()
+                if config.key == key and seq >= len(self.told) and seq not in self.finished and seq not in self.in_flight]

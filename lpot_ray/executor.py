@@ -45,7 +45,7 @@ class InProcessSlot:
         self.cancelled.add(seq)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self.runner.close()
 
 
@@ -162,10 +162,22 @@ class Executor:
 
     def _dispatch(self) -> None:
         self._admit()
-        while self.queue and self.idle:
-            seq, config, attempt = self.queue.popleft()
-            slot = self.idle.pop(0)
+        for item in list(self.queue):
+            slot = self._slot_for(retry=item[2] > 0)
+            if slot is None:
+                continue
+            self.queue.remove(item)
+            seq, config, attempt = item
             self.running[slot.run(seq, config)] = (seq, slot, config, attempt)
+
+    def _slot_for(self, retry: bool) -> Any:
+        """An idle slot; a trial that killed a worker is retried on Ray workers only, never in
+        the driver, whose death would end the tuning."""
+        for slot in self.idle:
+            if not (retry and isinstance(slot, InProcessSlot)):
+                self.idle.remove(slot)
+                return slot
+        return None
 
     def wait(self, timeout: float) -> list[dict]:
         """Rows of trials that finished (ok or failed); cancelled trials are dropped."""
@@ -192,7 +204,8 @@ class Executor:
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             log.warning("%s failed while running trial %d: %s", slot.name, seq, reason)
             self._replace(slot)
-            if attempt < MAX_RETRIES and seq not in self.cancelled:
+            ray_workers_left = any(isinstance(other, RaySlot) for other in self.slots + self.starting)
+            if attempt < MAX_RETRIES and seq not in self.cancelled and ray_workers_left:
                 self.queue.appendleft((seq, config, attempt + 1))
                 return None
             return {"seq": seq, "status": FAILED, "worker": slot.name,
@@ -201,6 +214,8 @@ class Executor:
     def _replace(self, slot: Any) -> None:
         self.slots.remove(slot)
         if isinstance(slot, RaySlot) and self._ray_slot_factory is not None:
+            with contextlib.suppress(Exception):
+                slot.close()  # free its resources if it is only unreachable, not dead
             self.starting.append(self._ray_slot_factory(slot.name))
         elif isinstance(slot, InProcessSlot):
             self.slots.append(slot)
@@ -226,6 +241,8 @@ class Executor:
         """Stop every slot and release Ray; safe to call twice."""
         self._plan = None
         self._admit()
+        for seq, _, _, _ in list(self.running.values()):
+            self.cancel(seq)  # a trial on the driver stops at its next batch
         slots, self.slots, self.starting, self.idle = self.slots + self.starting, [], [], []
         for slot in slots:
             with contextlib.suppress(Exception):
@@ -235,7 +252,7 @@ class Executor:
 
 
 def _ship_user_code_by_value(job: WorkerJob) -> None:
-    """Let workers unpickle the user's eval_func and dataset classes from a script or test file.
+    """Let workers unpickle the user's eval_func, dataset and plug-in classes from a script or test.
 
     Modules installed in site-packages are importable everywhere; a user's own module (a driver
     script's neighbour, a test file) may not be on a worker's path, so it travels by value.
@@ -245,7 +262,7 @@ def _ship_user_code_by_value(job: WorkerJob) -> None:
     paths = sysconfig.get_paths()
     installed = {paths["purelib"], paths["platlib"], paths["stdlib"]}
     dataset = getattr(job.evaluation.dataloader, "dataset", None)
-    for obj in (job.evaluation.eval_func, job.evaluation.dataloader, dataset):
+    for obj in (job.evaluation.eval_func, job.evaluation.dataloader, dataset, job.adaptor):
         module = sys.modules.get(getattr(obj, "__module__", None) or type(obj).__module__)
         path = getattr(module, "__file__", None)
         if module is None or path is None or module.__name__ == "__main__":

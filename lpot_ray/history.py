@@ -72,9 +72,7 @@ class History:
             return history
         path = Path(workspace) / DB_NAME
         if path.exists():
-            path.rename(path.with_name(f"history-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.db"))
-            for suffix in ("-wal", "-shm"):
-                Path(str(path) + suffix).unlink(missing_ok=True)
+            _keep_aside(path)
         history = cls(path)
         history.set_meta("fingerprint", fingerprint)
         return history
@@ -127,6 +125,20 @@ class History:
 
     def close(self) -> None:
         self.connection.close()
+
+
+def _keep_aside(path: Path) -> None:
+    """Rename an earlier history out of the way, its write-ahead log folded in first: a driver
+    that was killed leaves its latest trials in ``history.db-wal``, not in the database file."""
+    try:
+        connection = sqlite3.connect(path)
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        connection.execute("PRAGMA journal_mode=DELETE")
+        connection.close()
+    except sqlite3.Error as error:
+        raise HistoryError(f"{path}: an earlier history is there and can't be kept aside ({error}); "
+                           "is another tuning using this workspace?") from None
+    path.rename(path.with_name(f"history-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.db"))
 
 
 def _jsonable(value: Any) -> Any:

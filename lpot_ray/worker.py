@@ -13,7 +13,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import registry
 from .evaluation import Evaluation, TrialCancelled
 from .objectives import paired_latency_ms
 from .space import Op, TuneConfig
@@ -24,7 +23,7 @@ from .trial import CANCELLED, FAILED, OK
 class WorkerJob:
     """Everything a worker needs, sent once through the object store."""
 
-    framework: str
+    adaptor: type  # the adaptor class, so a plug-in registered only in the driver works on workers
     model_payload: bytes
     calibration: list
     evaluation: Evaluation
@@ -36,7 +35,7 @@ class TrialRunner:
     def __init__(self, job: WorkerJob, name: str):
         self.name = name
         self.job = job
-        self.adaptor = registry.adaptors.get(job.framework)()
+        self.adaptor = job.adaptor()
         self.previous_threads = self.adaptor.set_threads(job.threads)
         self.model = self.adaptor.load(job.model_payload)
         self.example = job.calibration[0]

@@ -105,7 +105,7 @@ def test_resume_of_another_job_is_refused_saying_what_differs(digits, tmp_path):
 
     history = History.start(tmp_path / "old", None, {"model": "abc", "space": {}, "criterion": {}, "strategy": "basic", "seed": 1978})
     history.close()
-    with pytest.raises(lpot_ray.HistoryError, match="differs from the recorded one in criterion, model, space"):
+    with pytest.raises(lpot_ray.HistoryError, match="differs from the recorded one in criterion, metric, model, objective, space"):
         tune(digits, base_conf(tmp_path), resume_file=tmp_path / "old")
 
 

@@ -60,7 +60,13 @@ def test_yaml_file_is_read(tmp_path):
         ({"model": {"name": "x"}}, "`model.framework` is required"),
         (with_section(device="gpu"), "`device: gpu` is an LPOT option"),
         (with_section(tuning={"exit_policy": {"performance_only": True}}),
-         "`tuning.exit_policy.performance_only: true` is an LPOT option lpot_ray does not support yet"),
+         "`tuning.exit_policy.performance_only`: True is an LPOT option lpot_ray does not support yet"),
+        (with_section(tuning={"exit_policy": {"performance_only": "yes"}}), "performance_only`: 'yes' is an LPOT option"),
+        (with_section(quantization={"model_wise": {"weight": {"dtype": ["int8", "int4"]}}}),
+         "`quantization.model_wise.weight.dtype`: ['int8', 'int4'] has 'int4', which is not one of int8, uint8, fp32, bf16"),
+        (with_section(quantization={"op_wise": {"fc": {"weights": {}}}}),
+         "`quantization.op_wise.fc.weights` is not a known key; allowed here: weight, activation"),
+        (with_section(quantization={"calibration": {"sampling_size": 1.5}}), "1.5 must be a positive integer or a list"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, expected):

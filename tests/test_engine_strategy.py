@@ -94,10 +94,40 @@ def test_pruning_runs_after_a_cancelled_prefix_winds_down(tmp_path):
     # Needs op1 and op2 in fp32; ties rank op0 first, so the passing prefix is {op0, op1, op2}
     # and the longer prefix in flight is cancelled; pruning must still give op0 back.
     needed = {"op1", "op2"}
+    cancellations = 0
+    for seed in range(5):
+        outcome, executor, _ = run(tmp_path, lambda config: 0.9 if needed <= set(config.fp32_ops) else 0.1,
+                                   slots=3, seed=seed, space=make_space(n_ops=4), name=f"s{seed}")
+        cancellations += len(executor.cancelled)
+        assert set(outcome.passing[0].config.fp32_ops) == needed
+    assert cancellations, "the scenario needs a cancelled prefix"
+
+
+def test_the_strategy_hears_every_outcome_before_it_is_asked_again(tmp_path):
+    # One worker: nothing is ever speculative, so nothing is cancelled or wasted.
+    needed = {"op1", "op2"}
     outcome, executor, _ = run(tmp_path, lambda config: 0.9 if needed <= set(config.fp32_ops) else 0.1,
                                slots=1, space=make_space(n_ops=4))
-    assert executor.cancelled
-    assert set(outcome.passing[0].config.fp32_ops) == needed
+    assert executor.cancelled == [] and all(trial.status == "ok" for trial in outcome.trials)
+
+
+def test_max_trials_counts_only_trials_that_matter_so_workers_do_not_change_the_choice(tmp_path):
+    space = make_space(n_ops=8)
+    needed = {"op3", "op5"}
+    for max_trials in (17, 24, 32):
+        chosen = set()
+        for slots in (1, 2, 4, 8):
+            outcome, _, _ = run(tmp_path, lambda config: 0.9 if needed <= set(config.fp32_ops) else 0.1, slots=slots,
+                                space=space, max_trials=max_trials, name=f"m{max_trials}-{slots}")
+            chosen.add(outcome.passing[0].key if outcome.passing else None)
+        assert len(chosen) == 1, max_trials
+
+
+def test_equal_objectives_rank_by_accuracy_then_key(tmp_path):
+    space = make_space(n_ops=2)
+    outcome, _, _ = run(tmp_path, lambda config: 0.8999 if config.op_schemes[0][1].activation.algorithm == "kl" else 0.891,
+                        space=space, criterion=0.01)
+    assert outcome.passing[0].accuracy == 0.8999
 
 
 def test_a_finalist_that_fails_once_compiled_gives_way_to_the_next(tmp_path):

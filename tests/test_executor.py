@@ -34,7 +34,7 @@ def job_and_space(digits):
     space = TuningSpace.build(adaptor.capabilities(adaptor.load(payload)),
                               load_config({"model": {"framework": "pytorch"}}).quantization)
     evaluation = Evaluation(dataloader=SlowLoader(evaluation, 0.5), metric={"topk": 1})
-    return WorkerJob("pytorch", payload, batches, evaluation, space.ops), space
+    return WorkerJob(PyTorchAdaptor, payload, batches, evaluation, space.ops), space
 
 
 def wait_for_workers(executor, count, limit=120):

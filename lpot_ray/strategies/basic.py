@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..space import TuneConfig, TuningSpace
-from ..trial import CANCELLED, Trial
+from ..trial import CANCELLED, FAILED, Trial
 from .base import Strategy
 
 
@@ -71,8 +71,8 @@ class BasicStrategy(Strategy):
         outcomes, self.outcomes = self.outcomes, []
         passing = [trial for trial in outcomes if trial.passed]
         if self.phase == "model_wise":
-            if passing or not outcomes:
-                return self._finish()
+            if passing or all(trial.status == FAILED for trial in outcomes):
+                return self._finish()  # done, or nothing quantized runs at all: say so, stop
             self.base = max(outcomes, key=self.score).config
             self._start("one_op", [self.base.with_fallback([name]) for name in self.base.int8_ops])
         elif self.phase == "one_op":
