@@ -1,59 +1,25 @@
 """The extension API: plug-ins registered by decorator or entry point, named in YAML."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
 import lpot_ray
 from lpot_ray import registry
 from lpot_ray.errors import ConfigError, PluginError
-from lpot_ray.metrics import Metric
 
 from conftest import base_conf
 
 
-@registry.strategies.register("model_wise_only")
-class ModelWiseOnly(lpot_ray.Strategy):
-    """Tries the model-wise configs and nothing else."""
-
-    def __init__(self, space, higher_is_better=True, seed=0):
-        super().__init__(space, higher_is_better, seed)
-        self.pending = space.model_wise_configs()
-
-    def ask(self, n):
-        proposals, self.pending = self.pending[:n], self.pending[n:]
-        return proposals
-
-    def tell(self, trial):
-        pass
-
-    @property
-    def finished(self):
-        return not self.pending
+def readme_example() -> str:
+    """The code block of README's "Extending" section."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Extending"):]
+    return section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
 
 
-@registry.metrics.register("error_rate")
-class ErrorRate(Metric):
-    """Share of wrong top-1 predictions: lower is better."""
-
-    higher_is_better = False
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.wrong = self.total = 0
-
-    def update(self, preds, labels):
-        self.wrong += int((preds.argmax(1) != labels).sum())
-        self.total += len(labels)
-
-    def result(self):
-        return self.wrong / self.total
-
-    def merge(self, other):
-        self.wrong += other.wrong
-        self.total += other.total
+exec(compile(readme_example(), "README.md", "exec"))  # registers model_wise_only and error_rate
 
 
 def test_plugins_registered_by_decorator_are_named_in_yaml(digits, tmp_path):
