@@ -88,6 +88,13 @@ class SimulatedAdaptor(Adaptor):
         time.sleep(model.trial_seconds)
         return SimulatedModel(model.sensitivity, model.baseline, model.trial_seconds, config)
 
+    def inspect_tensors(self, model: SimulatedModel, config: TuneConfig, calibration: Sequence[Any],
+                        ops: Sequence[Op]) -> dict[str, float]:
+        """Each int8 op's error is its known sensitivity (the mse strategy's ranking input)."""
+        time.sleep(model.trial_seconds)
+        sensitivity = dict(zip(model.op_names, model.sensitivity, strict=True))
+        return {name: sensitivity[name] for name in config.int8_ops}
+
     def predict(self, model: SimulatedModel, inputs: Any) -> np.ndarray:
         raise NotImplementedError("simulated models are evaluated with simulated_eval")
 

@@ -26,7 +26,7 @@ import lpot_ray  # noqa: E402
 from lpot_ray.history import History  # noqa: E402
 from simulated import CALIBRATION, SimulatedModel, simulated_eval  # noqa: E402
 
-STRATEGIES = ("basic", "bayesian", "random", "exhaustive")
+STRATEGIES = ("basic", "mse", "bayesian", "random", "exhaustive")
 
 
 def run(model, strategy: str, workers: int, workspace: Path, max_trials: int, criterion: dict, **loaders) -> dict:

@@ -17,8 +17,8 @@ from .config import AccuracyCriterion, ExitPolicy
 from .executor import Executor
 from .history import History
 from .space import TuneConfig
-from .strategies.base import Strategy
-from .trial import CANCELLED, FAILED, OK, Trial
+from .strategies.base import InspectRequest, Proposal, Strategy
+from .trial import CANCELLED, FAILED, OK, TRIAL, Trial
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ class Engine:
         self.objective = objective
         self.on_progress = on_progress
         self.known: dict[str, Trial] = {trial.key: trial for trial in history.trials()}
-        self.proposals: dict[int, TuneConfig] = {}
-        self.in_flight: dict[int, TuneConfig] = {}
+        self.proposals: dict[int, Proposal] = {}  # configs to try and requests for data
+        self.in_flight: dict[int, Proposal] = {}
         self.finished: dict[int, Trial] = {}  # outcomes not yet told
         self.told: list[Trial] = []
         self.n_evaluated = 0
@@ -124,7 +124,7 @@ class Engine:
     def passing(self) -> list[Trial]:
         """Passing trials, best first: the first in proposal order when timeout is 0, else the
         lowest objective, then the highest accuracy, then the config key."""
-        passing = [trial for trial in self.told if trial.passed]
+        passing = [trial for trial in self.told if trial.passed and trial.kind == TRIAL]
         if self.exit_policy.timeout == 0:
             return passing
         return sorted(passing, key=lambda trial: (trial.objective, -self.criterion.margin(trial.accuracy), trial.key))
@@ -135,7 +135,7 @@ class Engine:
         since declared moot, however far they got, so the count is the same for any number of
         workers."""
         obsolete = self.strategy.obsolete()
-        return sum(config.key not in obsolete for config in self.proposals.values())
+        return sum(isinstance(item, TuneConfig) and item.key not in obsolete for item in self.proposals.values())
 
     # --- proposing ---------------------------------------------------------------------------
     def _propose(self) -> bool:
@@ -144,27 +144,27 @@ class Engine:
         if wanted <= 0:
             return False
         configs = self.strategy.ask(wanted)
-        for config in configs:
-            self.strategy.space.check(config)
+        for item in configs:
+            self.strategy.space.check(item.config if isinstance(item, InspectRequest) else item)
             seq = len(self.proposals)
-            self.proposals[seq] = config
-            if config.key in self.known:
-                self.finished[seq] = replace(self.known[config.key], seq=seq)
-            elif any(other.key == config.key for other in self.in_flight.values()):
-                pass  # answered when the identical in-flight config finishes
+            self.proposals[seq] = item
+            if item.key in self.known:
+                self.finished[seq] = replace(self.known[item.key], seq=seq)
+            elif any(other.key == item.key for other in self.in_flight.values()):
+                pass  # answered when the identical in-flight proposal finishes
             else:
-                self.in_flight[seq] = config
-                self.executor.submit(seq, config)
+                self.in_flight[seq] = item
+                self.executor.submit(seq, item)
         return bool(configs)
 
     # --- outcomes ----------------------------------------------------------------------------
     def _collect(self, rows: list[dict]) -> None:
         for row in rows:
             seq = row["seq"]
-            config = self.in_flight.pop(seq, None)
-            if config is None:
+            item = self.in_flight.pop(seq, None)
+            if item is None:
                 continue
-            trial = self._trial_from_row(seq, config, row)
+            trial = self._trial_from_row(seq, item, row)
             self.history.record(trial)  # committed before the strategy hears of it
             self.n_evaluated += 1
             self.known[trial.key] = trial
@@ -172,16 +172,20 @@ class Engine:
             for other_seq in self._waiting_on(trial.key):
                 self.finished[other_seq] = replace(trial, seq=other_seq)
 
-    def _trial_from_row(self, seq: int, config: TuneConfig, row: dict) -> Trial:
+    def _trial_from_row(self, seq: int, item: Proposal, row: dict) -> Trial:
         accuracy = row.get("accuracy")
         status = row.get("status", FAILED)
+        if isinstance(item, InspectRequest):
+            return Trial(seq=seq, config=item.config, status=status, reason=row.get("reason", ""),
+                         worker=row.get("worker", ""), started=row.get("started", 0.0),
+                         duration=row.get("duration", 0.0), figures=row.get("figures", {}), kind=item.kind)
         return Trial(
             seq=seq,
-            config=config,
+            config=item,
             status=status,
             accuracy=accuracy,
             passed=status == OK and self.criterion.passes(accuracy),
-            objective=self.objective(config),
+            objective=self.objective(item),
             reason=row.get("reason", ""),
             worker=row.get("worker", ""),
             started=row.get("started", 0.0),
@@ -211,21 +215,27 @@ class Engine:
     # --- cancelling --------------------------------------------------------------------------
     def _cancel_obsolete(self) -> None:
         obsolete = self.strategy.obsolete()
-        for seq, config in list(self.in_flight.items()):
-            if config.key in obsolete:
+        for seq, item in list(self.in_flight.items()):
+            if item.key in obsolete:
                 self._cancel(seq)
         for key in obsolete:
             for seq in self._waiting_on(key):
-                self.finished[seq] = Trial(seq, self.proposals[seq], status=CANCELLED)
+                self.finished[seq] = _cancelled(seq, self.proposals[seq])
 
     def _cancel(self, seq: int) -> None:
-        config = self.in_flight.pop(seq)
+        item = self.in_flight.pop(seq)
         self.executor.cancel(seq)
-        followers = self._waiting_on(config.key)  # duplicates waiting on it
+        followers = self._waiting_on(item.key)  # duplicates waiting on it
         for cancelled in [seq, *followers]:
-            self.finished[cancelled] = Trial(cancelled, config, status=CANCELLED)
+            self.finished[cancelled] = _cancelled(cancelled, item)
 
     def _waiting_on(self, key: str) -> list[int]:
         """Untold proposals of ``key`` that wait for an identical in-flight proposal."""
-        return [seq for seq, config in self.proposals.items()
-                if config.key == key and seq >= len(self.told) and seq not in self.finished and seq not in self.in_flight]
+        return [seq for seq, item in self.proposals.items()
+                if item.key == key and seq >= len(self.told) and seq not in self.finished and seq not in self.in_flight]
+
+
+def _cancelled(seq: int, item: Proposal) -> Trial:
+    if isinstance(item, InspectRequest):
+        return Trial(seq, item.config, status=CANCELLED, kind=item.kind)
+    return Trial(seq, item, status=CANCELLED)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
+from .strategies.base import Proposal
 from .trial import CANCELLED, FAILED
 from .worker import TrialRunner, WorkerJob
 
@@ -38,7 +39,7 @@ class InProcessSlot:
         self.cancelled: set[int] = set()
         self.ready = None  # ready at once
 
-    def run(self, seq: int, config: TuneConfig) -> concurrent.futures.Future:
+    def run(self, seq: int, config: Proposal) -> concurrent.futures.Future:
         return self.pool.submit(self.runner.run, seq, config.to_dict(), lambda: seq in self.cancelled)
 
     def cancel(self, seq: int) -> None:
@@ -72,7 +73,7 @@ class RaySlot:
         self.actor = actor_class.remote(job_ref, name)
         self.ready: Optional[concurrent.futures.Future] = self.actor.ready.remote().future()
 
-    def run(self, seq: int, config: TuneConfig) -> concurrent.futures.Future:
+    def run(self, seq: int, config: Proposal) -> concurrent.futures.Future:
         return self.actor.run.remote(seq, config.to_dict()).future()
 
     def cancel(self, seq: int) -> None:
@@ -156,7 +157,7 @@ class Executor:
         self._admit()
         return max(0, len(self.idle) - len(self.queue))
 
-    def submit(self, seq: int, config: TuneConfig) -> None:
+    def submit(self, seq: int, config: Proposal) -> None:
         self.queue.append((seq, config, 0))
         self._dispatch()
 

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS trials (
     started REAL NOT NULL,
     duration REAL NOT NULL,
     figures TEXT NOT NULL,
-    recorded REAL NOT NULL
+    recorded REAL NOT NULL,
+    kind TEXT NOT NULL
 );
 """
 
@@ -101,27 +102,28 @@ class History:
         row = (
             trial.key, trial.seq, json.dumps(trial.config.to_dict(), sort_keys=True), trial.status, trial.accuracy,
             int(trial.passed), trial.objective, trial.reason, trial.worker, trial.started, trial.duration,
-            json.dumps(trial.figures, sort_keys=True), time.time(),
+            json.dumps(trial.figures, sort_keys=True), time.time(), trial.kind,
         )
         with self.connection:
-            self.connection.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            self.connection.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
 
     def trials(self) -> list[Trial]:
         rows = self.connection.execute(
-            "SELECT seq, config, status, accuracy, passed, objective, reason, worker, started, duration, figures "
+            "SELECT seq, config, status, accuracy, passed, objective, reason, worker, started, duration, figures, kind "
             "FROM trials ORDER BY seq"
         ).fetchall()
         return [
             Trial(
                 seq=seq, config=TuneConfig.from_dict(json.loads(config)), status=status, accuracy=accuracy,
                 passed=bool(passed), objective=objective, reason=reason, worker=worker, started=started,
-                duration=duration, figures=json.loads(figures),
+                duration=duration, figures=json.loads(figures), kind=kind,
             )
-            for seq, config, status, accuracy, passed, objective, reason, worker, started, duration, figures in rows
+            for seq, config, status, accuracy, passed, objective, reason, worker, started, duration, figures, kind in rows
         ]
 
     def __len__(self) -> int:
-        return self.connection.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+        """Trials of candidate configs (requests such as per-op inspections not counted)."""
+        return self.connection.execute("SELECT COUNT(*) FROM trials WHERE kind = 'trial'").fetchone()[0]
 
     def close(self) -> None:
         self.connection.close()

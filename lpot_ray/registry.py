@@ -94,6 +94,7 @@ objectives = Registry("objective", "tuning.objective", "lpot_ray.objectives", ("
 adaptors.register("pytorch", "lpot_ray.adaptors.pytorch:PyTorchAdaptor")
 strategies.register("basic", "lpot_ray.strategies.basic:BasicStrategy")
 strategies.register("bayesian", "lpot_ray.strategies.bayesian:BayesianStrategy")
+strategies.register("mse", "lpot_ray.strategies.mse:MseStrategy")
 strategies.register("exhaustive", "lpot_ray.strategies.exhaustive:ExhaustiveStrategy")
 strategies.register("random", "lpot_ray.strategies.random_search:RandomStrategy")
 metrics.register("topk", "lpot_ray.metrics:TopK")

@@ -8,6 +8,7 @@ from typing import Optional
 from .space import TuneConfig
 
 OK, FAILED, CANCELLED = "ok", "failed", "cancelled"
+TRIAL, INSPECTION = "trial", "inspection"  # what was run: a candidate, or a request for per-op errors
 
 
 @dataclass
@@ -28,8 +29,9 @@ class Trial:
     # Accuracy headroom against the criterion, relative to the baseline (>= 0 passes); set by
     # the engine when it tells the strategy, for strategies that model "how close to passing".
     margin: Optional[float] = None
+    kind: str = TRIAL
 
     @property
     def key(self) -> str:
-        return self.config.key
+        return self.config.key if self.kind == TRIAL else f"{self.kind}-{self.config.key}"
 

@@ -49,6 +49,11 @@ class TrialRunner:
         started = time.time()
         row: dict[str, Any] = {"seq": seq, "worker": self.name, "started": started}
         try:
+            if "inspect" in config_data:
+                config = TuneConfig.from_dict(config_data["inspect"])
+                errors = self.adaptor.inspect_tensors(self.model, config, self.job.calibration, self.job.ops)
+                row.update(status=OK, figures={"op_errors": errors}, duration=time.time() - started)
+                return row
             config = TuneConfig.from_dict(config_data)
             passes_before = getattr(self.adaptor, "calibration_passes", 0)
             quantized = self.adaptor.quantize(self.model, config, self.job.calibration)

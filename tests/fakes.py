@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from lpot_ray.strategies.base import InspectRequest
 from lpot_ray.space import FP32, Op, OpCapability, OpScheme, TensorScheme, TuneConfig, TuningSpace
 from lpot_ray.config import load_config
 
@@ -18,8 +19,9 @@ def make_space(n_ops: int = 5, **quantization) -> TuningSpace:
 class FakeExecutor:
     """Evaluates ``accuracy_of(config)`` with ``slots`` workers, finishing in random order."""
 
-    def __init__(self, accuracy_of, slots: int, seed: int = 0):
+    def __init__(self, accuracy_of, slots: int, seed: int = 0, op_errors=None):
         self.accuracy_of = accuracy_of
+        self.op_errors = op_errors  # config -> {op: error}, for inspection requests
         self.slots = slots
         self.running: list[tuple[int, TuneConfig]] = []
         self.random = random.Random(seed)
@@ -51,6 +53,8 @@ class FakeExecutor:
             return []
         seq, config = self.running.pop(self.random.randrange(len(self.running)))
         self.evaluated.append(config)
+        if isinstance(config, InspectRequest):
+            return [{"seq": seq, "status": "ok", "figures": {"op_errors": self.op_errors(config.config)}}]
         accuracy = self.accuracy_of(config)
         if accuracy is None:
             return [{"seq": seq, "status": "failed", "reason": "boom"}]

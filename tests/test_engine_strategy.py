@@ -207,3 +207,22 @@ def test_a_proposal_outside_the_space_names_the_op_and_the_choice(tmp_path):
                     Criterion(0.9, absolute=0.01), ExitPolicy(), space.fp32_macs_fraction)
     with pytest.raises(SpaceError, match="op 'op0': 'w:int8/asym/per_tensor/minmax a:uint8/asym/per_tensor/minmax' is not among its choices"):
         engine.run()
+
+
+def test_mse_ranks_by_one_inspection_then_accumulates_and_prunes(tmp_path):
+    from lpot_ray.strategies.mse import MseStrategy
+    from lpot_ray.strategies.base import InspectRequest
+
+    sensitive = {"op1": 0.05, "op3": 0.05, "op4": 0.001}
+    space = make_space()
+    executor = FakeExecutor(sensitive_ops_accuracy(sensitive), slots=2,
+                            op_errors=lambda config: {name: sensitive.get(name, 0.0) for name in config.int8_ops})
+    history = History(tmp_path / "mse.db")
+    outcome = Engine(MseStrategy(space), executor, history, Criterion(0.9, absolute=0.01), ExitPolicy(timeout=60),
+                     space.fp32_macs_fraction).run()
+    assert set(outcome.passing[0].config.fp32_ops) == {"op1", "op3"}
+    inspections = [item for item in executor.evaluated if isinstance(item, InspectRequest)]
+    assert len(inspections) == 1
+    basic, _, _ = run(tmp_path, sensitive_ops_accuracy(sensitive), name="basic")
+    assert len(outcome.trials) < len(basic.trials)  # one request instead of one trial per op
+    assert len(history) == len(executor.evaluated) - 1  # the inspection is kept, not counted a trial

@@ -97,3 +97,11 @@ def test_quantized_model_round_trips_through_bytes(digits):
     images = next(iter(evaluation))[0]
     np.testing.assert_array_equal(adaptor.predict(restored, images), adaptor.predict(quantized, images))
     restored.eval()  # user eval functions call this on quantized models
+
+
+def test_inspection_blames_the_ops_whose_inputs_have_outliers(outlier_digits):
+    model, calibration, _ = outlier_digits
+    adaptor, exported, space, batches = build(model, calibration)
+    errors = adaptor.inspect_tensors(exported, space.model_wise_configs()[0], batches, space.ops)
+    assert set(errors) == {"conv1", "conv2", "fc1", "fc2"}
+    assert min(errors["conv2"], errors["fc1"]) > 100 * max(errors["conv1"], errors["fc2"])

@@ -130,3 +130,15 @@ def test_bayesian_finds_the_needed_fallback_on_a_real_model(ray_session, outlier
     result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
     assert result.passed and {"conv2", "fc1"} <= set(result.fp32_ops)
     assert result.n_trials <= 16
+
+
+def test_mse_ranks_the_known_sensitive_ops_first_on_a_real_model(ray_session, outlier_digits, tmp_path):
+    model, calibration, evaluation = outlier_digits
+    conf = base_conf(tmp_path, strategy={"name": "mse"}, accuracy_criterion={"absolute": 0.02},
+                     exit_policy={"timeout": 600, "max_trials": 20})
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed and set(result.fp32_ops) == {"conv2", "fc1"}
+    (inspection,) = [trial for trial in History(tmp_path / "ws" / "history.db").trials() if trial.kind == "inspection"]
+    errors = inspection.figures["op_errors"]
+    assert sorted(errors, key=errors.get, reverse=True)[:2] in (["conv2", "fc1"], ["fc1", "conv2"])
+    assert result.n_trials < 2 + 4  # fewer than basic's model-wise plus one trial per op

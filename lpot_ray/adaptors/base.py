@@ -60,6 +60,11 @@ class Adaptor(ABC):
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
         """The model quantized per ``config``, calibrated on the first ``sampling_size`` samples."""
 
+    def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any], ops: Sequence[Op]) -> dict[str, float]:
+        """Each int8 op's output error against fp32 (normalised MSE), that op alone quantized as
+        ``config`` says, so that an op is not blamed for the errors of the ops before it."""
+        raise NotImplementedError(f"the {self.framework} adaptor can't inspect tensors")
+
     @abstractmethod
     def predict(self, model: Any, inputs: Any) -> np.ndarray:
         """Run a batch; the output as numpy for the built-in metrics."""

@@ -169,6 +169,19 @@ class PyTorchAdaptor(Adaptor):
         for key, observer in observers.items():
             cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
 
+    def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any], ops: Sequence[Op]) -> dict[str, float]:
+        batches = list(_take_samples(calibration, config.sampling_size))
+        nodes = _op_nodes(model.module())
+        reference = _node_outputs(model.module(), nodes, batches)
+        errors = {}
+        for name in config.int8_ops:
+            alone = config.with_fallback(set(config.int8_ops) - {name})
+            outputs = _node_outputs(self.quantize(model, alone, calibration), {name: nodes[name]}, batches)
+            signal = sum(float((ref ** 2).mean()) for ref in reference[name])
+            noise = sum(float(((out - ref) ** 2).mean()) for out, ref in zip(outputs[name], reference[name], strict=True))
+            errors[name] = noise / max(signal, 1e-12)
+        return errors
+
     def predict(self, model: Any, inputs: Any) -> np.ndarray:
         with self.torch.no_grad():
             output = model(*as_args(inputs))
@@ -242,6 +255,41 @@ def _take_samples(batches: Sequence[Any], sampling_size: int):
         seen += Adaptor.batch_size(inputs)
     if seen == 0:
         raise DataError("calibration loader: yielded no batches")
+
+
+def _op_nodes(module: Any) -> dict[str, str]:
+    """Op (module path) -> the name of the graph node computing it (first call if several)."""
+    nodes: dict[str, str] = {}
+    for node in module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack:
+            path, type_name = list(stack.values())[-1]
+            op_type = type_name.rsplit(".", 1)[-1]
+            if QUANTIZABLE_MODULES.get(op_type) == str(node.target).split(".")[1]:
+                nodes.setdefault(path, node.name)
+    return nodes
+
+
+def _node_outputs(module: Any, nodes: dict[str, str], batches: Sequence[Any]) -> dict[str, list]:
+    """The outputs of the named graph nodes for each batch (node names survive quantization)."""
+    import torch.fx
+
+    wanted = {node_name: op for op, node_name in nodes.items()}
+    outputs: dict[str, list] = {op: [] for op in nodes}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: Any) -> Any:
+            result = super().run_node(node)
+            if node.name in wanted:
+                outputs[wanted[node.name]].append(result.detach().clone())
+            return result
+
+    import torch
+
+    with torch.no_grad():
+        for inputs in batches:
+            Recorder(module).run(*as_args(inputs))
+    return outputs
 
 
 def _macs(node: Any, weight: Any) -> int:

@@ -3,8 +3,9 @@
 Phases, each proposing a batch of independent configs:
 
 1. model-wise: every model-wise config (one int8 scheme everywhere). If one passes, done.
-2. one-op fallback: from the most accurate model-wise config, each op alone in fp32, all at once.
-   If one passes, done; otherwise the ops are ranked by the accuracy their fallback recovered.
+2. rank: from the most accurate model-wise config, each op alone in fp32, all at once. If one
+   passes, done; otherwise the ops are ranked by the accuracy their fallback recovered. (The
+   mse strategy changes only this phase.)
 3. accumulated fallback: the top-2, top-3, ... ranked ops in fp32, proposed as speculative
    prefixes as fast as workers free up. The smallest passing prefix wins; longer ones in flight
    become obsolete.
@@ -21,15 +22,15 @@ from typing import Optional
 
 from ..space import TuneConfig, TuningSpace
 from ..trial import CANCELLED, FAILED, Trial
-from .base import Strategy
+from .base import Proposal, Strategy
 
 
 class BasicStrategy(Strategy):
     def __init__(self, space: TuningSpace, higher_is_better: bool = True, seed: int = 0):
         super().__init__(space, higher_is_better, seed)
         self.phase = "model_wise"
-        self.queue: list[TuneConfig] = space.model_wise_configs()
-        self.waiting: dict[str, TuneConfig] = {}
+        self.queue: list[Proposal] = list(space.model_wise_configs())
+        self.waiting: dict[str, Proposal] = {}
         self.outcomes: list[Trial] = []
         self.base: Optional[TuneConfig] = None
         self.ranking: list[str] = []
@@ -43,13 +44,13 @@ class BasicStrategy(Strategy):
     def obsolete(self) -> set[str]:
         return self._obsolete
 
-    def ask(self, n: int) -> list[TuneConfig]:
-        proposals: list[TuneConfig] = []
+    def ask(self, n: int) -> list[Proposal]:
+        proposals: list[Proposal] = []
         while len(proposals) < n and not self._done:
             if self.queue:
-                config = self.queue.pop(0)
-                self.waiting[config.key] = config
-                proposals.append(config)
+                proposal = self.queue.pop(0)
+                self.waiting[proposal.key] = proposal
+                proposals.append(proposal)
             elif self.waiting:
                 break
             else:
@@ -74,14 +75,14 @@ class BasicStrategy(Strategy):
             if passing or all(trial.status == FAILED for trial in outcomes):
                 return self._finish()  # done, or nothing quantized runs at all: say so, stop
             self.base = max(outcomes, key=self.score).config
-            self._start("one_op", [self.base.with_fallback([name]) for name in self.base.int8_ops])
-        elif self.phase == "one_op":
-            if passing or len(outcomes) < 2:
+            self._start("rank", self._ranking_proposals())
+        elif self.phase == "rank":
+            ranking = self._rank(outcomes)
+            if ranking is None:
                 return self._finish()
-            ranked = sorted(outcomes, key=self.score, reverse=True)  # stable: ties keep op order
-            self.ranking = [_new_fallback(self.base, trial.config) for trial in ranked]
-            prefixes = [self.base.with_fallback(self.ranking[:size]) for size in range(2, len(self.ranking) + 1)]
-            self._start("accumulate", prefixes)
+            self.ranking = ranking
+            first = self.first_prefix
+            self._start("accumulate", [self.base.with_fallback(ranking[:size]) for size in range(first, len(ranking) + 1)])
         elif self.phase in ("accumulate", "prune"):
             if not passing:
                 return self._finish()
@@ -91,7 +92,22 @@ class BasicStrategy(Strategy):
                 return self._finish()
             self._start("prune", [self.base.with_fallback(set(best.config.fp32_ops) - {name}) for name in fallback])
 
-    def _start(self, phase: str, configs: list[TuneConfig]) -> None:
+    # --- how ops are ranked for fallback (the part other strategies change) -------------------
+    first_prefix = 2  # one-op fallbacks were the ranking trials themselves
+
+    def _ranking_proposals(self) -> list[Proposal]:
+        """Each int8 op of the base alone in fp32, all at once."""
+        return [self.base.with_fallback([name]) for name in self.base.int8_ops]
+
+    def _rank(self, outcomes: list[Trial]) -> Optional[list[str]]:
+        """Ops by the accuracy their own fallback recovered; None ends the search (a one-op
+        fallback passed, or there is nothing to accumulate)."""
+        if any(trial.passed for trial in outcomes) or len(outcomes) < 2:
+            return None
+        ranked = sorted(outcomes, key=self.score, reverse=True)  # stable: ties keep op order
+        return [_new_fallback(self.base, trial.config) for trial in ranked]
+
+    def _start(self, phase: str, configs: list[Proposal]) -> None:
         self.phase = phase
         self.queue = configs
         if not configs:

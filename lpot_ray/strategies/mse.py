@@ -1,0 +1,29 @@
+"""LPOT's mse strategy, made parallel: rank ops by their quantization error, then fall back.
+
+Instead of one fallback trial per op, the ranking costs a single request to a worker: for the
+most accurate model-wise config, each int8 op's output error against fp32 (normalised MSE), that
+op alone quantized so that it is not blamed for the errors of the ops before it (Neural
+Compressor 2.6's mse credits each trial's accuracy to the wrong op). Then, as in ``basic``:
+accumulated fallback of the top-1, top-2, ... ops as speculative parallel prefixes, and pruning.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..trial import OK, Trial
+from .base import InspectRequest, Proposal
+from .basic import BasicStrategy
+
+
+class MseStrategy(BasicStrategy):
+    first_prefix = 1  # nothing was tried in fp32 yet
+
+    def _ranking_proposals(self) -> list[Proposal]:
+        return [InspectRequest(self.base)]
+
+    def _rank(self, outcomes: list[Trial]) -> Optional[list[str]]:
+        if not outcomes or outcomes[0].status != OK:
+            return list(self.base.int8_ops)  # no errors to rank by: fall back in model order
+        errors = outcomes[0].figures["op_errors"]
+        return sorted(self.base.int8_ops, key=lambda name: -errors.get(name, 0.0))  # stable on ties
