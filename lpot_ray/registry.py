@@ -97,7 +97,12 @@ strategies.register("bayesian", "lpot_ray.strategies.bayesian:BayesianStrategy")
 strategies.register("mse", "lpot_ray.strategies.mse:MseStrategy")
 strategies.register("exhaustive", "lpot_ray.strategies.exhaustive:ExhaustiveStrategy")
 strategies.register("random", "lpot_ray.strategies.random_search:RandomStrategy")
-metrics.register("topk", "lpot_ray.metrics:TopK")
-metrics.register("Accuracy", "lpot_ray.metrics:Accuracy")
+for _name, _path in {
+    "topk": "classification:TopK", "Accuracy": "classification:Accuracy", "F1": "classification:F1",
+    "Loss": "regression:Loss", "MAE": "regression:MAE", "MSE": "regression:MSE", "RMSE": "regression:RMSE",
+    "SquadF1": "text:SquadF1", "BLEU": "text:BLEU",
+    "mAP": "detection:mAP", "VOCmAP": "detection:VOCmAP", "COCOmAP": "detection:COCOmAP",
+}.items():
+    metrics.register(_name, f"lpot_ray.metrics.{_path}")
 objectives.register("performance", "lpot_ray.objectives:Performance")
 

@@ -1,0 +1,54 @@
+"""The metric contract, and a base for metrics whose state is a few running sums."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from ..errors import EvaluationError
+
+
+class Metric(ABC):
+    """update(preds, labels) per batch, result() at the end, merge(other) across splits."""
+
+    higher_is_better = True
+
+    @abstractmethod
+    def update(self, preds: Any, labels: Any) -> None: ...
+
+    @abstractmethod
+    def result(self) -> float: ...
+
+    @abstractmethod
+    def merge(self, other: "Metric") -> None: ...
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+
+class SummedMetric(Metric):
+    """State = named running sums (``SUMS``); merging adds them."""
+
+    SUMS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = dict.fromkeys(self.SUMS, 0.0)
+
+    def add(self, **amounts: float) -> None:
+        for name, amount in amounts.items():
+            self.sums[name] += float(amount)
+
+    def merge(self, other: "Metric") -> None:
+        if not isinstance(other, type(self)):
+            raise EvaluationError(f"can't merge {type(other).__name__} into {type(self).__name__}")
+        for name in self.SUMS:
+            self.sums[name] += other.sums[name]
+
+    def require(self, name: str) -> float:
+        """A sum that must be positive for a result (e.g. the sample count)."""
+        if self.sums[name] <= 0:
+            raise EvaluationError(f"{type(self).__name__}: no samples were evaluated (empty evaluation loader?)")
+        return self.sums[name]

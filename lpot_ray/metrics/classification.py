@@ -1,0 +1,75 @@
+"""Classification: topk, Accuracy, F1 (binary)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError, EvaluationError
+from .base import SummedMetric
+
+
+def _labels(preds: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted classes (argmax of scores, or classes given) and labels, checked to match."""
+    preds = np.asarray(preds)
+    labels = np.asarray(labels).reshape(-1)
+    if preds.ndim == 2:
+        preds = preds.argmax(axis=1)
+    preds = preds.reshape(-1)
+    if preds.shape != labels.shape:
+        raise EvaluationError(f"{metric}: {preds.shape[0]} predictions for {labels.shape[0]} labels")
+    return preds, labels
+
+
+class TopK(SummedMetric):
+    """Share of samples whose label is among the k highest scores (LPOT's ``topk``)."""
+
+    SUMS = ("correct", "total")
+
+    def __init__(self, k: int = 1) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"`evaluation.accuracy.metric.topk`: {k!r} must be a positive integer")
+        self.k = k
+        super().__init__()
+
+    def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
+        preds = np.asarray(preds)
+        labels = np.asarray(labels).reshape(-1)
+        if preds.ndim != 2 or preds.shape[0] != labels.shape[0]:
+            raise EvaluationError(
+                f"topk: expected scores of shape (batch, classes) matching {labels.shape[0]} labels, got {preds.shape}"
+            )
+        top = np.argsort(-preds, axis=1, kind="stable")[:, : self.k]
+        self.add(correct=(top == labels[:, None]).any(axis=1).sum(), total=labels.shape[0])
+
+    def result(self) -> float:
+        return self.sums["correct"] / self.require("total")
+
+
+class Accuracy(SummedMetric):
+    """Exact-match accuracy of predicted classes (argmax of scores, or classes given directly)."""
+
+    SUMS = ("correct", "total")
+
+    def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
+        preds, labels = _labels(preds, labels, "Accuracy")
+        self.add(correct=(preds == labels).sum(), total=labels.shape[0])
+
+    def result(self) -> float:
+        return self.sums["correct"] / self.require("total")
+
+
+class F1(SummedMetric):
+    """F1 score of binary classification (positive class 1), from summed tp / fp / fn."""
+
+    SUMS = ("tp", "fp", "fn", "total")
+
+    def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
+        preds, labels = _labels(preds, labels, "F1")
+        predicted, actual = preds == 1, labels == 1
+        self.add(tp=(predicted & actual).sum(), fp=(predicted & ~actual).sum(), fn=(~predicted & actual).sum(),
+                 total=labels.shape[0])
+
+    def result(self) -> float:
+        self.require("total")
+        tp, fp, fn = self.sums["tp"], self.sums["fp"], self.sums["fn"]
+        return 2 * tp / (2 * tp + fp + fn) if tp else 0.0

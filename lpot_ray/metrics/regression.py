@@ -1,0 +1,62 @@
+"""Regression and losses: Loss, MAE, MSE, RMSE (lower is better)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import EvaluationError
+from .base import SummedMetric
+
+
+def _pair(preds: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    preds, labels = np.asarray(preds, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if preds.shape != labels.shape:
+        if preds.size != labels.size:
+            raise EvaluationError(f"{metric}: predictions of shape {preds.shape} don't match labels of shape {labels.shape}")
+        preds, labels = preds.reshape(-1), labels.reshape(-1)
+    return preds, labels
+
+
+class Loss(SummedMetric):
+    """The mean of the model's outputs taken as per-sample losses (LPOT's ``Loss``)."""
+
+    higher_is_better = False
+    SUMS = ("loss", "count")
+
+    def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
+        preds = np.asarray(preds, dtype=np.float64)
+        self.add(loss=preds.sum(), count=preds.shape[0] if preds.ndim else 1)
+
+    def result(self) -> float:
+        return self.sums["loss"] / self.require("count")
+
+
+class MAE(SummedMetric):
+    higher_is_better = False
+    SUMS = ("error", "count")
+
+    def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
+        preds, labels = _pair(preds, labels, type(self).__name__)
+        self.add(error=np.abs(preds - labels).sum(), count=preds.size)
+
+    def result(self) -> float:
+        return self.sums["error"] / self.require("count")
+
+
+class MSE(SummedMetric):
+    higher_is_better = False
+    SUMS = ("error", "count")
+
+    def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
+        preds, labels = _pair(preds, labels, type(self).__name__)
+        self.add(error=((preds - labels) ** 2).sum(), count=preds.size)
+
+    def result(self) -> float:
+        return self.sums["error"] / self.require("count")
+
+
+class RMSE(MSE):
+    def result(self) -> float:
+        return math.sqrt(super().result())

@@ -1,0 +1,100 @@
+"""Every built-in metric: known values, and split-and-merge equals whole."""
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from lpot_ray.errors import EvaluationError
+from lpot_ray.metrics import make_metric
+
+RNG = np.random.default_rng(0)
+SCORES = RNG.normal(size=(40, 5))
+CLASSES = RNG.integers(0, 5, size=40)
+BINARY = RNG.integers(0, 2, size=40)
+VALUES = RNG.normal(size=(40, 3))
+TARGETS = VALUES + RNG.normal(scale=0.1, size=(40, 3))
+ANSWERS = ["the cat sat", "a dog", "blue sky today", "", "Paris"] * 4
+TRUTHS = [["cat sat"], ["the dog", "dog"], ["sky is blue"], [""], ["paris", "Paris, France"]] * 4
+HYPOTHESES = ["the cat is on the mat", "there is a dog here", "hello world", "a b c d e"] * 5
+REFERENCES = ["the cat sat on the mat", "there is a dog", "hello there world", "a b c d e f"] * 5
+
+
+def boxes(count, shift=0.0):
+    corners = RNG.uniform(0, 50, size=(count, 2))
+    return np.hstack([corners, corners + 10]) + shift
+
+
+DETECTIONS = []
+for _ in range(8):
+    truth = boxes(3)
+    DETECTIONS.append(((truth + RNG.normal(scale=0.5, size=truth.shape), RNG.uniform(size=3), np.array([1, 2, 1])),
+                       (truth, np.array([1, 2, 1]))))
+
+CASES = {
+    "topk": ({"topk": 2}, SCORES, CLASSES),
+    "Accuracy": ({"Accuracy": None}, SCORES, CLASSES),
+    "F1": ({"F1": None}, np.eye(2)[RNG.integers(0, 2, size=40)], BINARY),
+    "Loss": ({"Loss": None}, np.abs(VALUES[:, 0]), CLASSES),
+    "MAE": ({"MAE": None}, VALUES, TARGETS),
+    "MSE": ({"MSE": None}, VALUES, TARGETS),
+    "RMSE": ({"RMSE": None}, VALUES, TARGETS),
+    "SquadF1": ({"SquadF1": None}, ANSWERS, TRUTHS),
+    "BLEU": ({"BLEU": None}, HYPOTHESES, REFERENCES),
+    "mAP": ({"mAP": None}, [d for d, _ in DETECTIONS], [t for _, t in DETECTIONS]),
+    "COCOmAP": ({"COCOmAP": None}, [d for d, _ in DETECTIONS], [t for _, t in DETECTIONS]),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_split_and_merge_equals_whole(name):
+    spec, preds, labels = CASES[name]
+    whole = make_metric(spec)
+    whole.update(preds, labels)
+    parts = [make_metric(spec) for _ in range(3)]
+    for part, (start, stop) in zip(parts, [(0, 7), (7, 20), (20, len(preds))]):
+        part.update(preds[start:stop], labels[start:stop])
+    parts[0].merge(parts[1])
+    parts[0].merge(parts[2])
+    assert math.isclose(parts[0].result(), whole.result(), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_known_values():
+    def value(spec, preds, labels):
+        metric = make_metric(spec)
+        metric.update(preds, labels)
+        return metric.result()
+
+    predicted_binary = np.eye(2)[RNG.integers(0, 2, size=40)]
+    assert math.isclose(value({"F1": None}, predicted_binary, BINARY), f1_score(BINARY, predicted_binary.argmax(1)))
+    assert math.isclose(value({"MSE": None}, VALUES, TARGETS), float(((VALUES - TARGETS) ** 2).mean()))
+    assert math.isclose(value({"RMSE": None}, VALUES, TARGETS), math.sqrt(((VALUES - TARGETS) ** 2).mean()))
+    assert math.isclose(value({"MAE": None}, VALUES, TARGETS), float(np.abs(VALUES - TARGETS).mean()))
+    assert value({"topk": 5}, SCORES, CLASSES) == 1.0
+    assert value({"SquadF1": None}, ["The Cat!"], [["a cat"]]) == 1.0
+    assert math.isclose(value({"SquadF1": None}, ["cat sat down"], [["cat sat"]]), 0.8)
+
+    import sacrebleu
+
+    assert math.isclose(value({"BLEU": None}, HYPOTHESES, REFERENCES),
+                        sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES]).score)
+    truth = [(boxes(2), np.array([1, 1]))]
+    perfect = [(truth[0][0], np.array([0.9, 0.8]), np.array([1, 1]))]
+    assert value({"COCOmAP": None}, perfect, truth) == pytest.approx(1.0)
+    assert value({"VOCmAP": None}, [(truth[0][0] + 100, np.array([0.9, 0.8]), np.array([1, 1]))], truth) == 0.0
+
+
+@pytest.mark.parametrize(
+    "spec, preds, labels, message",
+    [
+        ({"topk": 1}, SCORES[:5], CLASSES[:4], r"topk: expected scores of shape \(batch, classes\) matching 4 labels, got \(5, 5\)"),
+        ({"Accuracy": None}, SCORES[:5], CLASSES[:4], "Accuracy: 5 predictions for 4 labels"),
+        ({"MSE": None}, VALUES[:5], TARGETS[:4], r"MSE: predictions of shape \(5, 3\) don't match labels of shape \(4, 3\)"),
+        ({"BLEU": None}, HYPOTHESES[:3], REFERENCES[:2], "BLEU: 3 predictions for 2 references"),
+        ({"mAP": None}, [(boxes(2), [0.5], [1])], [(boxes(1), [1])], "mAP: 2 boxes, 1 scores and 1 classes detected"),
+    ],
+)
+def test_mismatched_predictions_and_labels_say_which_shapes(spec, preds, labels, message):
+    with pytest.raises(EvaluationError, match=message):
+        make_metric(spec).update(preds, labels)
