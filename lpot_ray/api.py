@@ -22,6 +22,7 @@ from .evaluation import Evaluation, split_batch
 from .executor import Executor
 from .history import History
 from .metrics import make_metric
+from .objectives import WeightedObjectives
 from .progress import ProgressLine
 from .ray_session import RayPlan
 from .result import TuneResult
@@ -49,7 +50,7 @@ def tune(
         raise ConfigError("q_func: quantization-aware training is not supported yet; pass q_dataloader for post-training quantization")
     evaluation = _evaluation(config, eval_dataloader, eval_func)
     strategy_class = registry.strategies.get(config.tuning.strategy.name)
-    objective = registry.objectives.get(config.tuning.objective)()
+    objectives = _objectives(config)
     adaptor_class = registry.adaptors.get(config.model.framework)
     adaptor = adaptor_class()
 
@@ -78,7 +79,7 @@ def tune(
         strategy.parallelism = _planned_workers(config)
         progress = ProgressLine()
         engine = Engine(strategy, executor, history, criterion, config.tuning.exit_policy,
-                        lambda tune_config: objective.proxy(space, tune_config), progress)
+                        lambda tune_config: objectives.proxy(space, tune_config), progress)
         try:
             outcome = engine.run()
         finally:
@@ -155,7 +156,7 @@ def _fingerprint(config: Config, weights: str, space: TuningSpace) -> dict:
         "strategy": config.tuning.strategy.name,
         "seed": config.tuning.random_seed,
         "metric": config.evaluation.accuracy.metric,
-        "objective": config.tuning.objective,
+        "objective": config.tuning.multi_objectives.model_dump() if config.tuning.multi_objectives else config.tuning.objective,
     }
 
 
@@ -176,7 +177,9 @@ def _baseline(history: History, evaluation: Evaluation, adaptor: Any, model: Any
 # --- the result ------------------------------------------------------------------------------
 def _result(outcome: EngineOutcome, executor: Executor, adaptor: Any, criterion: Criterion,
             history: History, config: Config) -> TuneResult:
-    """Lower the best passing config to real int8 kernels; if it no longer passes there, try the next."""
+    """Compile the best passing config to real int8 kernels and measure it there; if it no longer
+    passes compiled (or fails to compile), fall to the next finalist. The choice stays the
+    proxy's, which is deterministic; the measured figures are reported."""
     common = dict(baseline=criterion.baseline, n_trials=len(history), n_evaluated=outcome.n_evaluated,
                   framework=config.model.framework, stopped_by=outcome.stopped_by, workspace=str(history.path.parent))
     rejected = []
@@ -189,12 +192,12 @@ def _result(outcome: EngineOutcome, executor: Executor, adaptor: Any, criterion:
         if not criterion.passes(final["accuracy"]):
             rejected.append({"key": trial.key, "compiled_accuracy": final["accuracy"]})
             continue
-        objectives = {**final["figures"], "fp32_macs_fraction": trial.objective}
-        history.set_meta("result", {"key": trial.key, "accuracy": final["accuracy"], "objectives": objectives,
+        figures = {**final["figures"], "fp32_macs_fraction": trial.objective}
+        history.set_meta("result", {"key": trial.key, "accuracy": final["accuracy"], "objectives": figures,
                                     "int8_ops": final["int8_ops"], "rejected": rejected})
         return TuneResult(
             model=adaptor.deserialize(final["model"]), config=trial.config, accuracy=final["accuracy"],
-            objectives=objectives, int8_ops=tuple(final["int8_ops"]), fp32_ops=tuple(final["fp32_ops"]),
+            objectives=figures, int8_ops=tuple(final["int8_ops"]), fp32_ops=tuple(final["fp32_ops"]),
             passed=True, model_bytes=final["model"], **common,
         )
     evaluated = [trial for trial in outcome.trials if trial.status == OK and trial.accuracy is not None]
@@ -202,3 +205,11 @@ def _result(outcome: EngineOutcome, executor: Executor, adaptor: Any, criterion:
     history.set_meta("result", {"key": None, "rejected": rejected})
     return TuneResult(model=None, config=None, accuracy=None, objectives={}, int8_ops=(), fp32_ops=(),
                       passed=False, best_failing=best_failing, **common)
+
+
+def _objectives(config: Config) -> WeightedObjectives:
+    """``tuning.multi_objectives`` if given, else the single ``tuning.objective``."""
+    several = config.tuning.multi_objectives
+    names = several.objective if several else (config.tuning.objective,)
+    weights = several.weight if several and several.weight else (1.0,) * len(names)
+    return WeightedObjectives(tuple(registry.objectives.get(name)() for name in names), tuple(weights))

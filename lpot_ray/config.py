@@ -39,7 +39,6 @@ LPOT_ONLY_KEYS = frozenset(
         "evaluation.accuracy.configs",
         "evaluation.accuracy.multi_metrics",
         "evaluation.performance",
-        "tuning.multi_objectives",
         "tuning.tensorboard",
         "tuning.diagnosis",
         "tuning.strategy.accuracy_weight",
@@ -60,7 +59,7 @@ LPOT_ONLY_KEYS = frozenset(
 LPOT_ONLY_VALUES = {
     "quantization.approach": {"post_training_dynamic_quant", "quant_aware_training", "post_training_auto_quant"},
     "device": {"gpu"},
-    "tuning.objective": {"footprint", "modelsize", "accuracy"},
+    "tuning.objective": {"footprint", "accuracy"},
 }
 
 
@@ -203,10 +202,29 @@ class WorkspaceSection(_Section):
     resume: Optional[str] = None
 
 
+class MultiObjectives(_Section):
+    """LPOT's ``tuning.multi_objectives``: several objectives and their weights."""
+
+    objective: tuple[str, ...]
+    weight: Optional[tuple[float, ...]] = None
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "MultiObjectives":
+        if not self.objective:
+            raise ValueError("objective must name at least one objective")
+        if self.weight is not None:
+            if len(self.weight) != len(self.objective):
+                raise ValueError(f"weight has {len(self.weight)} values for {len(self.objective)} objectives")
+            if any(weight < 0 for weight in self.weight) or sum(self.weight) <= 0:
+                raise ValueError("weight values must be >= 0 with a positive sum")
+        return self
+
+
 class TuningSection(_Section):
     strategy: StrategySection = StrategySection()
     accuracy_criterion: AccuracyCriterion = AccuracyCriterion()
     objective: str = "performance"
+    multi_objectives: Optional[MultiObjectives] = None
     exit_policy: ExitPolicy = ExitPolicy()
     random_seed: int = 1978
     workspace: WorkspaceSection = WorkspaceSection()

@@ -105,4 +105,5 @@ for _name, _path in {
 }.items():
     metrics.register(_name, f"lpot_ray.metrics.{_path}")
 objectives.register("performance", "lpot_ray.objectives:Performance")
+objectives.register("modelsize", "lpot_ray.objectives:ModelSize")
 

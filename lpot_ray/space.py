@@ -80,11 +80,13 @@ FP32 = OpScheme()
 
 @dataclass(frozen=True)
 class Op:
-    """One quantizable operation: its name (module path), type (module class) and cost in MACs."""
+    """One quantizable operation: its name (module path), type (module class), its cost in
+    multiply-accumulates per sample and its number of weight elements."""
 
     name: str
     op_type: str
     macs: int = 0
+    weights: int = 0
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,14 @@ class TuningSpace:
             return len(config.fp32_ops) / max(1, len(self.ops))
         macs = {op.name: op.macs for op in self.ops}
         return sum(macs[name] for name in config.fp32_ops) / total
+
+    def weight_bytes_fraction(self, config: TuneConfig) -> float:
+        """Weight bytes relative to all-fp32 (int8 weights take a quarter): the model-size proxy."""
+        total = sum(op.weights for op in self.ops)
+        if total == 0:
+            return len(config.fp32_ops) / max(1, len(self.ops))
+        fp32 = set(config.fp32_ops)
+        return sum(op.weights * (1.0 if op.name in fp32 else 0.25) for op in self.ops) / total
 
     def fingerprint(self) -> dict:
         return {

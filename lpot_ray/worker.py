@@ -81,12 +81,14 @@ class TrialRunner:
                 fp32 = self.adaptor.lower_fp32(self.model, self.example)
                 int8_ms, fp32_ms = paired_latency_ms(lambda: lowered.model(*_args(self.example)), lambda: fp32(*_args(self.example)))
                 figures = {"latency_ms": int8_ms, "fp32_latency_ms": fp32_ms, "latency_ratio": fp32_ms / int8_ms}
+        model = self.adaptor.serialize(quantized, self.example)
+        figures.update(model_size_bytes=len(model), fp32_model_size_bytes=len(self.job.model_payload))
         return {
             "accuracy": accuracy,
             "int8_ops": list(lowered.int8_ops),
             "fp32_ops": list(lowered.fp32_ops),
             "figures": figures,
-            "model": self.adaptor.serialize(quantized, self.example),
+            "model": model,
         }
 
 

@@ -130,31 +130,40 @@ def test_equal_objectives_rank_by_accuracy_then_key(tmp_path):
     assert outcome.passing[0].accuracy == 0.8999
 
 
-def test_a_finalist_that_fails_once_compiled_gives_way_to_the_next(tmp_path):
+class CompilingExecutor:
+    """finalize() with given compiled accuracies and latencies per config key."""
+
+    def __init__(self, accuracy, latency):
+        self.accuracy, self.latency, self.finalized = accuracy, latency, []
+
+    def finalize(self, config, measure_latency):
+        self.finalized.append(config.key)
+        figures = {"latency_ms": self.latency.get(config.key, 1.0), "fp32_latency_ms": 2.0,
+                   "model_size_bytes": 10, "fp32_model_size_bytes": 40}
+        return {"accuracy": self.accuracy.get(config.key, 0.9), "int8_ops": list(config.int8_ops),
+                "fp32_ops": list(config.fp32_ops), "figures": figures, "model": b"model"}
+
+
+class BytesAdaptor:
+    def deserialize(self, payload):
+        return payload
+
+
+def finalize(outcome, executor, history, timeout):
     from lpot_ray.api import _result
     from lpot_ray.config import load_config
 
+    config = load_config({"model": {"framework": "pytorch"}, "tuning": {"exit_policy": {"timeout": timeout}}})
+    return _result(outcome, executor, BytesAdaptor(), Criterion(0.9, absolute=0.01), history, config)
+
+
+def test_a_finalist_that_fails_once_compiled_gives_way_to_the_next(tmp_path):
     outcome, _, history = run(tmp_path, sensitive_ops_accuracy({"op1": 0.05, "op3": 0.05}))
     passing = outcome.passing
-    assert len(passing) >= 2
-
-    class CompilingExecutor:
-        finalized = []
-
-        def finalize(self, config, measure_latency):
-            self.finalized.append(config.key)
-            compiled_accuracy = 0.5 if config.key == passing[0].key else 0.9  # the best breaks when compiled
-            return {"accuracy": compiled_accuracy, "int8_ops": list(config.int8_ops), "fp32_ops": list(config.fp32_ops),
-                    "figures": {"latency_ms": 1.0}, "model": b"model"}
-
-    class BytesAdaptor:
-        def deserialize(self, payload):
-            return payload
-
-    executor = CompilingExecutor()
-    config = load_config({"model": {"framework": "pytorch"}})
-    result = _result(outcome, executor, BytesAdaptor(), Criterion(0.9, absolute=0.01), history, config)
-    assert executor.finalized[:2] == [passing[0].key, passing[1].key]
+    assert len(passing) >= 3
+    executor = CompilingExecutor({passing[0].key: 0.5}, {})  # the best breaks when compiled
+    result = finalize(outcome, executor, history, timeout=60)
+    assert executor.finalized == [trial.key for trial in passing[:2]]
     assert result.passed and result.config == passing[1].config and result.accuracy == 0.9
     assert history.get_meta("result")["rejected"] == [{"key": passing[0].key, "compiled_accuracy": 0.5}]
 

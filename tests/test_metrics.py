@@ -53,7 +53,7 @@ def test_split_and_merge_equals_whole(name):
     whole = make_metric(spec)
     whole.update(preds, labels)
     parts = [make_metric(spec) for _ in range(3)]
-    for part, (start, stop) in zip(parts, [(0, 7), (7, 20), (20, len(preds))]):
+    for part, (start, stop) in zip(parts, [(0, 7), (7, 20), (20, len(preds))], strict=True):
         part.update(preds[start:stop], labels[start:stop])
     parts[0].merge(parts[1])
     parts[0].merge(parts[2])

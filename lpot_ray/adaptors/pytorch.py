@@ -123,7 +123,9 @@ class PyTorchAdaptor(Adaptor):
                 continue
             seen.add(path)
             schemes = tuple(OpScheme(WEIGHT, activation) for activation in ACTIVATIONS)
-            capabilities.append(OpCapability(Op(path, op_type, _macs(node, params.get(f"{path}.weight"))), schemes))
+            weight = params.get(f"{path}.weight")
+            op = Op(path, op_type, _macs(node, weight), 0 if weight is None else weight.numel())
+            capabilities.append(OpCapability(op, schemes))
         return capabilities
 
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
@@ -134,6 +136,7 @@ class PyTorchAdaptor(Adaptor):
         prepared = self.quantize_pt2e.prepare_pt2e(model.module(), quantizer)
         self._calibrate(prepared, calibration, config.sampling_size, self.calibration_cache.setdefault(model, {}))
         converted = self.quantize_pt2e.convert_pt2e(prepared)
+        _drop_unreferenced_tensors(converted)
         self.pt2e.allow_exported_model_train_eval(converted)
         return converted
 
@@ -243,6 +246,18 @@ class CompiledModel:
 
     def train(self, mode: bool = True) -> "CompiledModel":
         return self
+
+
+def _drop_unreferenced_tensors(module: Any) -> None:
+    """Remove the fp32 weights that convert left behind beside their folded int8 copies, so a
+    saved quantized model holds int8 weights only."""
+    referenced = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    for name in [name for name, _ in module.named_parameters()] + [name for name, _ in module.named_buffers()]:
+        if name not in referenced:
+            owner_path, _, attribute = name.rpartition(".")
+            owner = module.get_submodule(owner_path)
+            owner._parameters.pop(attribute, None)
+            owner._buffers.pop(attribute, None)
 
 
 def _take_samples(batches: Sequence[Any], sampling_size: int):
