@@ -185,7 +185,7 @@ def _result(outcome: EngineOutcome, executor: Executor, adaptor: Any, criterion:
     rejected = []
     for trial in outcome.passing[:FINALISTS]:
         try:
-            final = executor.finalize(trial.config, measure_latency=True)
+            final = executor.finalize(trial.config, measure=True)
         except Exception as error:  # e.g. the compiler fails on this config: try the next finalist
             rejected.append({"key": trial.key, "error": f"{type(error).__name__}: {error}"[:500]})
             continue

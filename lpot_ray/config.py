@@ -59,7 +59,7 @@ LPOT_ONLY_KEYS = frozenset(
 LPOT_ONLY_VALUES = {
     "quantization.approach": {"post_training_dynamic_quant", "quant_aware_training", "post_training_auto_quant"},
     "device": {"gpu"},
-    "tuning.objective": {"footprint", "accuracy"},
+    "tuning.objective": {"accuracy"},
 }
 
 

@@ -229,14 +229,13 @@ class Executor:
             if running_seq == seq:
                 slot.cancel(seq)
 
-    def finalize(self, config: TuneConfig, measure_latency: bool) -> dict:
-        """Lower and time the chosen config in the driver, which holds the model already."""
+    def finalize(self, config: TuneConfig, measure: bool) -> dict:
+        """Lower and measure the chosen config in the driver, which holds the model already."""
+        # Cancelled trials may still be winding down: measurements want the machine to themselves.
+        concurrent.futures.wait(list(self.running), timeout=120)
         driver = next((slot for slot in self.slots if isinstance(slot, InProcessSlot)), None)
-        if driver is None:
-            return TrialRunner(self.job, "driver").finalize(config.to_dict(), measure_latency)
-        # A cancelled trial may still be winding down on the driver: wait for it between batches.
-        concurrent.futures.wait([future for future, entry in self.running.items() if entry[1] is driver])
-        return driver.runner.finalize(config.to_dict(), measure_latency)
+        runner = driver.runner if driver is not None else TrialRunner(self.job, "driver")
+        return runner.finalize(config.to_dict(), measure)
 
     def shutdown(self) -> None:
         """Stop every slot and release Ray; safe to call twice."""

@@ -16,7 +16,7 @@ import statistics
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .space import TuneConfig, TuningSpace
 
@@ -47,6 +47,17 @@ class ModelSize(Objective):
         return space.weight_bytes_fraction(config)
 
 
+class Footprint(Objective):
+    """LPOT's ``footprint``: less memory while the model runs. The proxy is the weight-bytes
+    share (weights dominate a small batch); the measured figure is the model's bytes plus the
+    peak growth of the process's resident memory during one inference (``peak_rss_growth``)."""
+
+    name = "footprint"
+
+    def proxy(self, space: TuningSpace, config: TuneConfig) -> float:
+        return space.weight_bytes_fraction(config)
+
+
 @dataclass(frozen=True)
 class WeightedObjectives:
     """One or several objectives with their weights (normalised to sum 1)."""
@@ -60,6 +71,28 @@ class WeightedObjectives:
     def _pairs(self):
         total = sum(self.weights)
         return [(objective, weight / total) for objective, weight in zip(self.objectives, self.weights, strict=True)]
+
+
+def peak_rss_growth(run: Callable[[], Any]) -> Optional[int]:
+    """Bytes the resident memory of this process peaks above its level before ``run()``: native
+    allocations included, not just the Python heap. Linux only (None elsewhere): it resets the
+    kernel's high-water mark (``/proc/self/clear_refs``) and reads ``VmHWM`` afterwards."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        before = _status_kib("VmRSS")
+        run()
+        return max(0, _status_kib("VmHWM") - before) * 1024
+    except OSError:
+        return None
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def paired_latency_ms(run_int8: Callable[[], Any], run_fp32: Callable[[], Any], warmup: int = 3,

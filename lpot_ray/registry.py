@@ -106,4 +106,5 @@ for _name, _path in {
     metrics.register(_name, f"lpot_ray.metrics.{_path}")
 objectives.register("performance", "lpot_ray.objectives:Performance")
 objectives.register("modelsize", "lpot_ray.objectives:ModelSize")
+objectives.register("footprint", "lpot_ray.objectives:Footprint")
 

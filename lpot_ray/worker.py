@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .evaluation import Evaluation, TrialCancelled
-from .objectives import paired_latency_ms
+from .objectives import paired_latency_ms, peak_rss_growth
 from .space import Op, TuneConfig
 from .trial import CANCELLED, FAILED, OK
 
@@ -68,28 +68,33 @@ class TrialRunner:
         row["duration"] = time.time() - started
         return row
 
-    def finalize(self, config_data: dict, measure_latency: bool = True) -> dict:
-        """Lower the config to real int8 kernels, re-evaluate there, time it against fp32."""
+    def finalize(self, config_data: dict, measure: bool = True) -> dict:
+        """Lower the config to real int8 kernels, re-evaluate there, measure it against fp32."""
         config = TuneConfig.from_dict(config_data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantized = self.adaptor.quantize(self.model, config, self.job.calibration)
             lowered = self.adaptor.lower(quantized, self.job.ops, config, self.example)
             accuracy = self.job.evaluation.run(self.adaptor, lowered.model)
-            figures: dict[str, Any] = {}
-            if measure_latency:
-                fp32 = self.adaptor.lower_fp32(self.model, self.example)
-                int8_ms, fp32_ms = paired_latency_ms(lambda: lowered.model(*_args(self.example)), lambda: fp32(*_args(self.example)))
-                figures = {"latency_ms": int8_ms, "fp32_latency_ms": fp32_ms, "latency_ratio": fp32_ms / int8_ms}
-        model = self.adaptor.serialize(quantized, self.example)
-        figures.update(model_size_bytes=len(model), fp32_model_size_bytes=len(self.job.model_payload))
-        return {
-            "accuracy": accuracy,
-            "int8_ops": list(lowered.int8_ops),
-            "fp32_ops": list(lowered.fp32_ops),
-            "figures": figures,
-            "model": model,
-        }
+            model = self.adaptor.serialize(quantized, self.example)
+            figures = {"model_size_bytes": len(model), "fp32_model_size_bytes": len(self.job.model_payload)}
+            if measure:
+                figures.update(self._measure(lowered.model, len(model)))
+        return {"accuracy": accuracy, "int8_ops": list(lowered.int8_ops), "fp32_ops": list(lowered.fp32_ops),
+                "figures": figures, "model": model}
+
+    def _measure(self, int8_model: Any, int8_bytes: int) -> dict:
+        """Latency per batch and memory footprint, int8 against fp32 compiled the same way."""
+        fp32_model = self.adaptor.lower_fp32(self.model, self.example)
+        run_int8 = lambda: int8_model(*_args(self.example))  # noqa: E731
+        run_fp32 = lambda: fp32_model(*_args(self.example))  # noqa: E731
+        int8_ms, fp32_ms = paired_latency_ms(run_int8, run_fp32)
+        figures = {"latency_ms": int8_ms, "fp32_latency_ms": fp32_ms, "latency_ratio": fp32_ms / int8_ms}
+        int8_peak, fp32_peak = peak_rss_growth(run_int8), peak_rss_growth(run_fp32)
+        if int8_peak is not None and fp32_peak is not None:
+            figures.update(footprint_bytes=int8_bytes + int8_peak,
+                           fp32_footprint_bytes=len(self.job.model_payload) + fp32_peak)
+        return figures
 
 
 def _args(inputs: Any) -> tuple:

@@ -69,7 +69,7 @@ def test_yaml_file_is_read(tmp_path):
         (with_section(quantization={"calibration": {"sampling_size": 1.5}}), "1.5 must be a positive integer or a list"),
         (with_section(tuning={"multi_objectives": {"objective": ["performance", "modelsize"], "weight": [1]}}),
          "weight has 1 values for 2 objectives"),
-        (with_section(tuning={"objective": "footprint"}), "`tuning.objective: footprint` is an LPOT option"),
+        (with_section(tuning={"objective": "accuracy"}), "`tuning.objective: accuracy` is an LPOT option"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, expected):

@@ -136,7 +136,7 @@ class CompilingExecutor:
     def __init__(self, accuracy, latency):
         self.accuracy, self.latency, self.finalized = accuracy, latency, []
 
-    def finalize(self, config, measure_latency):
+    def finalize(self, config, measure):
         self.finalized.append(config.key)
         figures = {"latency_ms": self.latency.get(config.key, 1.0), "fp32_latency_ms": 2.0,
                    "model_size_bytes": 10, "fp32_model_size_bytes": 40}

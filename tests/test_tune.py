@@ -29,6 +29,7 @@ def test_two_workers_tune_to_an_int8_model_that_saves_and_reloads(ray_session, d
     assert result.n_trials == result.n_evaluated == len(History(tmp_path / "ws" / "history.db"))
     assert {"latency_ms", "fp32_latency_ms", "latency_ratio"} <= set(result.objectives)
     assert result.objectives["model_size_bytes"] < 0.6 * result.objectives["fp32_model_size_bytes"]  # int8 weights
+    assert result.objectives["footprint_bytes"] >= result.objectives["model_size_bytes"]
     workers = {trial.worker for trial in History(tmp_path / "ws" / "history.db").trials()}
     assert workers <= {"driver", "worker-1"} and workers
 
@@ -148,7 +149,7 @@ def test_mse_ranks_the_known_sensitive_ops_first_on_a_real_model(ray_session, ou
 def test_several_weighted_objectives(ray_session, outlier_digits, tmp_path):
     model, calibration, evaluation = outlier_digits
     conf = base_conf(tmp_path, accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 600, "max_trials": 20},
-                     multi_objectives={"objective": ["performance", "modelsize"], "weight": [0.2, 0.8]})
+                     multi_objectives={"objective": ["performance", "modelsize", "footprint"], "weight": [0.2, 0.6, 0.2]})
     result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
     assert result.passed and set(result.fp32_ops) == {"conv2", "fc1"}
     assert {"model_size_bytes", "fp32_model_size_bytes"} <= set(result.objectives)
