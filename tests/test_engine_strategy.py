@@ -235,3 +235,17 @@ def test_mse_ranks_by_one_inspection_then_accumulates_and_prunes(tmp_path):
     basic, _, _ = run(tmp_path, sensitive_ops_accuracy(sensitive), name="basic")
     assert len(outcome.trials) < len(basic.trials)  # one request instead of one trial per op
     assert len(history) == len(executor.evaluated) - 1  # the inspection is kept, not counted a trial
+
+
+@pytest.mark.parametrize("stop_after", [3, 9, 14])
+def test_basic_resumed_mid_way_ends_with_the_uninterrupted_choice(tmp_path, stop_after):
+    accuracy = sensitive_ops_accuracy({"op1": 0.05, "op3": 0.05, "op4": 0.001})
+    whole, _, _ = run(tmp_path, accuracy, name="whole")
+    _, _, history = run(tmp_path, accuracy, max_trials=stop_after, name="cut")
+    done_before = {trial.key for trial in history.trials()}
+    space = make_space()
+    executor = FakeExecutor(accuracy, 2)
+    resumed = Engine(BasicStrategy(space), executor, history, Criterion(0.9, absolute=0.01),
+                     ExitPolicy(timeout=60), space.fp32_macs_fraction).run()
+    assert resumed.passing[0].key == whole.passing[0].key
+    assert not {config.key for config in executor.evaluated} & done_before
