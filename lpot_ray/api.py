@@ -11,7 +11,7 @@ importing their framework. A tuning never waits for Ray to start or stop.
 from __future__ import annotations
 
 import os
-
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from . import registry
@@ -46,6 +46,43 @@ def tune(
 ) -> TuneResult:
     """Find the fastest int8 version of ``model`` that meets the YAML's accuracy criterion."""
     config = load_config(conf)
+    job = _prepare(config, model, q_dataloader, q_func, eval_dataloader, eval_func, resume_file)
+    executor = Executor(job.worker_job)
+    if _wants_ray(config, address):
+        executor.grow_on(RayPlan(address or config.ray.address, config.ray.workers, config.ray.cpus_per_worker, verbose))
+    try:
+        baseline = _baseline(job.history, job.worker_job.evaluation, job.adaptor, model)
+        criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion)
+        strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
+        strategy.parallelism = _planned_workers(config)
+        progress = ProgressLine()
+        engine = Engine(strategy, executor, job.history, criterion, config.tuning.exit_policy,
+                        lambda tune_config: job.objectives.proxy(job.space, tune_config), progress)
+        try:
+            outcome = engine.run()
+        finally:
+            progress.close()
+        return _result(outcome, executor, job.adaptor, criterion, job.history, config)
+    finally:
+        executor.shutdown()
+        job.history.close()
+
+
+@dataclass
+class _PreparedJob:
+    """Everything checked and built before any worker exists."""
+
+    worker_job: WorkerJob
+    adaptor: Any
+    space: TuningSpace
+    strategy_class: type
+    objectives: WeightedObjectives
+    history: History
+
+
+def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Callable], eval_dataloader: Any,
+             eval_func: Optional[Callable], resume_file: Optional[Union[str, os.PathLike]]) -> _PreparedJob:
+    """Every check that needs no worker: plug-in names, data, model export, space, history."""
     if q_func is not None:
         raise ConfigError("q_func: quantization-aware training is not supported yet; pass q_dataloader for post-training quantization")
     evaluation = _evaluation(config, eval_dataloader, eval_func)
@@ -66,28 +103,9 @@ def tune(
                           f"{config.model.framework} offers {describe_capabilities(capabilities)}")
     history = History.start(config.tuning.workspace.path, resume_file or config.tuning.workspace.resume,
                             _fingerprint(config, adaptor.weights_digest(fp32_model), space))
-    job = WorkerJob(adaptor_class, payload, calibration, evaluation, space.ops,
-                    threads=max(1, int(config.ray.cpus_per_worker)))
-
-    executor = Executor(job)
-    if _wants_ray(config, address):
-        executor.grow_on(RayPlan(address or config.ray.address, config.ray.workers, config.ray.cpus_per_worker, verbose))
-    try:
-        baseline = _baseline(history, evaluation, adaptor, model)
-        criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion)
-        strategy = strategy_class(space, criterion.higher_is_better, config.tuning.random_seed)
-        strategy.parallelism = _planned_workers(config)
-        progress = ProgressLine()
-        engine = Engine(strategy, executor, history, criterion, config.tuning.exit_policy,
-                        lambda tune_config: objectives.proxy(space, tune_config), progress)
-        try:
-            outcome = engine.run()
-        finally:
-            progress.close()
-        return _result(outcome, executor, adaptor, criterion, history, config)
-    finally:
-        executor.shutdown()
-        history.close()
+    worker_job = WorkerJob(adaptor_class, payload, calibration, evaluation, space.ops,
+                           threads=max(1, int(config.ray.cpus_per_worker)))
+    return _PreparedJob(worker_job, adaptor, space, strategy_class, objectives, history)
 
 
 def _planned_workers(config: Config) -> int:
