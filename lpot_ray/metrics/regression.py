@@ -33,28 +33,30 @@ class Loss(SummedMetric):
         return self.sums["loss"] / self.require("count")
 
 
-class MAE(SummedMetric):
+class _MeanError(SummedMetric):
+    """Mean of an element-wise error between predictions and labels."""
+
     higher_is_better = False
     SUMS = ("error", "count")
 
+    @staticmethod
+    def elementwise(difference: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
     def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
         preds, labels = _pair(preds, labels, type(self).__name__)
-        self.add(error=np.abs(preds - labels).sum(), count=preds.size)
+        self.add(error=self.elementwise(preds - labels).sum(), count=preds.size)
 
     def result(self) -> float:
         return self.sums["error"] / self.require("count")
 
 
-class MSE(SummedMetric):
-    higher_is_better = False
-    SUMS = ("error", "count")
+class MAE(_MeanError):
+    elementwise = staticmethod(np.abs)
 
-    def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
-        preds, labels = _pair(preds, labels, type(self).__name__)
-        self.add(error=((preds - labels) ** 2).sum(), count=preds.size)
 
-    def result(self) -> float:
-        return self.sums["error"] / self.require("count")
+class MSE(_MeanError):
+    elementwise = staticmethod(np.square)
 
 
 class RMSE(MSE):
