@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
-from .trial import CANCELLED, FAILED
+from .trial import CANCELLED, FAILED, TRIAL
 
 log = logging.getLogger("lpot_ray")
 
@@ -21,15 +21,22 @@ class ProgressLine:
         self.reported = 0
 
     def __call__(self, engine: Any) -> None:
-        for trial in engine.told[self.reported:]:
-            if trial.status == CANCELLED:
+        new_trials = [trial for trial in engine.told[self.reported:] if trial.status != CANCELLED]
+        self.reported = len(engine.told)
+        if new_trials and self.live and self.last:
+            self.stream.write("\r" + " " * len(self.last) + "\r")  # log lines go above the live line
+            self.last = ""
+        for trial in new_trials:
+            if trial.kind != TRIAL:
+                log.info("%s %d %s %s", trial.kind, trial.seq, trial.status, trial.reason)
                 continue
             log.info("trial %d %s accuracy=%s fp32 ops=%d %s", trial.seq, trial.status,
                      "-" if trial.accuracy is None else f"{trial.accuracy:.4f}", len(trial.config.fp32_ops),
                      "passed" if trial.passed else trial.reason)
-        self.reported = len(engine.told)
-        if not self.live:
-            return
+        if self.live:
+            self._draw(engine)
+
+    def _draw(self, engine: Any) -> None:
         failed = sum(trial.status == FAILED for trial in engine.told)
         passing = engine.passing()
         best = f"best {passing[0].accuracy:.4f} ({len(passing[0].config.fp32_ops)} fp32 ops)" if passing else "no pass yet"

@@ -125,13 +125,20 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_tuning_goes_on(ray_sess
     assert trials and all(trial.status == "failed" and "scorer exploded" in trial.reason for trial in trials)
 
 
-def test_bayesian_finds_the_needed_fallback_on_a_real_model(ray_session, outlier_digits, tmp_path):
+def test_bayesian_finds_the_needed_fallback_on_a_real_model_through_ray(ray_session, outlier_digits, tmp_path):
     model, calibration, evaluation = outlier_digits
+
+    def slow_eval(candidate):  # slow enough that the Ray worker joins and takes trials
+        time.sleep(0.5)
+        return accuracy_of(candidate, evaluation)
+
     conf = base_conf(tmp_path, strategy={"name": "bayesian"}, accuracy_criterion={"absolute": 0.02},
                      exit_policy={"timeout": 600, "max_trials": 16})
-    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    del conf["evaluation"]
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=slow_eval)
     assert result.passed and {"conv2", "fc1"} <= set(result.fp32_ops)
     assert result.n_trials <= 16
+    assert "worker-1" in {trial.worker for trial in History(tmp_path / "ws" / "history.db").trials()}
 
 
 def test_mse_ranks_the_known_sensitive_ops_first_on_a_real_model(ray_session, outlier_digits, tmp_path):
