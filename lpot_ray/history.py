@@ -50,16 +50,20 @@ def resolve_db_path(location: Union[str, os.PathLike]) -> Path:
 
 
 class History:
-    def __init__(self, path: Union[str, os.PathLike]):
+    def __init__(self, path: Union[str, os.PathLike], read_only: bool = False):
         self.path = Path(path)
         try:
+            if read_only:
+                self.connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+                self.connection.execute("SELECT COUNT(*) FROM trials")
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.connection.execute("PRAGMA journal_mode=WAL")
             self.connection.execute("PRAGMA synchronous=NORMAL")
             self.connection.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as error:
-            raise HistoryError(f"{self.path}: can't open the tuning history: {error}") from None
+            raise HistoryError(f"{self.path}: can't open as a tuning history: {error}") from None
 
     @classmethod
     def start(cls, workspace: Union[str, os.PathLike], resume: Optional[Union[str, os.PathLike]], fingerprint: dict) -> "History":
