@@ -1,8 +1,11 @@
 """The ``lpot-ray`` command line.
 
+    lpot-ray tune CONF.yaml [--address A] [--workers N] [--resume] [--verbose]
     lpot-ray history WORKSPACE [--sort accuracy|objective|duration|seq] [--json]
 
-Exit codes: 0 done, 2 bad input (a file, key or value named on one line).
+``tune`` needs nothing but the YAML: the model is the file ``model.path`` names and the data
+come from the ``dataloader`` sections. Exit codes: 0 done (``tune``: a config passed),
+1 ``tune`` found no config that meets the criterion, 2 bad input (named on one line).
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import LpotRayError
 from .history import History, resolve_db_path
 from .trial import Trial
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
+EXIT_OK, EXIT_NO_PASS, EXIT_BAD_INPUT = 0, 1, 2
 SORT_KEYS = {
     "seq": lambda trial: trial.seq,
     "accuracy": lambda trial: -(trial.accuracy if trial.accuracy is not None else float("-inf")),
@@ -28,16 +32,81 @@ SORT_KEYS = {
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lpot-ray", description="Ray-distributed int8 tuning, LPOT-compatible.")
     commands = parser.add_subparsers(dest="command", required=True)
+    tune = commands.add_parser("tune", help="tune the model a YAML names, on the data its dataloaders name")
+    tune.add_argument("config", help="an LPOT-style YAML with model.path and dataloader sections")
+    tune.add_argument("--address", help="a Ray cluster to use (else ray.address, RAY_ADDRESS, a private Ray)")
+    tune.add_argument("--workers", type=int, help="workers, the driver included (overrides ray.workers)")
+    tune.add_argument("--resume", action="store_true", help="finish the tuning recorded in the workspace")
+    tune.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     history = commands.add_parser("history", help="every trial of a tuning workspace, as a table")
     history.add_argument("workspace", help="the workspace folder, or its history.db")
     history.add_argument("--sort", choices=sorted(SORT_KEYS), default="seq", help="order of the rows (default: seq)")
     history.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
+        if args.command == "tune":
+            return run_tune(args.config, args.address, args.workers, args.resume, args.verbose)
         return show_history(args.workspace, args.sort, args.json)
     except LpotRayError as error:
         print(f"lpot-ray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def run_tune(config_path: str, address: Optional[str], workers: Optional[int], resume: bool, verbose: bool) -> int:
+    import logging
+
+    from . import registry
+    from .api import tune
+    from .config import load_config
+    from .data import build_loader
+    from .errors import ConfigError
+
+    config = load_config(config_path)
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError(f"--workers: {workers} must be >= 1")
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"workers": workers})})
+    if config.model.path is None:
+        raise ConfigError(f"{config_path}: `model.path` is required to tune from the command line")
+    calibration_section = config.quantization.calibration.dataloader
+    accuracy = config.evaluation.accuracy
+    if calibration_section is None:
+        raise ConfigError(f"{config_path}: `quantization.calibration.dataloader` is required to tune from the command line")
+    if accuracy.dataloader is None:
+        raise ConfigError(f"{config_path}: `evaluation.accuracy.dataloader` is required to tune from the command line")
+    model = registry.adaptors.get(config.model.framework)().load_file(config.model.path)
+    calibration = build_loader(calibration_section, "quantization.calibration.dataloader")
+    evaluation = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="  %(message)s")
+    resume_file = config.tuning.workspace.path if resume else None
+    result = tune(model, config, q_dataloader=calibration, eval_dataloader=evaluation, resume_file=resume_file,
+                  address=address, verbose=verbose)
+    if result.passed:
+        result.save(Path(result.workspace) / "int8_model")
+    _print_summary(result)
+    return EXIT_OK if result.passed else EXIT_NO_PASS
+
+
+def _print_summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lpot-ray tune", show_header=False)
+    table.add_row("fp32 accuracy", f"{result.baseline:.4f}")
+    if result.passed:
+        figures = result.objectives
+        table.add_row("int8 accuracy", f"{result.accuracy:.4f}")
+        table.add_row("int8 ops", ", ".join(result.int8_ops) or "-")
+        table.add_row("ops left fp32", ", ".join(result.fp32_ops) or "none")
+        if "latency_ratio" in figures:
+            table.add_row("latency per batch", f"fp32 {figures['fp32_latency_ms']:.2f} ms, int8 {figures['latency_ms']:.2f} ms"
+                                               f" ({figures['latency_ratio']:.2f}x)")
+    else:
+        closest = result.best_failing
+        table.add_row("result", "no config met the criterion" + (f"; closest accuracy {closest.accuracy:.4f}" if closest else ""))
+    table.add_row("trials", f"{result.n_trials} ({result.n_evaluated} evaluated now), stopped by: {result.stopped_by}")
+    table.add_row("workspace", f"{result.workspace} (history.db" + (", int8_model)" if result.passed else ")"))
+    Console().print(table)
 
 
 def show_history(workspace: str, sort: str, as_json: bool) -> int:

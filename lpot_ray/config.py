@@ -30,12 +30,9 @@ LPOT_ONLY_KEYS = frozenset(
         "model.inputs",
         "model.outputs",
         "quantization.recipes",
-        "quantization.calibration.dataloader",
         "quantization.train",
         "quantization.optimization",
         "quantization.use_bf16",
-        "evaluation.accuracy.dataloader",
-        "evaluation.accuracy.postprocess",
         "evaluation.accuracy.configs",
         "evaluation.accuracy.multi_metrics",
         "evaluation.performance",
@@ -71,6 +68,7 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     name: str = "model"
     framework: str
+    path: Optional[str] = None  # a model file, for tuning from the command line
 
 
 class TensorRestriction(_Section):
@@ -106,8 +104,38 @@ class OpRestriction(_Section):
     activation: Optional[TensorRestriction] = None
 
 
+def _one_entry(value: Optional[dict], what: str) -> Optional[dict]:
+    if value is not None and len(value) != 1:
+        raise ValueError(f"must name exactly one {what}, e.g. {{digits: {{split: evaluation}}}}")
+    return value
+
+
+class DataloaderSection(_Section):
+    """LPOT's dataloader: a dataset, optional per-sample transforms and filter, a batch size."""
+
+    batch_size: int = Field(1, ge=1)
+    dataset: dict[str, Any]
+    transform: Optional[dict[str, Any]] = None
+    filter: Optional[dict[str, Any]] = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _one_dataset(cls, value: dict) -> dict:
+        return _one_entry(value, "dataset")
+
+    @field_validator("filter")
+    @classmethod
+    def _one_filter(cls, value: Optional[dict]) -> Optional[dict]:
+        return _one_entry(value, "filter")
+
+
+class PostprocessSection(_Section):
+    transform: dict[str, Any]
+
+
 class CalibrationSection(_Section):
     sampling_size: tuple[int, ...] = (100,)
+    dataloader: Optional[DataloaderSection] = None
 
     @field_validator("sampling_size", mode="before")
     @classmethod
@@ -137,6 +165,8 @@ class QuantizationSection(_Section):
 
 class AccuracySection(_Section):
     metric: Optional[dict[str, Any]] = None
+    dataloader: Optional[DataloaderSection] = None
+    postprocess: Optional[PostprocessSection] = None
 
     @field_validator("metric")
     @classmethod

@@ -86,8 +86,8 @@ class TrialRunner:
     def _measure(self, int8_model: Any, int8_bytes: int) -> dict:
         """Latency per batch and memory footprint, int8 against fp32 compiled the same way."""
         fp32_model = self.adaptor.lower_fp32(self.model, self.example)
-        run_int8 = lambda: int8_model(*_args(self.example))  # noqa: E731
-        run_fp32 = lambda: fp32_model(*_args(self.example))  # noqa: E731
+        run_int8 = lambda: self.adaptor.predict(int8_model, self.example)  # noqa: E731
+        run_fp32 = lambda: self.adaptor.predict(fp32_model, self.example)  # noqa: E731
         int8_ms, fp32_ms = paired_latency_ms(run_int8, run_fp32)
         figures = {"latency_ms": int8_ms, "fp32_latency_ms": fp32_ms, "latency_ratio": fp32_ms / int8_ms}
         int8_peak, fp32_peak = peak_rss_growth(run_int8), peak_rss_growth(run_fp32)
@@ -95,10 +95,6 @@ class TrialRunner:
             figures.update(footprint_bytes=int8_bytes + int8_peak,
                            fp32_footprint_bytes=len(self.job.model_payload) + fp32_peak)
         return figures
-
-
-def _args(inputs: Any) -> tuple:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
 def _reason(error: BaseException) -> str:

@@ -56,3 +56,67 @@ def test_history_of_what_is_not_one_is_bad_input(tmp_path):
     sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE x (y)")
     done = lpot_ray("history", str(tmp_path / "other.db"))
     assert done.returncode == 2 and "can't open as a tuning history" in done.stderr
+
+
+def save_pt2(model, path):
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    exported = torch.export.export(model.eval(), (torch.zeros(4, 1, 8, 8),), dynamic_shapes=({0: batch},))
+    torch.export.save(exported, str(path))
+    return path
+
+
+def write_conf(tmp_path, model_path, **tuning):
+    import yaml
+
+    conf = {
+        "model": {"name": "digits", "framework": "pytorch", "path": str(model_path)},
+        "quantization": {"calibration": {"sampling_size": 100, "dataloader": {
+            "batch_size": 32, "dataset": {"digits": {"split": "calibration"}}}}},
+        "evaluation": {"accuracy": {"metric": {"topk": 1}, "dataloader": {
+            "batch_size": 64, "dataset": {"digits": {"split": "evaluation"}}}}},
+        "tuning": {"workspace": {"path": str(tmp_path / "ws")}, **tuning},
+        "ray": {"workers": 1},
+    }
+    path = tmp_path / "conf.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def test_tune_from_a_yaml_alone(trained_digits, tmp_path):
+    model_path = save_pt2(trained_digits[0], tmp_path / "digits.pt2")
+    done = lpot_ray("tune", str(write_conf(tmp_path, model_path)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "int8 accuracy" in done.stdout
+    assert (tmp_path / "ws" / "history.db").is_file() and (tmp_path / "ws" / "int8_model" / "model.pt2").is_file()
+    again = lpot_ray("tune", str(write_conf(tmp_path, model_path)), "--resume")
+    assert again.returncode == 0 and "(0 evaluated now)" in again.stdout
+
+
+def test_tune_that_finds_no_passing_config_exits_1(outlier_digits, tmp_path):
+    model_path = save_pt2(outlier_digits[0], tmp_path / "outliers.pt2")
+    conf = write_conf(tmp_path, model_path, accuracy_criterion={"absolute": 0.02}, exit_policy={"max_trials": 2})
+    done = lpot_ray("tune", str(conf))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "no config met the criterion" in done.stdout
+
+
+def test_tune_bad_input_exits_2_with_one_line(trained_digits, tmp_path):
+    import yaml
+
+    model_path = save_pt2(trained_digits[0], tmp_path / "digits.pt2")
+    done = lpot_ray("tune", str(write_conf(tmp_path, tmp_path / "missing.pt2")))
+    assert done.returncode == 2 and "missing.pt2: file not found" in done.stderr
+    not_a_model = tmp_path / "notes.pt2"
+    not_a_model.write_text("hello")
+    done = lpot_ray("tune", str(write_conf(tmp_path, not_a_model)))
+    assert done.returncode == 2 and "not a torch.export .pt2 file" in done.stderr
+    conf = write_conf(tmp_path, model_path)
+    raw = yaml.safe_load(conf.read_text())
+    raw["evaluation"]["accuracy"]["dataloader"]["dataset"] = {"cifar": {}}
+    conf.write_text(yaml.safe_dump(raw))
+    done = lpot_ray("tune", str(conf))
+    assert done.returncode == 2
+    assert "`evaluation.accuracy.dataloader.dataset`: unknown dataset 'cifar'; known: ImageFolder, digits, dummy_v2, numpy" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

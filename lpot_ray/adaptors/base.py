@@ -39,6 +39,10 @@ class Adaptor(ABC):
         return threads
 
     # --- driver side -------------------------------------------------------------------------
+    def load_file(self, path: str) -> Any:
+        """Read a model from a file named in the YAML (``model.path``)."""
+        raise NotImplementedError(f"the {self.framework} adaptor can't read model files yet")
+
     @abstractmethod
     def prepare(self, model: Any, example_inputs: Any) -> bytes:
         """Check the user's model and serialise it for workers (raise ModelError saying why not)."""

@@ -20,6 +20,7 @@ import logging
 import re
 import warnings
 import weakref
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -56,7 +57,11 @@ _KERNELS = {
 
 
 def as_args(inputs: Any) -> tuple:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    """A batch's inputs as the model's positional arguments; numpy arrays become tensors."""
+    import torch
+
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    return tuple(torch.from_numpy(np.ascontiguousarray(arg)) if isinstance(arg, np.ndarray) else arg for arg in args)
 
 
 class PyTorchAdaptor(Adaptor):
@@ -74,13 +79,25 @@ class PyTorchAdaptor(Adaptor):
         return previous
 
     # --- driver side -------------------------------------------------------------------------
+    def load_file(self, path: str) -> Any:
+        """A model saved with ``torch.export.save`` (``.pt2``), for tuning from a YAML alone."""
+        file = Path(path)
+        if not file.is_file():
+            raise ModelError(f"model.path: {file}: file not found")
+        try:
+            module = self.torch.export.load(str(file)).module()
+        except Exception as error:  # a zip of something else, a pickle, a truncated file...
+            raise ModelError(f"model.path: {file}: not a torch.export .pt2 file ({type(error).__name__}: {error})") from None
+        self.pt2e.allow_exported_model_train_eval(module)
+        return module
+
     def prepare(self, model: Any, example_inputs: Any) -> bytes:
         torch = self.torch
         if not isinstance(model, torch.nn.Module):
             raise ModelError(f"model: expected a torch.nn.Module for framework 'pytorch', got {type(model).__name__}")
         args = as_args(example_inputs)
         if not all(isinstance(arg, torch.Tensor) for arg in args):
-            raise DataError("calibration loader: batches must be tensors (or a tuple of tensors, then labels)")
+            raise DataError("calibration loader: batches must be tensors or numpy arrays (or tuples of them, then labels)")
         model.eval()
         try:
             return self._export(model, args)

@@ -1,0 +1,62 @@
+"""LPOT's dataloader sections: datasets, transforms, filter and postprocess."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lpot_ray.config import DataloaderSection, PostprocessSection
+from lpot_ray.data import build_loader
+from lpot_ray.errors import ConfigError
+
+
+def loader(dataset, transform=None, batch_size=4, filter=None, postprocess=None):
+    section = DataloaderSection(batch_size=batch_size, dataset=dataset, transform=transform, filter=filter)
+    return build_loader(section, "evaluation.accuracy.dataloader",
+                        PostprocessSection(transform=postprocess) if postprocess else None)
+
+
+def test_digits_splits_match_the_demo_and_batch():
+    batches = list(loader({"digits": {"split": "calibration"}}, batch_size=64))
+    assert [len(inputs) for inputs, _ in batches] == [64, 64, 64, 8]
+    assert batches[0][0].shape == (64, 1, 8, 8) and batches[0][0].dtype == np.float32
+
+
+def test_numpy_file_with_label_balance_and_shift(tmp_path):
+    np.savez(tmp_path / "data.npz", x=np.arange(20, dtype=np.float32).reshape(10, 2), y=np.array([1, 2] * 5))
+    data = loader({"numpy": {"path": str(tmp_path / "data.npz"), "inputs": "x", "labels": "y"}},
+                  filter={"LabelBalance": {"size": 2}}, postprocess={"LabelShift": 1})
+    labels = np.concatenate([labels for _, labels in data])
+    assert sorted(labels.tolist()) == [0, 0, 1, 1] and len(data.dataset) == 4
+
+
+def test_image_folder_with_lpot_transforms(tmp_path):
+    for label, color in (("cat", 40), ("dog", 200)):
+        (tmp_path / label).mkdir()
+        for index in range(3):
+            Image.fromarray(np.full((40, 30, 3), color + index, dtype=np.uint8)).save(tmp_path / label / f"{index}.png")
+    data = loader({"ImageFolder": {"root": str(tmp_path)}},
+                  transform={"Resize": {"size": 24}, "CenterCrop": {"size": 16}, "ToArray": {},
+                             "Normalize": {"mean": [127.5] * 3, "std": [127.5] * 3}, "Transpose": {"perm": [2, 0, 1]}})
+    inputs, labels = next(iter(data))
+    assert inputs.shape == (4, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1]
+    assert np.allclose(inputs[0], (40 - 127.5) / 127.5)
+
+
+def test_dummy_v2_shapes():
+    inputs, labels = next(iter(loader({"dummy_v2": {"input_shape": [3, 5], "length": 6, "low": 0, "high": 1}})))
+    assert inputs.shape == (4, 3, 5) and 0 <= inputs.min() and inputs.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "dataset, transform, message",
+    [
+        ({"cifar": {}}, None, "dataset`: unknown dataset 'cifar'; known: ImageFolder, digits, dummy_v2, numpy"),
+        ({"digits": {}}, {"Blur": {}}, "transform`: unknown transform 'Blur'; known: CenterCrop, Normalize, Resize, ToArray, Transpose"),
+        ({"digits": {"split": "test"}}, None, "split 'test' must be one of train, calibration, evaluation, all"),
+        ({"digits": {"colour": 1}}, None, "dataset.digits`: {'colour': 1} are not its parameters"),
+        ({"numpy": {"path": "/nowhere/data.npz"}}, None, "/nowhere/data.npz: file not found"),
+    ],
+)
+def test_bad_sections_name_the_key_and_what_is_known(dataset, transform, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("{", r"\{")):
+        loader(dataset, transform)
