@@ -47,6 +47,8 @@ def tune(
     """Find the fastest int8 version of ``model`` that meets the YAML's accuracy criterion."""
     config = load_config(conf)
     job = _prepare(config, model, q_dataloader, q_func, eval_dataloader, eval_func, resume_file)
+    if config.tuning.exit_policy.performance_only:
+        return _default_config_only(job, model, config)
     executor = Executor(job.worker_job)
     if _wants_ray(config, address):
         executor.grow_on(RayPlan(address or config.ray.address, config.ray.workers, config.ray.cpus_per_worker, verbose))
@@ -63,6 +65,29 @@ def tune(
         finally:
             progress.close()
         return _result(outcome, executor, job.adaptor, criterion, job.history, config)
+    finally:
+        executor.shutdown()
+        job.history.close()
+
+
+def _default_config_only(job: "_PreparedJob", model: Any, config: Config) -> TuneResult:
+    """LPOT's ``performance_only``: quantize with the default config, no accuracy tuning; measure
+    it (and its accuracy, when an evaluation was given)."""
+    executor = Executor(job.worker_job)
+    try:
+        evaluation = job.worker_job.evaluation
+        baseline = _baseline(job.history, evaluation, job.adaptor, model) if evaluation.given else None
+        default = job.space.model_wise_configs()[0]
+        final = executor.finalize(default, measure=True)
+        figures = {**final["figures"], "fp32_macs_fraction": job.space.fp32_macs_fraction(default)}
+        job.history.set_meta("result", {"key": default.key, "accuracy": final["accuracy"], "objectives": figures,
+                                        "int8_ops": final["int8_ops"], "performance_only": True})
+        return TuneResult(
+            model=job.adaptor.deserialize(final["model"]), config=default, accuracy=final["accuracy"],
+            objectives=figures, baseline=baseline, n_trials=0, n_evaluated=0, int8_ops=tuple(final["int8_ops"]),
+            fp32_ops=tuple(final["fp32_ops"]), passed=True, framework=config.model.framework,
+            stopped_by="performance_only", workspace=str(job.history.path.parent), model_bytes=final["model"],
+        )
     finally:
         executor.shutdown()
         job.history.close()
@@ -135,6 +160,8 @@ class Quantization:
 
 # --- checks that need no worker --------------------------------------------------------------
 def _evaluation(config: Config, eval_dataloader: Any, eval_func: Optional[Callable]) -> Evaluation:
+    if config.tuning.exit_policy.performance_only and eval_func is None and eval_dataloader is None:
+        return Evaluation()  # no accuracy tuning, so no evaluation needed
     if eval_func is not None:
         if not callable(eval_func):
             raise ConfigError(f"eval_func: expected a function model -> accuracy, got {type(eval_func).__name__}")

@@ -72,11 +72,13 @@ def run_tune(config_path: str, address: Optional[str], workers: Optional[int], r
     accuracy = config.evaluation.accuracy
     if calibration_section is None:
         raise ConfigError(f"{config_path}: `quantization.calibration.dataloader` is required to tune from the command line")
-    if accuracy.dataloader is None:
+    if accuracy.dataloader is None and not config.tuning.exit_policy.performance_only:
         raise ConfigError(f"{config_path}: `evaluation.accuracy.dataloader` is required to tune from the command line")
     model = registry.adaptors.get(config.model.framework)().load_file(config.model.path)
     calibration = build_loader(calibration_section, "quantization.calibration.dataloader")
-    evaluation = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess)
+    evaluation = None
+    if accuracy.dataloader is not None:
+        evaluation = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="  %(message)s")
     resume_file = config.tuning.workspace.path if resume else None
     result = tune(model, config, q_dataloader=calibration, eval_dataloader=evaluation, resume_file=resume_file,
@@ -92,10 +94,10 @@ def _print_summary(result) -> None:
     from rich.table import Table
 
     table = Table(title="lpot-ray tune", show_header=False)
-    table.add_row("fp32 accuracy", f"{result.baseline:.4f}")
+    table.add_row("fp32 accuracy", "-" if result.baseline is None else f"{result.baseline:.4f}")
     if result.passed:
         figures = result.objectives
-        table.add_row("int8 accuracy", f"{result.accuracy:.4f}")
+        table.add_row("int8 accuracy", "-" if result.accuracy is None else f"{result.accuracy:.4f}")
         table.add_row("int8 ops", ", ".join(result.int8_ops) or "-")
         table.add_row("ops left fp32", ", ".join(result.fp32_ops) or "none")
         if "latency_ratio" in figures:

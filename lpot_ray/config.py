@@ -217,14 +217,7 @@ class AccuracyCriterion(_Section):
 class ExitPolicy(_Section):
     timeout: float = Field(0, ge=0)
     max_trials: int = Field(100, ge=1)
-    performance_only: bool = False
-
-    @field_validator("performance_only")
-    @classmethod
-    def _not_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("is an LPOT option lpot_ray does not support yet (performance_only: true)")
-        return value
+    performance_only: bool = False  # LPOT's: quantize with the default config, no accuracy tuning
 
 
 class WorkspaceSection(_Section):

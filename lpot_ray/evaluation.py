@@ -31,6 +31,10 @@ class Evaluation:
     dataloader: Any = None
     metric: Optional[dict] = None
 
+    @property
+    def given(self) -> bool:
+        return self.eval_func is not None or self.dataloader is not None
+
     def run(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False) -> float:
         if self.eval_func is not None:
             value = self.eval_func(adaptor.user_model(model))

@@ -25,7 +25,7 @@ class TuneResult:
     config: Optional[TuneConfig] = field(repr=False)
     accuracy: Optional[float]
     objectives: dict
-    baseline: float
+    baseline: Optional[float]  # None only with performance_only and no evaluation
     n_trials: int
     n_evaluated: int
     int8_ops: tuple[str, ...]

@@ -75,7 +75,7 @@ class TrialRunner:
             warnings.simplefilter("ignore")
             quantized = self.adaptor.quantize(self.model, config, self.job.calibration)
             lowered = self.adaptor.lower(quantized, self.job.ops, config, self.example)
-            accuracy = self.job.evaluation.run(self.adaptor, lowered.model)
+            accuracy = self.job.evaluation.run(self.adaptor, lowered.model) if self.job.evaluation.given else None
             model = self.adaptor.serialize(quantized, self.example)
             figures = {"model_size_bytes": len(model), "fp32_model_size_bytes": len(self.job.model_payload)}
             if measure:

@@ -160,3 +160,12 @@ def test_several_weighted_objectives(ray_session, outlier_digits, tmp_path):
     result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
     assert result.passed and set(result.fp32_ops) == {"conv2", "fc1"}
     assert {"model_size_bytes", "fp32_model_size_bytes"} <= set(result.objectives)
+
+
+def test_performance_only_quantizes_the_default_config_without_tuning(digits, tmp_path):
+    model, calibration, _ = digits
+    conf = base_conf(tmp_path, exit_policy={"performance_only": True})
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration)  # no evaluation needed
+    assert result.passed and result.n_trials == 0 and result.accuracy is None and result.baseline is None
+    assert result.int8_ops == ("conv1", "conv2", "fc1", "fc2") and result.stopped_by == "performance_only"
+    assert "latency_ratio" in result.objectives
