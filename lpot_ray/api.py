@@ -54,7 +54,7 @@ def tune(
         executor.grow_on(RayPlan(address or config.ray.address, config.ray.workers, config.ray.cpus_per_worker, verbose))
     try:
         baseline = _baseline(job.history, job.worker_job.evaluation, job.adaptor, model)
-        criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion)
+        criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion, _higher_is_better(config, job))
         strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
         strategy.parallelism = _planned_workers(config)
         progress = ProgressLine()
@@ -68,6 +68,16 @@ def tune(
     finally:
         executor.shutdown()
         job.history.close()
+
+
+def _higher_is_better(config: Config, job: "_PreparedJob") -> bool:
+    """The YAML's ``higher_is_better`` if given, else the built-in metric's own direction (an
+    error such as MSE is better lower), else True as in LPOT."""
+    criterion = config.tuning.accuracy_criterion
+    if "higher_is_better" in criterion.model_fields_set or job.worker_job.evaluation.eval_func is not None:
+        return criterion.higher_is_better
+    metric = config.evaluation.accuracy.metric
+    return getattr(registry.metrics.get(next(iter(metric))), "higher_is_better", True) if metric else True
 
 
 def _default_config_only(job: "_PreparedJob", model: Any, config: Config) -> TuneResult:

@@ -5,7 +5,8 @@
 
 ``tune`` needs nothing but the YAML: the model is the file ``model.path`` names and the data
 come from the ``dataloader`` sections. Exit codes: 0 done (``tune``: a config passed),
-1 ``tune`` found no config that meets the criterion, 2 bad input (named on one line).
+1 ``tune`` found no config that meets the criterion, 2 bad input (named on one line), 3 any
+other failure (one line; ``--verbose`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .errors import LpotRayError
 from .history import History, resolve_db_path
 from .trial import Trial
 
-EXIT_OK, EXIT_NO_PASS, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_NO_PASS, EXIT_BAD_INPUT, EXIT_FAILED = 0, 1, 2, 3
 SORT_KEYS = {
     "seq": lambda trial: trial.seq,
     "accuracy": lambda trial: -(trial.accuracy if trial.accuracy is not None else float("-inf")),
@@ -50,6 +51,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LpotRayError as error:
         print(f"lpot-ray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as error:  # not the user's input as far as we can tell: say so in one line
+        if getattr(args, "verbose", False):
+            raise
+        print(f"lpot-ray: failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+              " (--verbose shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def run_tune(config_path: str, address: Optional[str], workers: Optional[int], resume: bool, verbose: bool) -> int:
@@ -143,8 +150,8 @@ def _print_table(trials: list[Trial], result: dict, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("seq", "status", "accuracy", "passed", "fp32 MACs", "fp32 ops", "worker", "seconds"):
-        table.add_column(column, justify="right" if column in ("seq", "accuracy", "fp32 MACs", "seconds") else "left")
+    for column in ("seq", "status", "accuracy", "passed", "objective", "fp32 ops", "worker", "seconds"):
+        table.add_column(column, justify="right" if column in ("seq", "accuracy", "objective", "seconds") else "left")
     for trial in trials:
         chosen = " (chosen)" if trial.key == result.get("key") else ""
         status = trial.status if trial.kind == "trial" else f"{trial.kind} {trial.status}"

@@ -13,6 +13,7 @@ sub-folder of images per class). Transforms: ``Resize``, ``CenterCrop``, ``Norma
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -76,12 +77,12 @@ def build_loader(section: DataloaderSection, key: str, postprocess: Optional[Pos
 def _call(table: dict[str, Callable], name: str, params: Any, key: str) -> Any:
     if name not in table:
         raise ConfigError(f"`{key}`: unknown {key.rsplit('.', 1)[-1]} {name!r}; known: {', '.join(sorted(table))}")
+    args, kwargs = ((), {}) if params is None else ((), params) if isinstance(params, dict) else ((params,), {})
     try:
-        if params is None:
-            return table[name]()
-        return table[name](**params) if isinstance(params, dict) else table[name](params)
+        inspect.signature(table[name]).bind(*args, **kwargs)
     except TypeError as error:
         raise ConfigError(f"`{key}.{name}`: {params!r} are not its parameters ({error})") from None
+    return table[name](*args, **kwargs)
 
 
 # --- datasets: each returns a list of (inputs, label) samples --------------------------------
@@ -110,7 +111,10 @@ def numpy_arrays(path: str, inputs: str = "inputs", labels: str = "labels") -> l
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"numpy: {file}: file not found")
-    with np.load(file) as arrays:
+    arrays = np.load(file)
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise ConfigError(f"numpy: {file}: expected an .npz archive of named arrays (np.savez), got one array")
+    with arrays:
         missing = [name for name in (inputs, labels) if name not in arrays]
         if missing:
             raise ConfigError(f"numpy: {file} has no array {missing[0]!r}; it has {', '.join(arrays.files)}")
@@ -126,9 +130,12 @@ def image_folder(root: str) -> list[Sample]:
     classes = sorted(child.name for child in folder.iterdir() if child.is_dir())
     samples = []
     for label, name in enumerate(classes):
-        for image in sorted((folder / name).iterdir()):
-            with Image.open(image) as opened:
-                samples.append((opened.convert("RGB"), label))
+        for image in sorted(path for path in (folder / name).iterdir() if not path.name.startswith(".")):
+            try:
+                with Image.open(image) as opened:
+                    samples.append((opened.convert("RGB"), label))
+            except OSError as error:
+                raise ConfigError(f"ImageFolder: {image}: not an image ({error})") from None
     return samples
 
 
@@ -141,14 +148,27 @@ def _size(size: Any) -> tuple[int, int]:
 
 
 def resize(size: Any) -> Callable:
-    height, width = _size(size)
+    """Like torchvision's Resize (LPOT's for PyTorch): an int resizes the shorter side and keeps
+    the aspect ratio; [h, w] resizes to exactly that. Float arrays stay float."""
+
+    def target(height: int, width: int) -> tuple[int, int]:
+        if isinstance(size, int):
+            scale = size / min(height, width)
+            return max(1, round(height * scale)), max(1, round(width * scale))
+        return int(size[0]), int(size[1])
 
     def apply(image: Any) -> Any:
         from PIL import Image
 
-        if isinstance(image, np.ndarray):  # HWC array
-            return np.asarray(Image.fromarray(image.astype(np.uint8)).resize((width, height), Image.BILINEAR))
-        return image.resize((width, height), Image.BILINEAR)
+        if not isinstance(image, np.ndarray):
+            height, width = target(image.height, image.width)
+            return image.resize((width, height), Image.BILINEAR)
+        array = image if image.ndim == 3 else image[..., None]
+        height, width = target(*array.shape[:2])
+        channels = [np.asarray(Image.fromarray(array[..., c].astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+                    for c in range(array.shape[2])]
+        resized = np.stack(channels, axis=-1).astype(image.dtype if image.dtype.kind == "f" else np.float32)
+        return resized if image.ndim == 3 else resized[..., 0]
 
     return apply
 
@@ -185,15 +205,10 @@ TRANSFORMS = {"Resize": resize, "CenterCrop": center_crop, "Normalize": normaliz
 
 
 def label_balance(size: int) -> Callable[[list[Sample]], list[Sample]]:
-    """Keep at most ``size`` samples of each label."""
+    """LPOT's LabelBalance: keep the samples whose label holds exactly ``size`` entries (e.g.
+    ``size`` boxes), so that detection labels batch into one array."""
     def apply(samples: list[Sample]) -> list[Sample]:
-        kept, counts = [], {}
-        for inputs, label in samples:
-            key = np.asarray(label).tobytes()
-            if counts.get(key, 0) < size:
-                counts[key] = counts.get(key, 0) + 1
-                kept.append((inputs, label))
-        return kept
+        return [(inputs, label) for inputs, label in samples if np.asarray(label).reshape(-1).size == size]
 
     return apply
 
@@ -201,9 +216,9 @@ def label_balance(size: int) -> Callable[[list[Sample]], list[Sample]]:
 FILTERS = {"LabelBalance": label_balance}
 
 
-def label_shift(shift: int) -> Callable:
-    """LPOT's LabelShift: labels minus ``shift`` (a model without a background class)."""
-    return lambda label: np.asarray(label) - shift
+def label_shift(label_shift: int) -> Callable:
+    """LPOT's LabelShift: labels minus ``label_shift`` (a model without a background class)."""
+    return lambda label: np.asarray(label) - label_shift
 
 
 POSTPROCESS = {"LabelShift": label_shift}

@@ -18,7 +18,7 @@ from .executor import Executor
 from .history import History
 from .space import TuneConfig
 from .strategies.base import InspectRequest, Proposal, Strategy
-from .trial import CANCELLED, FAILED, OK, TRIAL, Trial
+from .trial import CANCELLED, FAILED, OK, TRIAL, WORKER_LOST, Trial
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class Criterion:
     higher_is_better: bool = True
 
     @classmethod
-    def from_config(cls, baseline: float, config: AccuracyCriterion) -> "Criterion":
-        return cls(baseline, config.relative, config.absolute, config.higher_is_better)
+    def from_config(cls, baseline: float, config: AccuracyCriterion, higher_is_better: bool) -> "Criterion":
+        return cls(baseline, config.relative, config.absolute, higher_is_better)
 
     @property
     def allowed_loss(self) -> float:
@@ -81,7 +81,9 @@ class Engine:
         self.exit_policy = exit_policy
         self.objective = objective
         self.on_progress = on_progress
-        self.known: dict[str, Trial] = {trial.key: trial for trial in history.trials()}
+        # Outcomes to replay instead of re-running; a trial lost to dying workers is run again.
+        self.known: dict[str, Trial] = {trial.key: trial for trial in history.trials()
+                                        if not (trial.status == FAILED and trial.reason.startswith(WORKER_LOST))}
         self.proposals: dict[int, Proposal] = {}  # configs to try and requests for data
         self.in_flight: dict[int, Proposal] = {}
         self.finished: dict[int, Trial] = {}  # outcomes not yet told

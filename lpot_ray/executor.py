@@ -17,12 +17,13 @@ import logging
 import os
 import sys
 import sysconfig
+import time
 from typing import Any, Optional
 
 from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
 from .strategies.base import Proposal
-from .trial import CANCELLED, FAILED
+from .trial import CANCELLED, FAILED, WORKER_LOST
 from .worker import TrialRunner, WorkerJob
 
 MAX_RETRIES = 2
@@ -96,6 +97,7 @@ class Executor:
         self.queue: collections.deque = collections.deque()  # (seq, config, attempt)
         self.running: dict[concurrent.futures.Future, tuple[int, Any, TuneConfig, int]] = {}
         self.cancelled: set[int] = set()
+        self.failed: list[dict] = []  # rows of trials that can't run anywhere, reported by wait()
         self._ray_slot_factory: Optional[Any] = None
         self._plan: Optional[RayPlan] = None
         self.session: Optional[RaySession] = None
@@ -150,8 +152,8 @@ class Executor:
 
     # --- the engine's interface --------------------------------------------------------------
     def busy(self) -> bool:
-        """True while a trial runs, even a cancelled one winding down."""
-        return bool(self.running or self.queue)
+        """True while a trial runs (even a cancelled one winding down), waits or must be reported."""
+        return bool(self.running or self.queue or self.failed)
 
     def free_slots(self) -> int:
         self._admit()
@@ -163,6 +165,11 @@ class Executor:
 
     def _dispatch(self) -> None:
         self._admit()
+        if not any(isinstance(slot, RaySlot) for slot in self.slots + self.starting):
+            for item in [item for item in self.queue if item[2] > 0]:  # retries with no Ray worker left
+                self.queue.remove(item)
+                self.failed.append({"seq": item[0], "status": FAILED, "worker": "",
+                                    "reason": f"{WORKER_LOST} a worker died running this trial and no Ray worker is left to retry it"})
         for item in list(self.queue):
             slot = self._slot_for(retry=item[2] > 0)
             if slot is None:
@@ -182,12 +189,14 @@ class Executor:
 
     def wait(self, timeout: float) -> list[dict]:
         """Rows of trials that finished (ok or failed); cancelled trials are dropped."""
-        self._admit()
+        self._dispatch()
+        rows, self.failed = self.failed, []
         watched = list(self.running) + [slot.ready for slot in self.starting]
         if not watched:
-            return []
+            if not rows:
+                time.sleep(min(timeout, 0.05))  # nothing to wait on: don't spin
+            return rows
         done, _ = concurrent.futures.wait(watched, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
-        rows = []
         for future in [future for future in done if future in self.running]:
             seq, slot, config, attempt = self.running.pop(future)
             row = self._collect(future, seq, slot, config, attempt)
@@ -210,7 +219,7 @@ class Executor:
                 self.queue.appendleft((seq, config, attempt + 1))
                 return None
             return {"seq": seq, "status": FAILED, "worker": slot.name,
-                    "reason": f"worker failed {attempt + 1} times running this trial; last: {reason}"}
+                    "reason": f"{WORKER_LOST} worker failed {attempt + 1} times running this trial; last: {reason}"}
 
     def _replace(self, slot: Any) -> None:
         self.slots.remove(slot)

@@ -106,8 +106,9 @@ def paired_latency_ms(run_int8: Callable[[], Any], run_fp32: Callable[[], Any], 
     fp32_times: list[float] = []
     previous = None
     while len(int8_times) < max_rounds:
-        for _ in range(rounds):
-            for run, times in ((run_int8, int8_times), (run_fp32, fp32_times)):
+        for round_index in range(rounds):
+            pair = ((run_int8, int8_times), (run_fp32, fp32_times))
+            for run, times in pair if round_index % 2 == 0 else pair[::-1]:  # no fixed order bias
                 start = time.perf_counter()
                 run()
                 times.append((time.perf_counter() - start) * 1000)

@@ -9,6 +9,7 @@ from .space import TuneConfig
 
 OK, FAILED, CANCELLED = "ok", "failed", "cancelled"
 TRIAL, INSPECTION = "trial", "inspection"  # what was run: a candidate, or a request for per-op errors
+WORKER_LOST = "worker lost:"  # how the reason of a trial that failed only because workers died begins
 
 
 @dataclass

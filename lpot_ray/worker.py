@@ -88,9 +88,10 @@ class TrialRunner:
         fp32_model = self.adaptor.lower_fp32(self.model, self.example)
         run_int8 = lambda: self.adaptor.predict(int8_model, self.example)  # noqa: E731
         run_fp32 = lambda: self.adaptor.predict(fp32_model, self.example)  # noqa: E731
+        # Memory first, before hundreds of timed runs have warmed the allocator's free lists.
+        int8_peak, fp32_peak = peak_rss_growth(run_int8), peak_rss_growth(run_fp32)
         int8_ms, fp32_ms = paired_latency_ms(run_int8, run_fp32)
         figures = {"latency_ms": int8_ms, "fp32_latency_ms": fp32_ms, "latency_ratio": fp32_ms / int8_ms}
-        int8_peak, fp32_peak = peak_rss_growth(run_int8), peak_rss_growth(run_fp32)
         if int8_peak is not None and fp32_peak is not None:
             figures.update(footprint_bytes=int8_bytes + int8_peak,
                            fp32_footprint_bytes=len(self.job.model_payload) + fp32_peak)

@@ -21,12 +21,28 @@ def test_digits_splits_match_the_demo_and_batch():
     assert batches[0][0].shape == (64, 1, 8, 8) and batches[0][0].dtype == np.float32
 
 
-def test_numpy_file_with_label_balance_and_shift(tmp_path):
+def test_numpy_file_with_label_shift(tmp_path):
     np.savez(tmp_path / "data.npz", x=np.arange(20, dtype=np.float32).reshape(10, 2), y=np.array([1, 2] * 5))
     data = loader({"numpy": {"path": str(tmp_path / "data.npz"), "inputs": "x", "labels": "y"}},
-                  filter={"LabelBalance": {"size": 2}}, postprocess={"LabelShift": 1})
+                  postprocess={"LabelShift": {"label_shift": 1}})
     labels = np.concatenate([labels for _, labels in data])
-    assert sorted(labels.tolist()) == [0, 0, 1, 1] and len(data.dataset) == 4
+    assert labels.tolist() == [0, 1] * 5 and len(data.dataset) == 10
+
+
+def test_label_balance_keeps_labels_of_the_given_size_as_lpot():
+    from lpot_ray.data import label_balance
+
+    samples = [("a", [1]), ("b", [1, 2]), ("c", [3])]
+    assert [inputs for inputs, _ in label_balance(1)(samples)] == ["a", "c"]
+
+
+def test_resize_keeps_the_aspect_ratio_for_an_int_and_floats_as_floats():
+    from lpot_ray.data import resize
+
+    image = np.random.default_rng(0).uniform(-1, 1, size=(300, 200, 3)).astype(np.float32)
+    resized = resize(256)(image)
+    assert resized.shape == (384, 256, 3) and resized.dtype == np.float32 and resized.min() < 0
+    assert resize([10, 20])(image).shape == (10, 20, 3)
 
 
 def test_image_folder_with_lpot_transforms(tmp_path):

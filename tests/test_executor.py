@@ -85,3 +85,12 @@ def test_a_worker_killed_mid_trial_costs_only_a_rerun(ray_session, job_and_space
         assert all(row["status"] == "ok" for row in rows)
     finally:
         executor.shutdown()
+
+
+def test_a_retry_with_no_ray_worker_left_is_reported_failed_not_left_hanging():
+    executor = Executor(job=None, in_process=False)
+    executor.queue.append((5, None, 1))  # a trial whose worker died, waiting for a retry
+    assert executor.busy()
+    (row,) = executor.wait(timeout=0.5)
+    assert row["seq"] == 5 and row["status"] == "failed" and "no Ray worker is left" in row["reason"]
+    assert not executor.busy()

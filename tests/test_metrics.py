@@ -98,3 +98,49 @@ def test_known_values():
 def test_mismatched_predictions_and_labels_say_which_shapes(spec, preds, labels, message):
     with pytest.raises(EvaluationError, match=message):
         make_metric(spec).update(preds, labels)
+
+
+def test_bleu_smooths_like_sacrebleu_when_an_order_has_no_match():
+    import sacrebleu
+
+    hypotheses, references = ["the cat sat on mat here", "a dog barks loudly"], ["the cat lay on a mat now", "the dog barked loudly"]
+    metric = make_metric({"BLEU": None})
+    metric.update(hypotheses, references)
+    assert metric.result() == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+    assert metric.result() > 0
+
+
+def test_sigmoid_outputs_and_one_hot_labels():
+    sigmoid = np.array([[0.9], [0.8], [0.1], [0.2]])
+    for name in ("Accuracy", "F1"):
+        metric = make_metric({name: None})
+        metric.update(sigmoid, np.array([1, 1, 0, 0]))
+        assert metric.result() == 1.0
+    topk = make_metric({"topk": 1})
+    topk.update(np.eye(4), np.eye(4))
+    assert topk.result() == 1.0
+
+
+def test_metric_parameters_it_does_not_take_are_a_config_error():
+    from lpot_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"`evaluation.accuracy.metric.MSE`: \{'compare_label': False\} are not its parameters"):
+        make_metric({"MSE": {"compare_label": False}})
+
+
+def test_an_error_metric_makes_the_criterion_lower_is_better_unless_the_yaml_says():
+    from lpot_ray.api import _higher_is_better
+    from lpot_ray.config import load_config
+    from lpot_ray.evaluation import Evaluation
+
+    class Job:
+        class worker_job:
+            evaluation = Evaluation(dataloader=[], metric={"MSE": None})
+
+    def direction(criterion):
+        conf = {"model": {"framework": "pytorch"}, "evaluation": {"accuracy": {"metric": {"MSE": None}}},
+                "tuning": {"accuracy_criterion": criterion}}
+        return _higher_is_better(load_config(conf), Job)
+
+    assert direction({"relative": 0.01}) is False
+    assert direction({"relative": 0.01, "higher_is_better": True}) is True

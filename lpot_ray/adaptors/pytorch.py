@@ -103,7 +103,11 @@ class PyTorchAdaptor(Adaptor):
             return self._export(model, args)
         except Exception as error:  # torch raises many kinds here; the user needs the reason
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelError(f"model: torch.export could not export {type(model).__name__}: {first_line}") from error
+            hint = ""
+            if "Constraints violated" in str(error) or "Guard failed" in str(error):
+                hint = ("; lpot_ray needs a dynamic batch dimension: export the model with "
+                        "dynamic_shapes={0: torch.export.Dim('batch')} for its input")
+            raise ModelError(f"model: torch.export could not export {type(model).__name__}: {first_line}{hint}") from error
 
     def _export(self, model: Any, args: tuple) -> bytes:
         """``torch.export`` with a dynamic batch dimension, saved to bytes (models travel so)."""
@@ -192,15 +196,17 @@ class PyTorchAdaptor(Adaptor):
     def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any], ops: Sequence[Op]) -> dict[str, float]:
         batches = list(_take_samples(calibration, config.sampling_size))
         nodes = _op_nodes(model.module())
-        reference = _node_outputs(model.module(), nodes, batches)
-        errors = {}
-        for name in config.int8_ops:
-            alone = config.with_fallback(set(config.int8_ops) - {name})
-            outputs = _node_outputs(self.quantize(model, alone, calibration), {name: nodes[name]}, batches)
-            signal = sum(float((ref ** 2).mean()) for ref in reference[name])
-            noise = sum(float(((out - ref) ** 2).mean()) for out, ref in zip(outputs[name], reference[name], strict=True))
-            errors[name] = noise / max(signal, 1e-12)
-        return errors
+        quantized_alone = {name: self.quantize(model, config.with_fallback(set(config.int8_ops) - {name}), calibration)
+                           for name in config.int8_ops}
+        signal = dict.fromkeys(quantized_alone, 0.0)
+        noise = dict.fromkeys(quantized_alone, 0.0)
+        for inputs in batches:  # one batch at a time: memory stays one batch of op outputs
+            reference = _node_outputs(model.module(), nodes, [inputs])
+            for name, quantized in quantized_alone.items():
+                (output,) = _node_outputs(quantized, {name: nodes[name]}, [inputs])[name]
+                signal[name] += float((reference[name][0] ** 2).mean())
+                noise[name] += float(((output - reference[name][0]) ** 2).mean())
+        return {name: noise[name] / max(signal[name], 1e-12) for name in quantized_alone}
 
     def predict(self, model: Any, inputs: Any) -> np.ndarray:
         with self.torch.no_grad():

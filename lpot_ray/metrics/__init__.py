@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ConfigError
 from .base import Metric, SummedMetric
 
 __all__ = ["Metric", "SummedMetric", "make_metric"]
@@ -20,8 +21,9 @@ def make_metric(spec: dict[str, Any]) -> Metric:
 
     (name, params), = spec.items()
     cls = registry.metrics.get(name)
-    if params is None or params == {}:
-        return cls()
-    if isinstance(params, dict):
-        return cls(**params)
-    return cls(params)
+    try:
+        if params is None or params == {}:
+            return cls()
+        return cls(**params) if isinstance(params, dict) else cls(params)
+    except TypeError as error:
+        raise ConfigError(f"`evaluation.accuracy.metric.{name}`: {params!r} are not its parameters ({error})") from None

@@ -8,12 +8,19 @@ from ..errors import ConfigError, EvaluationError
 from .base import SummedMetric
 
 
+def _class_labels(labels: np.ndarray) -> np.ndarray:
+    """Class indices, from indices or one-hot rows (LPOT accepts both)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        return labels.argmax(axis=1)
+    return labels.reshape(-1)
+
+
 def _labels(preds: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Predicted classes (argmax of scores, or classes given) and labels, checked to match."""
-    preds = np.asarray(preds)
-    labels = np.asarray(labels).reshape(-1)
-    if preds.ndim == 2:
-        preds = preds.argmax(axis=1)
+    preds, labels = np.asarray(preds), _class_labels(labels)
+    if preds.ndim == 2:  # scores: one column is a sigmoid's probability of class 1
+        preds = (preds[:, 0] > 0.5).astype(np.int64) if preds.shape[1] == 1 else preds.argmax(axis=1)
     preds = preds.reshape(-1)
     if preds.shape != labels.shape:
         raise EvaluationError(f"{metric}: {preds.shape[0]} predictions for {labels.shape[0]} labels")
@@ -22,6 +29,11 @@ def _labels(preds: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndar
 
 class TopK(SummedMetric):
     """Share of samples whose label is among the k highest scores (LPOT's ``topk``)."""
+
+    def merge(self, other) -> None:
+        if getattr(other, "k", None) != self.k:
+            raise EvaluationError(f"can't merge top-{getattr(other, 'k', '?')} into top-{self.k}")
+        super().merge(other)
 
     SUMS = ("correct", "total")
 
@@ -32,8 +44,7 @@ class TopK(SummedMetric):
         super().__init__()
 
     def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
-        preds = np.asarray(preds)
-        labels = np.asarray(labels).reshape(-1)
+        preds, labels = np.asarray(preds), _class_labels(labels)
         if preds.ndim != 2 or preds.shape[0] != labels.shape[0]:
             raise EvaluationError(
                 f"topk: expected scores of shape (batch, classes) matching {labels.shape[0]} labels, got {preds.shape}"

@@ -45,6 +45,8 @@ class SquadF1(SummedMetric):
         _texts(preds, labels, "SquadF1")
         for prediction, truths in zip(preds, labels, strict=True):
             truths = [truths] if isinstance(truths, str) else list(truths)
+            if not truths:
+                raise EvaluationError("SquadF1: a question has no reference answer")
             self.add(f1=max(_token_f1(prediction, truth) for truth in truths), count=1)
 
     def result(self) -> float:
@@ -72,7 +74,8 @@ class BLEU(SummedMetric):
 
         correct = [int(self.sums[f"correct{n}"]) for n in range(self.ORDER)]
         total = [int(self.sums[f"total{n}"]) for n in range(self.ORDER)]
-        score = SacreBLEU.compute_bleu(correct, total, int(self.sums["sys_len"]), int(self.sums["ref_len"]))
+        score = SacreBLEU.compute_bleu(correct, total, int(self.sums["sys_len"]), int(self.sums["ref_len"]),
+                                       smooth_method="exp")  # sacrebleu's corpus default
         return score.score
 
 

@@ -53,7 +53,7 @@ class BayesianStrategy(Strategy):
 
     @property
     def finished(self) -> bool:
-        return len(self.proposed) >= self.space.size and not self.waiting
+        return len(self.proposed) >= self.space.size and not self.waiting and not self.round
 
     def ask(self, n: int) -> list[TuneConfig]:
         if not self.round and not self.waiting and not self.finished:
@@ -95,7 +95,7 @@ class BayesianStrategy(Strategy):
         return batch
 
     def _most_promising(self, candidates: list[TuneConfig], batch: list[TuneConfig]) -> int:
-        """Index of the candidate of highest EI, with the batch so far lied in at the worst score."""
+        """Index of the candidate of highest EI, with the batch so far lied in at the best score."""
         from scipy.stats import norm
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel

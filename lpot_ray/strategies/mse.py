@@ -9,11 +9,15 @@ accumulated fallback of the top-1, top-2, ... ops as speculative parallel prefix
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Optional
 
 from ..trial import OK, Trial
 from .base import InspectRequest, Proposal
 from .basic import BasicStrategy
+
+log = logging.getLogger("lpot_ray")
 
 
 class MseStrategy(BasicStrategy):
@@ -24,6 +28,13 @@ class MseStrategy(BasicStrategy):
 
     def _rank(self, outcomes: list[Trial]) -> Optional[list[str]]:
         if not outcomes or outcomes[0].status != OK:
-            return list(self.base.int8_ops)  # no errors to rank by: fall back in model order
+            log.warning("mse: no per-op errors (%s); falling back in model order",
+                        outcomes[0].reason if outcomes else "inspection cancelled")
+            return list(self.base.int8_ops)
         errors = outcomes[0].figures["op_errors"]
-        return sorted(self.base.int8_ops, key=lambda name: -errors.get(name, 0.0))  # stable on ties
+
+        def error(name: str) -> float:  # NaN or inf means: the op broke; fall it back first
+            value = errors.get(name, 0.0)
+            return math.inf if not math.isfinite(value) else value
+
+        return sorted(self.base.int8_ops, key=lambda name: -error(name))  # stable on ties
