@@ -1,5 +1,6 @@
 """Ray workers: cooperative cancellation and surviving a worker that dies mid-trial."""
 
+import contextlib
 import time
 
 import pytest
@@ -51,30 +52,33 @@ def wait_for(executor, count, limit=120):
     return rows
 
 
+@contextlib.contextmanager
+def ray_workers(job, count):
+    """An executor of ``count`` ready Ray workers and no driver slot."""
+    executor = Executor(job, in_process=False)
+    executor.add_ray_workers(count, cpus_per_worker=1)
+    try:
+        wait_for_workers(executor, count)
+        yield executor
+    finally:
+        executor.shutdown()
+
+
 def test_a_cancelled_trial_stops_between_batches_and_frees_its_worker(ray_session, job_and_space):
     job, space = job_and_space
-    executor = Executor(job, in_process=False)
-    executor.add_ray_workers(1, cpus_per_worker=1)
-    try:
-        wait_for_workers(executor, 1)
-        config = space.model_wise_configs()[0]
-        executor.submit(0, config)
-        time.sleep(1.5)  # the worker starts, imports torch and enters the evaluation
+    with ray_workers(job, 1) as executor:
+        executor.submit(0, space.model_wise_configs()[0])
+        time.sleep(1.5)  # the trial is in its evaluation by now
         started = time.monotonic()
         executor.cancel(0)
         assert executor.wait(timeout=30) == []  # the cancelled trial reports nothing
         assert time.monotonic() - started < 3  # 5 batches x 0.5 s would take longer than this
         assert executor.free_slots() == 1
-    finally:
-        executor.shutdown()
 
 
 def test_a_worker_killed_mid_trial_costs_only_a_rerun(ray_session, job_and_space):
     job, space = job_and_space
-    executor = Executor(job, in_process=False)
-    executor.add_ray_workers(2, cpus_per_worker=1)
-    try:
-        wait_for_workers(executor, 2)
+    with ray_workers(job, 2) as executor:
         configs = space.model_wise_configs()
         executor.submit(0, configs[0])
         executor.submit(1, configs[1])
@@ -83,8 +87,6 @@ def test_a_worker_killed_mid_trial_costs_only_a_rerun(ray_session, job_and_space
         rows = wait_for(executor, 2)
         assert sorted(row["seq"] for row in rows) == [0, 1]
         assert all(row["status"] == "ok" for row in rows)
-    finally:
-        executor.shutdown()
 
 
 def test_a_retry_with_no_ray_worker_left_is_reported_failed_not_left_hanging():
