@@ -78,7 +78,8 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
     model = SimulatedModel(trial_seconds=args.trial_seconds)
     criterion = {"absolute": 0.012}
     with tempfile.TemporaryDirectory() as root:

@@ -138,6 +138,7 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
                           f"{config.model.framework} offers {describe_capabilities(capabilities)}")
     history = History.start(config.tuning.workspace.path, resume_file or config.tuning.workspace.resume,
                             _fingerprint(config, adaptor.weights_digest(fp32_model), space))
+    history.set_meta("job", _description(config, space))
     worker_job = WorkerJob(adaptor_class, payload, calibration, evaluation, space.ops,
                            threads=max(1, int(config.ray.cpus_per_worker)))
     return _PreparedJob(worker_job, adaptor, space, strategy_class, objectives, history)
@@ -212,6 +213,22 @@ def _fingerprint(config: Config, weights: str, space: TuningSpace) -> dict:
         "seed": config.tuning.random_seed,
         "metric": config.evaluation.accuracy.metric,
         "objective": config.tuning.multi_objectives.model_dump() if config.tuning.multi_objectives else config.tuning.objective,
+    }
+
+
+def _description(config: Config, space: TuningSpace) -> dict:
+    """What the report shows of the job: the configuration, the ops and the environment."""
+    import platform
+    import sys
+
+    from . import __version__
+
+    versions = {name: getattr(sys.modules[name], "__version__", "?") for name in ("torch", "torchao", "ray") if name in sys.modules}
+    return {
+        "config": config.model_dump(mode="json"),
+        "ops": [{"name": op.name, "op_type": op.op_type, "macs": op.macs, "weights": op.weights} for op in space.ops],
+        "environment": {"lpot_ray": __version__, "python": platform.python_version(), "platform": platform.platform(),
+                        "cpus": os.cpu_count(), **versions},
     }
 
 

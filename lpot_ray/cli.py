@@ -2,6 +2,7 @@
 
     lpot-ray tune CONF.yaml [--address A] [--workers N] [--resume] [--verbose]
     lpot-ray history WORKSPACE [--sort accuracy|objective|duration|seq] [--json]
+    lpot-ray report WORKSPACE [-o report.html]
 
 ``tune`` needs nothing but the YAML: the model is the file ``model.path`` names and the data
 come from the ``dataloader`` sections. Exit codes: 0 done (``tune``: a config passed),
@@ -43,10 +44,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     history.add_argument("workspace", help="the workspace folder, or its history.db")
     history.add_argument("--sort", choices=sorted(SORT_KEYS), default="seq", help="order of the rows (default: seq)")
     history.add_argument("--json", action="store_true", help="machine-readable output")
+    report = commands.add_parser("report", help="a self-contained HTML report with plots")
+    report.add_argument("workspace", help="the workspace folder, or its history.db")
+    report.add_argument("-o", "--output", help="the HTML file to write (default: WORKSPACE/report.html)")
     args = parser.parse_args(argv)
     try:
         if args.command == "tune":
             return run_tune(args.config, args.address, args.workers, args.resume, args.verbose)
+        if args.command == "report":
+            from .report import write_report
+
+            print(write_report(args.workspace, args.output))
+            return EXIT_OK
         return show_history(args.workspace, args.sort, args.json)
     except LpotRayError as error:
         print(f"lpot-ray: {error}", file=sys.stderr)

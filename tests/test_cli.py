@@ -120,3 +120,20 @@ def test_tune_bad_input_exits_2_with_one_line(trained_digits, tmp_path):
     assert done.returncode == 2
     assert "`evaluation.accuracy.dataloader.dataset`: unknown dataset 'cifar'; known: ImageFolder, digits, dummy_v2, numpy" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_report_is_one_offline_page_with_its_plots_and_the_chosen_trial(trained_digits, tmp_path):
+    model_path = save_pt2(trained_digits[0], tmp_path / "digits.pt2")
+    conf = write_conf(tmp_path, model_path, accuracy_criterion={"relative": 0.01}, exit_policy={"timeout": 60, "max_trials": 3})
+    assert lpot_ray("tune", str(conf)).returncode == 0
+    done = lpot_ray("report", str(tmp_path / "ws"), "-o", str(tmp_path / "out" / "report.html"))
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "out" / "report.html").read_text()
+    for plot in ("accuracy_vs_objective", "fp32_ops", "timeline"):
+        assert f'<img alt="{plot}" src="data:image/png;base64,' in page
+        assert (tmp_path / "out" / f"report_{plot}.png").stat().st_size > 1000
+    assert "http://" not in page and "https://" not in page  # works offline
+    chosen = json.loads(lpot_ray("history", str(tmp_path / "ws"), "--json").stdout)
+    (chosen_key,) = [row["key"] for row in chosen if row["chosen"]]
+    assert f"chosen trial key {chosen_key}" in page and "<tr class=chosen>" in page
+    assert '"conv2"' in page or "conv2" in page  # the ops and the configuration are shown
