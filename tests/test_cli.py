@@ -137,3 +137,25 @@ def test_report_is_one_offline_page_with_its_plots_and_the_chosen_trial(trained_
     (chosen_key,) = [row["key"] for row in chosen if row["chosen"]]
     assert f"chosen trial key {chosen_key}" in page and "<tr class=chosen>" in page
     assert '"conv2"' in page or "conv2" in page  # the ops and the configuration are shown
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is installed by .ci/run")
+def test_report_renders_in_headless_chromium_with_its_plots(trained_digits, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    model_path = save_pt2(trained_digits[0], tmp_path / "digits.pt2")
+    assert lpot_ray("tune", str(write_conf(tmp_path, model_path))).returncode == 0
+    page = tmp_path / "ws" / "report.html"
+    assert lpot_ray("report", str(tmp_path / "ws")).returncode == 0
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    blue = (abs(pixels[..., 0] - 31) < 10) & (abs(pixels[..., 1] - 119) < 10) & (abs(pixels[..., 2] - 180) < 10)
+    assert blue.sum() > 500  # the per-op bars (int8 ops in blue) were drawn from the embedded PNG
+    assert (pixels.sum(axis=2) < 600).mean() > 0.02  # ink on the page, not a blank or broken render
