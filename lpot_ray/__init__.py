@@ -5,7 +5,8 @@ Importing lpot_ray imports no deep-learning framework; each adaptor imports its 
 
 from .api import Quantization, tune
 from .config import Config, load_config
-from .errors import ConfigError, DataError, EvaluationError, HistoryError, LpotRayError, MissingFrameworkError, ModelError
+from .errors import (ConfigError, DataError, EvaluationError, HistoryError, LpotRayError, MissingFrameworkError,
+                     ModelError, PluginError, SpaceError)
 from .metrics import Metric
 from .result import TuneResult, load
 from .space import Op, OpScheme, TensorScheme, TuneConfig, TuningSpace
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Config", "ConfigError", "DataError", "EvaluationError", "HistoryError", "LpotRayError", "Metric",
-    "MissingFrameworkError", "ModelError", "Op", "OpScheme", "Quantization", "Strategy", "TensorScheme",
+    "MissingFrameworkError", "ModelError", "Op", "OpScheme", "PluginError", "Quantization", "SpaceError", "Strategy",
+    "TensorScheme",
     "Trial", "TuneConfig", "TuneResult", "TuningSpace", "load", "load_config", "tune",
 ]

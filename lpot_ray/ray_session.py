@@ -75,10 +75,6 @@ class RaySession:
             if owned:
                 ray.shutdown()
 
-    @property
-    def connected(self) -> bool:
-        return self.ready.is_set() and self.error is None
-
     def cluster_cpus(self) -> float:
         import ray
 

@@ -117,9 +117,6 @@ class TuneConfig:
     def int8_ops(self) -> tuple[str, ...]:
         return tuple(name for name, scheme in self.op_schemes if not scheme.is_fp32)
 
-    def scheme_of(self, op_name: str) -> OpScheme:
-        return dict(self.op_schemes)[op_name]
-
     def with_fallback(self, op_names: Iterable[str]) -> "TuneConfig":
         """The same config with ``op_names`` in fp32."""
         fallback = set(op_names)
