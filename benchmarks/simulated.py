@@ -88,8 +88,7 @@ class SimulatedAdaptor(Adaptor):
         time.sleep(model.trial_seconds)
         return SimulatedModel(model.sensitivity, model.baseline, model.trial_seconds, config)
 
-    def inspect_tensors(self, model: SimulatedModel, config: TuneConfig, calibration: Sequence[Any],
-                        ops: Sequence[Op]) -> dict[str, float]:
+    def inspect_tensors(self, model: SimulatedModel, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
         """Each int8 op's error is its known sensitivity (the mse strategy's ranking input)."""
         time.sleep(model.trial_seconds)
         sensitivity = dict(zip(model.op_names, model.sensitivity, strict=True))

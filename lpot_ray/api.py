@@ -10,11 +10,13 @@ importing their framework. A tuning never waits for Ray to start or stop.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from . import registry
+from .adaptors.base import Adaptor
 from .config import Config, load_config
 from .engine import Criterion, Engine, EngineOutcome
 from .errors import ConfigError, DataError, EvaluationError, ModelError
@@ -26,7 +28,7 @@ from .objectives import WeightedObjectives
 from .progress import ProgressLine
 from .ray_session import RayPlan
 from .result import TuneResult
-from .space import TuningSpace, describe_capabilities
+from .space import TuneConfig, TuningSpace, describe_capabilities
 from .trial import OK
 from .worker import WorkerJob
 
@@ -55,6 +57,7 @@ def tune(
     try:
         baseline = _baseline(job.history, job.worker_job.evaluation, job.adaptor, model)
         criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion, _higher_is_better(config, job))
+        job.history.set_meta("criterion", dataclasses.asdict(criterion))
         strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
         strategy.parallelism = _planned_workers(config)
         progress = ProgressLine()
@@ -89,15 +92,9 @@ def _default_config_only(job: "_PreparedJob", model: Any, config: Config) -> Tun
         baseline = _baseline(job.history, evaluation, job.adaptor, model) if evaluation.given else None
         default = job.space.model_wise_configs()[0]
         final = executor.finalize(default, measure=True)
-        figures = {**final["figures"], "fp32_macs_fraction": job.space.fp32_macs_fraction(default)}
-        job.history.set_meta("result", {"key": default.key, "accuracy": final["accuracy"], "objectives": figures,
-                                        "int8_ops": final["int8_ops"], "performance_only": True})
-        return TuneResult(
-            model=job.adaptor.deserialize(final["model"]), config=default, accuracy=final["accuracy"],
-            objectives=figures, baseline=baseline, n_trials=0, n_evaluated=0, int8_ops=tuple(final["int8_ops"]),
-            fp32_ops=tuple(final["fp32_ops"]), passed=True, framework=config.model.framework,
-            stopped_by="performance_only", workspace=str(job.history.path.parent), model_bytes=final["model"],
-        )
+        common = dict(baseline=baseline, n_trials=0, n_evaluated=0, framework=config.model.framework,
+                      stopped_by="performance_only", workspace=str(job.history.path.parent))
+        return _passed(default, job.space.fp32_macs_fraction(default), final, job.adaptor, job.history, [], common)
     finally:
         executor.shutdown()
         job.history.close()
@@ -124,6 +121,9 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
     strategy_class = registry.strategies.get(config.tuning.strategy.name)
     objectives = _objectives(config)
     adaptor_class = registry.adaptors.get(config.model.framework)
+    if getattr(strategy_class, "inspects_tensors", False) and not adaptor_class.can_inspect_tensors():
+        raise ConfigError(f"`tuning.strategy.name`: {config.tuning.strategy.name!r} ranks ops by inspecting tensors, "
+                          f"which the {config.model.framework} adaptor can't do; choose basic or bayesian")
     adaptor = adaptor_class()
 
     calibration = _calibration_batches(q_dataloader, max(config.quantization.calibration.sampling_size))
@@ -193,7 +193,7 @@ def _calibration_batches(loader: Any, samples: int) -> list:
         for batch in loader:
             inputs, _ = split_batch(batch)
             batches.append(inputs)
-            seen += len(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
+            seen += Adaptor.batch_size(inputs)
             if seen >= samples:
                 break
     except TypeError as error:
@@ -264,19 +264,23 @@ def _result(outcome: EngineOutcome, executor: Executor, adaptor: Any, criterion:
         if not criterion.passes(final["accuracy"]):
             rejected.append({"key": trial.key, "compiled_accuracy": final["accuracy"]})
             continue
-        figures = {**final["figures"], "fp32_macs_fraction": trial.objective}
-        history.set_meta("result", {"key": trial.key, "accuracy": final["accuracy"], "objectives": figures,
-                                    "int8_ops": final["int8_ops"], "rejected": rejected})
-        return TuneResult(
-            model=adaptor.deserialize(final["model"]), config=trial.config, accuracy=final["accuracy"],
-            objectives=figures, int8_ops=tuple(final["int8_ops"]), fp32_ops=tuple(final["fp32_ops"]),
-            passed=True, model_bytes=final["model"], **common,
-        )
+        return _passed(trial.config, trial.objective, final, adaptor, history, rejected, common)
     evaluated = [trial for trial in outcome.trials if trial.status == OK and trial.accuracy is not None]
     best_failing = min(evaluated, key=lambda trial: (criterion.loss(trial.accuracy), trial.key), default=None)
     history.set_meta("result", {"key": None, "rejected": rejected})
     return TuneResult(model=None, config=None, accuracy=None, objectives={}, int8_ops=(), fp32_ops=(),
                       passed=False, best_failing=best_failing, **common)
+
+
+def _passed(config: TuneConfig, proxy: float, final: dict, adaptor: Any, history: History, rejected: list,
+            common: dict) -> TuneResult:
+    """The result for a config that was compiled and measured: recorded, then returned."""
+    figures = {**final["figures"], "fp32_macs_fraction": proxy}
+    history.set_meta("result", {"key": config.key, "accuracy": final["accuracy"], "objectives": figures,
+                                "int8_ops": final["int8_ops"], "rejected": rejected})
+    return TuneResult(model=adaptor.deserialize(final["model"]), config=config, accuracy=final["accuracy"],
+                      objectives=figures, int8_ops=tuple(final["int8_ops"]), fp32_ops=tuple(final["fp32_ops"]),
+                      passed=True, model_bytes=final["model"], **common)
 
 
 def _objectives(config: Config) -> WeightedObjectives:

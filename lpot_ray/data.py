@@ -13,6 +13,7 @@ sub-folder of images per class). Transforms: ``Resize``, ``CenterCrop``, ``Norma
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -59,7 +60,8 @@ def build_loader(section: DataloaderSection, key: str, postprocess: Optional[Pos
     samples = _call(DATASETS, name, params, f"{key}.dataset")
     for transform_name, transform_params in (section.transform or {}).items():
         transform = _call(TRANSFORMS, transform_name, transform_params, f"{key}.transform")
-        samples = [(transform(inputs), label) for inputs, label in samples]
+        with _named(f"{key}.transform.{transform_name}"):
+            samples = [(transform(inputs), label) for inputs, label in samples]
     if section.filter:
         (filter_name, filter_params), = section.filter.items()
         samples = _call(FILTERS, filter_name, filter_params, f"{key}.filter")(samples)
@@ -69,9 +71,22 @@ def build_loader(section: DataloaderSection, key: str, postprocess: Optional[Pos
             samples = [(inputs, relabel(label)) for inputs, label in samples]
     if not samples:
         raise ConfigError(f"`{key}`: the dataset yields no samples")
+    shapes = sorted({np.shape(inputs) for inputs, _ in samples})
+    if len(shapes) > 1:
+        raise ConfigError(f"`{key}`: samples come in shapes {shapes[0]} and {shapes[1]}; one batch needs one shape "
+                          "(add Resize and CenterCrop transforms)")
     dataset = ArrayDataset(np.stack([np.asarray(inputs) for inputs, _ in samples]),
                            np.asarray([label for _, label in samples]))
     return ArrayLoader(dataset, section.batch_size)
+
+
+@contextlib.contextmanager
+def _named(key: str) -> Iterator[None]:
+    """Put the YAML key in front of a ConfigError raised by a dataset, transform or filter."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError(f"`{key}`: {error}") from None
 
 
 def _call(table: dict[str, Callable], name: str, params: Any, key: str) -> Any:
@@ -82,7 +97,8 @@ def _call(table: dict[str, Callable], name: str, params: Any, key: str) -> Any:
         inspect.signature(table[name]).bind(*args, **kwargs)
     except TypeError as error:
         raise ConfigError(f"`{key}.{name}`: {params!r} are not its parameters ({error})") from None
-    return table[name](*args, **kwargs)
+    with _named(f"{key}.{name}"):
+        return table[name](*args, **kwargs)
 
 
 # --- datasets: each returns a list of (inputs, label) samples --------------------------------
@@ -95,29 +111,24 @@ def dummy_v2(input_shape: list[int], label_shape: Optional[list[int]] = None, lo
 
 
 def digits(split: str = "evaluation") -> list[Sample]:
-    from sklearn.datasets import load_digits
+    from .digits import SPLITS, digits_arrays
 
-    ranges = {"train": (0, 1300), "calibration": (1300, 1500), "evaluation": (1500, None), "all": (0, None)}
-    if split not in ranges:
-        raise ConfigError(f"digits: split {split!r} must be one of {', '.join(ranges)}")
-    images, labels = load_digits(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(images))  # the demo's split
-    start, stop = ranges[split]
-    images = (images[order] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)[start:stop]
-    return list(zip(images, labels[order][start:stop], strict=True))
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} must be one of {', '.join(SPLITS)}")
+    return list(zip(*digits_arrays(split), strict=True))
 
 
 def numpy_arrays(path: str, inputs: str = "inputs", labels: str = "labels") -> list[Sample]:
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"numpy: {file}: file not found")
+        raise ConfigError(f"{file}: file not found")
     arrays = np.load(file)
     if not isinstance(arrays, np.lib.npyio.NpzFile):
-        raise ConfigError(f"numpy: {file}: expected an .npz archive of named arrays (np.savez), got one array")
+        raise ConfigError(f"{file}: expected an .npz archive of named arrays (np.savez), got one array")
     with arrays:
         missing = [name for name in (inputs, labels) if name not in arrays]
         if missing:
-            raise ConfigError(f"numpy: {file} has no array {missing[0]!r}; it has {', '.join(arrays.files)}")
+            raise ConfigError(f"{file} has no array {missing[0]!r}; it has {', '.join(arrays.files)}")
         return list(zip(arrays[inputs], arrays[labels], strict=True))
 
 
@@ -126,7 +137,7 @@ def image_folder(root: str) -> list[Sample]:
 
     folder = Path(root)
     if not folder.is_dir():
-        raise ConfigError(f"ImageFolder: {folder}: folder not found")
+        raise ConfigError(f"{folder}: folder not found")
     classes = sorted(child.name for child in folder.iterdir() if child.is_dir())
     samples = []
     for label, name in enumerate(classes):
@@ -135,7 +146,7 @@ def image_folder(root: str) -> list[Sample]:
                 with Image.open(image) as opened:
                     samples.append((opened.convert("RGB"), label))
             except OSError as error:
-                raise ConfigError(f"ImageFolder: {image}: not an image ({error})") from None
+                raise ConfigError(f"{image}: not an image ({error})") from None
     return samples
 
 
@@ -180,7 +191,7 @@ def center_crop(size: Any) -> Callable:
         array = np.asarray(image)
         top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
         if top < 0 or left < 0:
-            raise ConfigError(f"CenterCrop: {height}x{width} is larger than the image, {array.shape[0]}x{array.shape[1]}")
+            raise ConfigError(f"{height}x{width} is larger than the image, {array.shape[0]}x{array.shape[1]}")
         return array[top:top + height, left:left + width]
 
     return apply

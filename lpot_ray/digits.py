@@ -5,24 +5,34 @@ from __future__ import annotations
 from typing import Any
 
 
-def digits_loaders(batch_size: int = 64, calibration_batch_size: int = 32) -> tuple[Any, Any, Any]:
-    """(train, calibration, evaluation) torch DataLoaders over the 8x8 digits, split 1300/200/297."""
+SPLITS = {"train": (0, 1300), "calibration": (1300, 1500), "evaluation": (1500, None), "all": (0, None)}
+
+
+def digits_arrays(split: str) -> tuple[Any, Any]:
+    """(images [N, 1, 8, 8] float32 in [0, 1], labels [N]) of one split, shuffled once with seed 0."""
     import numpy as np
-    import torch
     from sklearn.datasets import load_digits
-    from torch.utils.data import DataLoader, TensorDataset
 
     images, labels = load_digits(return_X_y=True)
     order = np.random.default_rng(0).permutation(len(images))
-    images = torch.tensor(images[order] / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    labels = torch.tensor(labels[order])
-    train = TensorDataset(images[:1300], labels[:1300])
-    calibration = TensorDataset(images[1300:1500], labels[1300:1500])
-    evaluation = TensorDataset(images[1500:], labels[1500:])
+    start, stop = SPLITS[split]
+    images = (images[order] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return images[start:stop], labels[order][start:stop]
+
+
+def digits_loaders(batch_size: int = 64, calibration_batch_size: int = 32) -> tuple[Any, Any, Any]:
+    """(train, calibration, evaluation) torch DataLoaders over the 8x8 digits, split 1300/200/297."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def dataset(split: str) -> TensorDataset:
+        images, labels = digits_arrays(split)
+        return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+
     return (
-        DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)),
-        DataLoader(calibration, batch_size=calibration_batch_size),
-        DataLoader(evaluation, batch_size=batch_size),
+        DataLoader(dataset("train"), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        DataLoader(dataset("calibration"), batch_size=calibration_batch_size),
+        DataLoader(dataset("evaluation"), batch_size=batch_size),
     )
 
 

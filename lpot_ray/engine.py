@@ -43,6 +43,11 @@ class Criterion:
     def loss(self, accuracy: float) -> float:
         return self.baseline - accuracy if self.higher_is_better else accuracy - self.baseline
 
+    @property
+    def threshold(self) -> float:
+        """The accuracy a config must reach (or stay under, when lower is better)."""
+        return self.baseline - self.allowed_loss if self.higher_is_better else self.baseline + self.allowed_loss
+
     def margin(self, accuracy: Optional[float]) -> Optional[float]:
         """Headroom left by ``accuracy``, relative to the baseline: >= 0 passes."""
         if accuracy is None or not math.isfinite(accuracy):

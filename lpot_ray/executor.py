@@ -98,6 +98,7 @@ class Executor:
         self.running: dict[concurrent.futures.Future, tuple[int, Any, TuneConfig, int]] = {}
         self.cancelled: set[int] = set()
         self.failed: list[dict] = []  # rows of trials that can't run anywhere, reported by wait()
+        self.lost: dict[int, str] = {}  # seq -> why its last worker failed
         self._ray_slot_factory: Optional[Any] = None
         self._plan: Optional[RayPlan] = None
         self.session: Optional[RaySession] = None
@@ -168,8 +169,7 @@ class Executor:
         if not any(isinstance(slot, RaySlot) for slot in self.slots + self.starting):
             for item in [item for item in self.queue if item[2] > 0]:  # retries with no Ray worker left
                 self.queue.remove(item)
-                self.failed.append({"seq": item[0], "status": FAILED, "worker": "",
-                                    "reason": f"{WORKER_LOST} a worker died running this trial and no Ray worker is left to retry it"})
+                self.failed.append(_lost(item[0], f"no Ray worker is left to retry it after: {self.lost.get(item[0], '?')}"))
         for item in list(self.queue):
             slot = self._slot_for(retry=item[2] > 0)
             if slot is None:
@@ -214,12 +214,11 @@ class Executor:
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             log.warning("%s failed while running trial %d: %s", slot.name, seq, reason)
             self._replace(slot)
-            ray_workers_left = any(isinstance(other, RaySlot) for other in self.slots + self.starting)
-            if attempt < MAX_RETRIES and seq not in self.cancelled and ray_workers_left:
-                self.queue.appendleft((seq, config, attempt + 1))
+            self.lost[seq] = reason
+            if attempt < MAX_RETRIES and seq not in self.cancelled:
+                self.queue.appendleft((seq, config, attempt + 1))  # _dispatch fails it if no Ray worker is left
                 return None
-            return {"seq": seq, "status": FAILED, "worker": slot.name,
-                    "reason": f"{WORKER_LOST} worker failed {attempt + 1} times running this trial; last: {reason}"}
+            return _lost(seq, f"worker failed {attempt + 1} times running this trial; last: {reason}")
 
     def _replace(self, slot: Any) -> None:
         self.slots.remove(slot)
@@ -258,6 +257,11 @@ class Executor:
                 slot.close()
         if self.session is not None:
             self.session.release()
+
+
+def _lost(seq: int, why: str) -> dict:
+    """The row of a trial that failed only because workers died (rerun on resume)."""
+    return {"seq": seq, "status": FAILED, "worker": "", "reason": f"{WORKER_LOST} {why}"}
 
 
 def _ship_user_code_by_value(job: WorkerJob) -> None:

@@ -28,7 +28,7 @@ def write_report(workspace: str, output: Optional[str] = None) -> Path:
     history = History(path, read_only=True)
     try:
         trials = [trial for trial in history.trials() if trial.kind == TRIAL]
-        meta = {key: history.get_meta(key) for key in ("result", "baseline", "fingerprint", "job")}
+        meta = {key: history.get_meta(key) for key in ("result", "baseline", "criterion", "job")}
     finally:
         history.close()
     page = Path(output) if output else path.parent / "report.html"
@@ -89,13 +89,10 @@ def _accuracy_plot(trials: list[Trial], meta: dict, chosen: Optional[str]) -> by
 
 
 def _threshold(meta: dict) -> Optional[float]:
-    """The accuracy the criterion requires, from the recorded baseline and criterion."""
-    baseline = meta.get("baseline")
-    criterion = (meta.get("fingerprint") or {}).get("criterion") or {}
-    if baseline is None or not criterion:
-        return None
-    allowed = criterion["absolute"] if criterion.get("absolute") is not None else (criterion.get("relative") or 0) * abs(baseline)
-    return baseline - allowed if criterion.get("higher_is_better", True) else baseline + allowed
+    """The accuracy the criterion required, as the tuning recorded it."""
+    from .engine import Criterion
+
+    return Criterion(**meta["criterion"]).threshold if meta.get("criterion") else None
 
 
 def _ops_plot(trials: list[Trial], meta: dict, chosen: Optional[str]) -> bytes:

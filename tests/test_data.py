@@ -76,3 +76,13 @@ def test_dummy_v2_shapes():
 def test_bad_sections_name_the_key_and_what_is_known(dataset, transform, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("{", r"\{")):
         loader(dataset, transform)
+
+
+def test_samples_of_different_shapes_say_which_key_and_what_to_add(tmp_path):
+    for index, size in enumerate((20, 30)):
+        (tmp_path / "cat").mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8)).save(tmp_path / "cat" / f"{index}.png")
+    with pytest.raises(ConfigError, match=r"`evaluation.accuracy.dataloader`: samples come in shapes .*add Resize and CenterCrop"):
+        loader({"ImageFolder": {"root": str(tmp_path)}}, transform={"ToArray": {}})
+    with pytest.raises(ConfigError, match=r"`evaluation.accuracy.dataloader.transform.CenterCrop`: 64x64 is larger than the image"):
+        loader({"ImageFolder": {"root": str(tmp_path)}}, transform={"CenterCrop": {"size": 64}})

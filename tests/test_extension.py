@@ -66,3 +66,19 @@ def test_entry_points_of_installed_packages_are_found(tmp_path, monkeypatch):
 def test_yaml_can_not_name_an_import_path():
     with pytest.raises(ConfigError, match="unknown strategy 'os:system'; registered: basic"):
         registry.strategies.get("os:system")
+
+
+def test_a_strategy_needing_an_ability_the_adaptor_lacks_is_refused_up_front(digits, tmp_path):
+    from lpot_ray.adaptors.base import Adaptor
+    from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+
+    @registry.adaptors.register("pytorch_without_inspection")
+    class WithoutInspection(PyTorchAdaptor):
+        inspect_tensors = Adaptor.inspect_tensors
+
+    model, calibration, evaluation = digits
+    conf = base_conf(tmp_path, strategy={"name": "mse"})
+    conf["model"]["framework"] = "pytorch_without_inspection"
+    with pytest.raises(ConfigError, match="`tuning.strategy.name`: 'mse' ranks ops by inspecting tensors, "
+                                          "which the pytorch_without_inspection adaptor can't do"):
+        lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)

@@ -102,6 +102,6 @@ def test_quantized_model_round_trips_through_bytes(digits):
 def test_inspection_blames_the_ops_whose_inputs_have_outliers(outlier_digits):
     model, calibration, _ = outlier_digits
     adaptor, exported, space, batches = build(model, calibration)
-    errors = adaptor.inspect_tensors(exported, space.model_wise_configs()[0], batches, space.ops)
+    errors = adaptor.inspect_tensors(exported, space.model_wise_configs()[0], batches)
     assert set(errors) == {"conv1", "conv2", "fc1", "fc2"}
     assert min(errors["conv2"], errors["fc1"]) > 100 * max(errors["conv1"], errors["fc2"])

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import ConfigError, ModelError
 from ..space import Op, OpCapability, TuneConfig
 
 
@@ -39,9 +40,11 @@ class Adaptor(ABC):
         return threads
 
     # --- driver side -------------------------------------------------------------------------
+    # Optional abilities: an adaptor without them says so with the key that asked for them.
     def load_file(self, path: str) -> Any:
         """Read a model from a file named in the YAML (``model.path``)."""
-        raise NotImplementedError(f"the {self.framework} adaptor can't read model files yet")
+        raise ModelError(f"model.path: the {self.framework} adaptor reads no model files; "
+                         "pass the model object to lpot_ray.tune() instead")
 
     @abstractmethod
     def prepare(self, model: Any, example_inputs: Any) -> bytes:
@@ -64,10 +67,15 @@ class Adaptor(ABC):
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
         """The model quantized per ``config``, calibrated on the first ``sampling_size`` samples."""
 
-    def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any], ops: Sequence[Op]) -> dict[str, float]:
+    def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
         """Each int8 op's output error against fp32 (normalised MSE), that op alone quantized as
         ``config`` says, so that an op is not blamed for the errors of the ops before it."""
-        raise NotImplementedError(f"the {self.framework} adaptor can't inspect tensors")
+        raise ConfigError(f"`tuning.strategy.name`: the {self.framework} adaptor can't inspect tensors, "
+                          "which this strategy needs; choose basic or bayesian")
+
+    @classmethod
+    def can_inspect_tensors(cls) -> bool:
+        return cls.inspect_tensors is not Adaptor.inspect_tensors
 
     @abstractmethod
     def predict(self, model: Any, inputs: Any) -> np.ndarray:

@@ -21,7 +21,7 @@ import re
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -132,21 +132,11 @@ class PyTorchAdaptor(Adaptor):
     def capabilities(self, model: Any) -> list[OpCapability]:
         module = model.module()
         params = dict(module.named_parameters())
-        capabilities, seen = [], set()
-        for node in module.graph.nodes:
-            if node.op != "call_function" or "nn_module_stack" not in node.meta:
-                continue
-            path, type_name = list(node.meta["nn_module_stack"].values())[-1]
-            op_type = type_name.rsplit(".", 1)[-1]
-            if op_type not in QUANTIZABLE_MODULES or str(node.target).split(".")[1] != QUANTIZABLE_MODULES[op_type]:
-                continue
-            if path in seen:
-                continue
-            seen.add(path)
-            schemes = tuple(OpScheme(WEIGHT, activation) for activation in ACTIVATIONS)
+        capabilities = []
+        for path, op_type, node in _quantizable_nodes(module):
             weight = params.get(f"{path}.weight")
             op = Op(path, op_type, _macs(node, weight), 0 if weight is None else weight.numel())
-            capabilities.append(OpCapability(op, schemes))
+            capabilities.append(OpCapability(op, tuple(OpScheme(WEIGHT, activation) for activation in ACTIVATIONS)))
         return capabilities
 
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
@@ -193,19 +183,19 @@ class PyTorchAdaptor(Adaptor):
         for key, observer in observers.items():
             cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
 
-    def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any], ops: Sequence[Op]) -> dict[str, float]:
-        batches = list(_take_samples(calibration, config.sampling_size))
-        nodes = _op_nodes(model.module())
+    def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
+        fp32 = model.module()
+        nodes = {path: node.name for path, _, node in _quantizable_nodes(fp32)}
         quantized_alone = {name: self.quantize(model, config.with_fallback(set(config.int8_ops) - {name}), calibration)
                            for name in config.int8_ops}
         signal = dict.fromkeys(quantized_alone, 0.0)
         noise = dict.fromkeys(quantized_alone, 0.0)
-        for inputs in batches:  # one batch at a time: memory stays one batch of op outputs
-            reference = _node_outputs(model.module(), nodes, [inputs])
+        for inputs in _take_samples(calibration, config.sampling_size):  # one batch of op outputs at a time
+            reference = _node_outputs(fp32, nodes, inputs)
             for name, quantized in quantized_alone.items():
-                (output,) = _node_outputs(quantized, {name: nodes[name]}, [inputs])[name]
-                signal[name] += float((reference[name][0] ** 2).mean())
-                noise[name] += float(((output - reference[name][0]) ** 2).mean())
+                output = _node_outputs(quantized, {name: nodes[name]}, inputs)[name]
+                signal[name] += float((reference[name] ** 2).mean())
+                noise[name] += float(((output - reference[name]) ** 2).mean())
         return {name: noise[name] / max(signal[name], 1e-12) for name in quantized_alone}
 
     def predict(self, model: Any, inputs: Any) -> np.ndarray:
@@ -295,38 +285,37 @@ def _take_samples(batches: Sequence[Any], sampling_size: int):
         raise DataError("calibration loader: yielded no batches")
 
 
-def _op_nodes(module: Any) -> dict[str, str]:
-    """Op (module path) -> the name of the graph node computing it (first call if several)."""
-    nodes: dict[str, str] = {}
+def _quantizable_nodes(module: Any) -> Iterator[tuple[str, str, Any]]:
+    """(module path, module class name, graph node) of each quantizable module's first call."""
+    seen = set()
     for node in module.graph.nodes:
         stack = node.meta.get("nn_module_stack")
-        if node.op == "call_function" and stack:
-            path, type_name = list(stack.values())[-1]
-            op_type = type_name.rsplit(".", 1)[-1]
-            if QUANTIZABLE_MODULES.get(op_type) == str(node.target).split(".")[1]:
-                nodes.setdefault(path, node.name)
-    return nodes
+        if node.op != "call_function" or not stack:
+            continue
+        path, type_name = list(stack.values())[-1]
+        op_type = type_name.rsplit(".", 1)[-1]
+        if QUANTIZABLE_MODULES.get(op_type) == str(node.target).split(".")[1] and path not in seen:
+            seen.add(path)
+            yield path, op_type, node
 
 
-def _node_outputs(module: Any, nodes: dict[str, str], batches: Sequence[Any]) -> dict[str, list]:
-    """The outputs of the named graph nodes for each batch (node names survive quantization)."""
+def _node_outputs(module: Any, nodes: dict[str, str], inputs: Any) -> dict[str, Any]:
+    """Op -> the output of its graph node for one batch (node names survive quantization)."""
+    import torch
     import torch.fx
 
     wanted = {node_name: op for op, node_name in nodes.items()}
-    outputs: dict[str, list] = {op: [] for op in nodes}
+    outputs: dict[str, Any] = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, node: Any) -> Any:
             result = super().run_node(node)
             if node.name in wanted:
-                outputs[wanted[node.name]].append(result.detach().clone())
+                outputs[wanted[node.name]] = result.detach().clone()
             return result
 
-    import torch
-
     with torch.no_grad():
-        for inputs in batches:
-            Recorder(module).run(*as_args(inputs))
+        Recorder(module).run(*as_args(inputs))
     return outputs
 
 

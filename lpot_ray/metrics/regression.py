@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import numpy as np
 
@@ -40,8 +41,9 @@ class _MeanError(SummedMetric):
     SUMS = ("error", "count")
 
     @staticmethod
+    @abstractmethod
     def elementwise(difference: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The per-element error, e.g. its absolute value or its square."""
 
     def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
         preds, labels = _pair(preds, labels, type(self).__name__)

@@ -43,6 +43,8 @@ class Strategy(ABC):
     # A strategy that proposes in rounds sizes them by this, not by the workers free at the
     # moment, so that its proposals do not depend on timing.
     parallelism: int = 1
+    # Whether the strategy sends InspectRequests (the adaptor must implement inspect_tensors).
+    inspects_tensors: bool = False
 
     def __init__(self, space: TuningSpace, higher_is_better: bool = True, seed: int = 0):
         self.space = space

@@ -22,6 +22,7 @@ log = logging.getLogger("lpot_ray")
 
 class MseStrategy(BasicStrategy):
     first_prefix = 1  # nothing was tried in fp32 yet
+    inspects_tensors = True
 
     def _ranking_proposals(self) -> list[Proposal]:
         return [InspectRequest(self.base)]
