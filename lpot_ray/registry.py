@@ -92,6 +92,8 @@ metrics = Registry("metric", "evaluation.accuracy.metric", "lpot_ray.metrics", (
 objectives = Registry("objective", "tuning.objective", "lpot_ray.objectives", ("proxy",))
 
 adaptors.register("pytorch", "lpot_ray.adaptors.pytorch:PyTorchAdaptor")
+adaptors.register("tensorflow", "lpot_ray.adaptors.tensorflow:TensorFlowAdaptor")
+adaptors.register("mxnet", "lpot_ray.adaptors.mxnet:MXNetAdaptor")
 strategies.register("basic", "lpot_ray.strategies.basic:BasicStrategy")
 strategies.register("bayesian", "lpot_ray.strategies.bayesian:BayesianStrategy")
 strategies.register("mse", "lpot_ray.strategies.mse:MseStrategy")

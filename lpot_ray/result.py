@@ -13,7 +13,6 @@ from .errors import ModelError
 from .space import TuneConfig
 from .trial import Trial
 
-MODEL_FILE = {"pytorch": "model.pt2"}
 INFO_FILE = "tune_result.json"
 
 
@@ -43,7 +42,7 @@ class TuneResult:
             raise ModelError("nothing to save: no config met the accuracy criterion")
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / MODEL_FILE[self.framework]).write_bytes(self.model_bytes)
+        registry.adaptors.get(self.framework)().save_model(self.model_bytes, folder)
         info = {
             "framework": self.framework,
             "config": self.config.to_dict(),
@@ -66,7 +65,7 @@ def load(path: Union[str, os.PathLike]) -> TuneResult:
         raise ModelError(f"{folder}: not a saved lpot_ray model (no {INFO_FILE})")
     info = json.loads(info_path.read_text())
     adaptor = registry.adaptors.get(info["framework"])()
-    model_bytes = (folder / MODEL_FILE[info["framework"]]).read_bytes()
+    model_bytes = adaptor.read_model(folder)
     return TuneResult(
         model=adaptor.deserialize(model_bytes),
         config=TuneConfig.from_dict(info["config"]),

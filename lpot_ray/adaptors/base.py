@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,6 +32,7 @@ class Adaptor(ABC):
     """One framework's view of models, quantization and measurement."""
 
     framework: str = ""
+    model_file: str = "model.bin"  # what ``TuneResult.save`` names the quantized model's file
 
     def set_threads(self, threads: int) -> int:
         """Set the framework's intra-op threads for this process; return the previous count.
@@ -100,6 +102,18 @@ class Adaptor(ABC):
     @abstractmethod
     def deserialize(self, payload: bytes) -> Any:
         """The inverse of ``serialize``: a runnable quantized model."""
+
+    def save_model(self, payload: bytes, folder: Path) -> None:
+        """Write ``serialize``'s bytes into ``folder`` as the framework's own files, so that its
+        tools read the saved model without lpot_ray."""
+        (folder / self.model_file).write_bytes(payload)
+
+    def read_model(self, folder: Path) -> bytes:
+        """The inverse of ``save_model``: the bytes ``deserialize`` takes."""
+        path = folder / self.model_file
+        if not path.is_file():
+            raise ModelError(f"{folder}: no {self.model_file} in this saved {self.framework} model")
+        return path.read_bytes()
 
     @staticmethod
     def batch_size(inputs: Any) -> int:

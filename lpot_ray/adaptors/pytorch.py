@@ -66,6 +66,7 @@ def as_args(inputs: Any) -> tuple:
 
 class PyTorchAdaptor(Adaptor):
     framework = "pytorch"
+    model_file = "model.pt2"
 
     def __init__(self) -> None:
         self.torch, self.pt2e, self.quantize_pt2e, self.x86 = import_torch()
