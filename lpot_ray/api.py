@@ -55,7 +55,7 @@ def tune(
     if _wants_ray(config, address):
         executor.grow_on(RayPlan(address or config.ray.address, config.ray.workers, config.ray.cpus_per_worker, verbose))
     try:
-        baseline = _baseline(job.history, job.worker_job.evaluation, job.adaptor, model)
+        baseline = _baseline(job.history, job.worker_job.evaluation, job.adaptor, job.fp32_model)
         criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion, _higher_is_better(config, job))
         job.history.set_meta("criterion", dataclasses.asdict(criterion))
         strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
@@ -89,7 +89,7 @@ def _default_config_only(job: "_PreparedJob", model: Any, config: Config) -> Tun
     executor = Executor(job.worker_job)
     try:
         evaluation = job.worker_job.evaluation
-        baseline = _baseline(job.history, evaluation, job.adaptor, model) if evaluation.given else None
+        baseline = _baseline(job.history, evaluation, job.adaptor, job.fp32_model) if evaluation.given else None
         default = job.space.model_wise_configs()[0]
         final = executor.finalize(default, measure=True)
         common = dict(baseline=baseline, n_trials=0, n_evaluated=0, framework=config.model.framework,
@@ -110,6 +110,7 @@ class _PreparedJob:
     strategy_class: type
     objectives: WeightedObjectives
     history: History
+    fp32_model: Any  # what the fp32 baseline is measured on
 
 
 def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Callable], eval_dataloader: Any,
@@ -141,7 +142,8 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
     history.set_meta("job", _description(config, space))
     worker_job = WorkerJob(adaptor_class, payload, calibration, evaluation, space.ops,
                            threads=max(1, int(config.ray.cpus_per_worker)))
-    return _PreparedJob(worker_job, adaptor, space, strategy_class, objectives, history)
+    return _PreparedJob(worker_job, adaptor, space, strategy_class, objectives, history,
+                        adaptor.baseline_model(model, fp32_model))
 
 
 def _planned_workers(config: Config) -> int:
@@ -223,7 +225,7 @@ def _description(config: Config, space: TuningSpace) -> dict:
 
     from . import __version__
 
-    versions = {name: getattr(sys.modules[name], "__version__", "?") for name in ("torch", "torchao", "ray") if name in sys.modules}
+    versions = {name: getattr(sys.modules[name], "__version__", "?") for name in ("torch", "torchao", "tensorflow", "keras", "mxnet", "ray") if name in sys.modules}
     return {
         "config": config.model_dump(mode="json"),
         "ops": [{"name": op.name, "op_type": op.op_type, "macs": op.macs, "weights": op.weights} for op in space.ops],

@@ -278,7 +278,7 @@ def _ship_user_code_by_value(job: WorkerJob) -> None:
     for obj in (job.evaluation.eval_func, job.evaluation.dataloader, dataset, job.adaptor):
         module = sys.modules.get(getattr(obj, "__module__", None) or type(obj).__module__)
         path = getattr(module, "__file__", None)
-        if module is None or path is None or module.__name__ == "__main__":
-            continue
+        if module is None or path is None or module.__name__ == "__main__" or module.__name__.startswith("lpot_ray."):
+            continue  # lpot_ray itself is installed on every worker
         if not any(os.path.abspath(path).startswith(root) for root in installed):
             ray.cloudpickle.register_pickle_by_value(module)

@@ -83,6 +83,11 @@ class Adaptor(ABC):
     def predict(self, model: Any, inputs: Any) -> np.ndarray:
         """Run a batch; the output as numpy for the built-in metrics."""
 
+    def baseline_model(self, user_model: Any, loaded: Any) -> Any:
+        """What the fp32 baseline is measured on: the user's model, or ``load``'s rebuild of it
+        where that is what the quantized models run beside (e.g. the same interpreter)."""
+        return user_model
+
     def user_model(self, model: Any) -> Any:
         """What a user's ``eval_func`` receives for a quantized ``model``."""
         return model

@@ -1,0 +1,185 @@
+"""The TensorFlow adaptor on a real Keras CNN: TFLite int8, fallback, Ray, saved .tflite, bad input."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow", reason="the tensorflow extra is not installed")
+pytest.importorskip("ai_edge_litert", reason="the tensorflow extra is not installed")
+
+import lpot_ray  # noqa: E402
+from lpot_ray.adaptors.tensorflow import TensorFlowAdaptor, TFLiteModel  # noqa: E402
+from lpot_ray.errors import DataError, ModelError  # noqa: E402
+from lpot_ray.history import History  # noqa: E402
+
+from conftest import base_conf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def keras_digits():
+    from lpot_ray.digits_keras import train_digits_keras
+
+    return train_digits_keras(epochs=6)
+
+
+@pytest.fixture(scope="module")
+def keras_outliers(keras_digits):
+    from lpot_ray.digits_keras import with_activation_outliers
+
+    model, calibration, evaluation = keras_digits
+    return with_activation_outliers(model, calibration), calibration, evaluation
+
+
+def accuracy_of(model, loader) -> float:
+    correct = total = 0
+    for images, labels in loader:
+        correct += int((np.asarray(model(images)).argmax(1) == labels).sum())
+        total += len(labels)
+    return correct / total
+
+
+def tf_conf(tmp_path, **tuning):
+    conf = base_conf(tmp_path, **tuning)
+    conf["model"]["framework"] = "tensorflow"
+    return conf
+
+
+def build(model, calibration):
+    adaptor = TensorFlowAdaptor()
+    batches = [images for images, _ in calibration]
+    fp32 = adaptor.load(adaptor.prepare(model, batches[0]))
+    space = lpot_ray.TuningSpace.build(adaptor.capabilities(fp32), lpot_ray.load_config({"model": {"framework": "tensorflow"}}).quantization)
+    return adaptor, fp32, space, batches
+
+
+def test_capabilities_name_ops_by_keras_layer_with_their_macs(keras_digits):
+    model, calibration, _ = keras_digits
+    _, _, space, _ = build(model, calibration)
+    assert [(op.name, op.op_type) for op in space.ops] == [
+        ("conv1", "Conv2D"), ("conv2", "Conv2D"), ("fc1", "Dense"), ("fc2", "Dense")]
+    assert space.ops[1].macs == 8 * 8 * 32 * 16 * 9  # conv2: output elements x (in_ch x 3 x 3)
+    assert space.ops[2].weights == 32 * 4 * 4 * 64
+
+
+def test_fallback_ops_run_float_and_calibration_runs_once(keras_digits):
+    model, calibration, evaluation = keras_digits
+    adaptor, fp32, space, batches = build(model, calibration)
+    full = space.model_wise_configs()[0]
+    quantized = adaptor.quantize(fp32, full, batches)
+    lowered = adaptor.lower(quantized, space.ops, full, batches[0])
+    assert lowered.int8_ops == ("conv1", "conv2", "fc1", "fc2") and lowered.fp32_ops == ()
+    assert len(quantized.content) < 0.4 * len(fp32.content)  # int8 weights
+    assert abs(accuracy_of(quantized, evaluation) - accuracy_of(model, evaluation)) < 0.02
+
+    config = full.with_fallback(["fc1"])
+    lowered = adaptor.lower(adaptor.quantize(fp32, config, batches), space.ops, config, batches[0])
+    assert lowered.int8_ops == ("conv1", "conv2", "fc2") and lowered.fp32_ops == ("fc1",)
+    assert adaptor.calibration_passes == 1  # the fallback reused the calibrated model
+
+
+def test_inspect_tensors_blames_the_op_behind_the_outlier(keras_outliers):
+    model, calibration, _ = keras_outliers
+    adaptor, fp32, space, batches = build(model, calibration)
+    errors = adaptor.inspect_tensors(fp32, space.model_wise_configs()[0], batches)
+    assert set(errors) == {"conv1", "conv2", "fc1", "fc2"}
+    assert max(errors, key=errors.get) == "conv2" and errors["conv2"] > 100 * errors["fc1"]
+
+
+def test_strict_criterion_forces_a_fallback_through_ray_and_the_saved_tflite_reloads(
+        ray_session, keras_outliers, tmp_path):
+    model, calibration, evaluation = keras_outliers
+
+    def slow_eval(candidate):  # slow enough that the Ray worker joins and takes trials
+        time.sleep(0.8)
+        return accuracy_of(candidate, evaluation)
+
+    conf = tf_conf(tmp_path, accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 600, "max_trials": 30})
+    del conf["evaluation"]
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=slow_eval)
+    assert result.passed and result.framework == "tensorflow"
+    assert {"conv2"} <= set(result.fp32_ops) and "fc1" in result.int8_ops and "fc2" in result.int8_ops
+    assert result.baseline - result.accuracy <= 0.02
+    assert {"latency_ms", "fp32_latency_ms", "latency_ratio"} <= set(result.objectives)
+    assert "worker-1" in {trial.worker for trial in History(tmp_path / "ws" / "history.db").trials()}
+
+    folder = result.save(tmp_path / "saved")
+    assert (folder / "model.tflite").is_file()
+    from ai_edge_litert.interpreter import Interpreter  # the saved file needs no lpot_ray
+
+    Interpreter(model_path=str(folder / "model.tflite")).allocate_tensors()
+    loaded = lpot_ray.load(folder)
+    assert loaded.int8_ops == result.int8_ops
+    assert accuracy_of(loaded.model, evaluation) == pytest.approx(result.accuracy)
+
+
+def test_builtin_metric_and_mse_strategy_on_a_saved_model_directory(ray_session, keras_outliers, tmp_path):
+    model, calibration, evaluation = keras_outliers
+    saved_model = tmp_path / "saved_model"
+    model.export(str(saved_model), verbose=False)
+    conf = tf_conf(tmp_path, strategy={"name": "mse"}, accuracy_criterion={"absolute": 0.02},
+                   exit_policy={"timeout": 600, "max_trials": 10})
+    result = lpot_ray.tune(str(saved_model), conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed
+    # Without Keras layers, ops are named by their weights' path; conv2's must stay fp32.
+    assert any("conv2" in name for name in result.fp32_ops)
+    (inspection,) = [trial for trial in History(tmp_path / "ws" / "history.db").trials() if trial.kind == "inspection"]
+    errors = inspection.figures["op_errors"]
+    assert "conv2" in max(errors, key=errors.get)
+
+
+def test_tune_a_keras_file_from_a_yaml_alone(keras_digits, tmp_path):
+    import yaml
+
+    model_path = tmp_path / "digits.keras"
+    keras_digits[0].save(model_path)
+    data = {"batch_size": 32, "dataset": {"digits": {"split": "calibration"}}, "transform": {"Transpose": {"perm": [1, 2, 0]}}}
+    conf = {
+        "model": {"name": "digits", "framework": "tensorflow", "path": str(model_path)},
+        "quantization": {"calibration": {"sampling_size": 100, "dataloader": data}},
+        "evaluation": {"accuracy": {"metric": {"topk": 1}, "dataloader": {**data, "dataset": {"digits": {"split": "evaluation"}}}}},
+        "tuning": {"workspace": {"path": str(tmp_path / "ws")}},
+        "ray": {"workers": 1},
+    }
+    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
+    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(tmp_path / "conf.yaml")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "int8 accuracy" in done.stdout
+    assert (tmp_path / "ws" / "int8_model" / "model.tflite").is_file()
+
+
+def test_bad_models_and_batches_are_named(keras_digits, tmp_path):
+    import tensorflow as tf
+
+    model, calibration, _ = keras_digits
+    adaptor = TensorFlowAdaptor()
+    images = next(iter(calibration))[0]
+    with pytest.raises(ModelError, match="expected a Keras model, a .keras file or a SavedModel directory.*got dict"):
+        adaptor.prepare({"not": "a model"}, images)
+
+    no_signature = tmp_path / "no_signature"
+    tf.saved_model.save(tf.Module(), str(no_signature))
+    with pytest.raises(ModelError, match="no 'serving_default' signature"):
+        adaptor.prepare(str(no_signature), images)
+
+    with pytest.raises(DataError, match=r"has shape \(32, 1, 8, 8\); the model expects \('batch', 8, 8, 1\)"):
+        adaptor.prepare(model, images.transpose(0, 3, 1, 2))
+
+    conf = tf_conf(tmp_path)
+    conf["quantization"] = {"op_wise": {"classifier": {"activation": {"dtype": "fp32"}}}}
+    with pytest.raises(lpot_ray.ConfigError, match="matches no op of the model; its ops are: conv1, conv2, fc1, fc2"):
+        lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=lambda candidate: 1.0)
+
+
+def test_quantized_model_pickles_without_its_interpreters(keras_digits):
+    import pickle
+
+    model, calibration, evaluation = keras_digits
+    adaptor, fp32, space, batches = build(model, calibration)
+    quantized = adaptor.quantize(fp32, space.model_wise_configs()[0], batches)
+    before = accuracy_of(quantized, evaluation)
+    copy = pickle.loads(pickle.dumps(quantized))
+    assert isinstance(copy, TFLiteModel) and accuracy_of(copy, evaluation) == before
