@@ -29,12 +29,12 @@ JOB = textwrap.dedent(
     import json, sys, time
     started = time.perf_counter()
     import lpot_ray
-    from lpot_ray.demo import demo_config, trained_model
+    from lpot_ray.demo import demo_config, trained_torch_model
     from lpot_ray.digits import with_activation_outliers
     from pathlib import Path
 
     job, workers, workspace = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-    model, calibration, evaluation = trained_model(workspace.parent / "model")
+    model, calibration, evaluation = trained_torch_model(workspace.parent / "model")
     conf = demo_config(workspace, workers)
     if job == "heavy":
         import torch.utils.data as data

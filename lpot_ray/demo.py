@@ -1,8 +1,9 @@
 """python -m lpot_ray.demo: a real CNN trained on scikit-learn's digits, tuned to int8 on Ray.
 
-The model is trained once and cached in the workspace; tuning runs on a private local Ray with
-two workers. The demo prints the fp32 and int8 accuracy, the ops left in fp32 and the measured
-fp32 / int8 latency ratio of the compiled models.
+The model (PyTorch by default; ``--framework tensorflow`` for Keras, ``mxnet`` for Gluon) is trained once and cached in
+the workspace; tuning runs on a private local Ray with two workers. The demo prints the fp32 and
+int8 accuracy, the ops left in fp32 and the measured fp32 / int8 latency ratio of the compiled
+models.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from .digits import digits_loaders, train_digits_cnn
 WIDTH = 64
 
 
-def demo_config(workspace: Path, workers: int) -> dict:
+def demo_config(workspace: Path, workers: int, framework: str = "pytorch") -> dict:
     return {
-        "model": {"name": "digits_cnn", "framework": "pytorch"},
+        "model": {"name": "digits_cnn", "framework": framework},
         "quantization": {"calibration": {"sampling_size": 200}},
         "evaluation": {"accuracy": {"metric": {"topk": 1}}},
         "tuning": {
@@ -32,7 +33,7 @@ def demo_config(workspace: Path, workers: int) -> dict:
     }
 
 
-def trained_model(workspace: Path):
+def trained_torch_model(workspace: Path):
     """The demo CNN, trained on the first run and read from the workspace afterwards."""
     import torch
 
@@ -50,19 +51,52 @@ def trained_model(workspace: Path):
     return model, calibration, evaluation
 
 
+def trained_keras_model(workspace: Path):
+    """The same CNN in Keras (channels-last), trained once and cached as a .keras file."""
+    import keras
+
+    from .digits_keras import digits_keras_loaders, train_digits_keras
+
+    path = workspace / "digits_cnn.keras"
+    if path.is_file():
+        return (keras.models.load_model(path), *digits_keras_loaders())
+    model, calibration, evaluation = train_digits_keras(width=WIDTH)
+    workspace.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return model, calibration, evaluation
+
+
+def trained_gluon_model(workspace: Path):
+    """The same CNN as a Gluon HybridBlock, trained once and cached as MXNet checkpoint files."""
+    from .digits_mxnet import digits_array_loader, load_digits_gluon, save_digits_gluon, train_digits_gluon
+
+    prefix = workspace / "digits_cnn"
+    if Path(f"{prefix}-symbol.json").is_file():
+        return load_digits_gluon(str(prefix)), digits_array_loader("calibration", 32), digits_array_loader("evaluation", 64)
+    model, calibration, evaluation = train_digits_gluon(width=WIDTH)
+    workspace.mkdir(parents=True, exist_ok=True)
+    save_digits_gluon(model, str(prefix))
+    return model, calibration, evaluation
+
+
+TRAINED_MODELS = {"pytorch": trained_torch_model, "tensorflow": trained_keras_model, "mxnet": trained_gluon_model}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lpot_ray.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", default="lpot_ray_workspace/demo", help="where the model and history go")
+    parser.add_argument("--framework", choices=sorted(TRAINED_MODELS), default="pytorch", help="which framework's CNN to tune")
+    parser.add_argument("--workspace", help="where the model and history go (default: lpot_ray_workspace/demo[_FRAMEWORK])")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (1 runs in-process)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
 
-    workspace = Path(args.workspace)
+    suffix = "" if args.framework == "pytorch" else f"_{args.framework}"
+    workspace = Path(args.workspace or f"lpot_ray_workspace/demo{suffix}")
     started = time.perf_counter()
-    model, calibration, evaluation = trained_model(workspace)
-    print(f"digits CNN ready ({time.perf_counter() - started:.1f} s); tuning with {args.workers} workers ...")
-    result = tune(model, demo_config(workspace, args.workers), q_dataloader=calibration,
+    model, calibration, evaluation = TRAINED_MODELS[args.framework](workspace)
+    print(f"{args.framework} digits CNN ready ({time.perf_counter() - started:.1f} s); tuning with {args.workers} workers ...")
+    result = tune(model, demo_config(workspace, args.workers, args.framework), q_dataloader=calibration,
                   eval_dataloader=evaluation, verbose=args.verbose)
     wall = time.perf_counter() - started
 
