@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def run_python(*args, **kwargs):
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONWARNINGS": "ignore"}
@@ -23,12 +25,15 @@ def test_import_lpot_ray_imports_no_framework():
     assert run_python("-c", code).stdout.strip() == "[]"
 
 
-def test_missing_framework_names_the_extra_to_install():
+@pytest.mark.parametrize("framework, module, extra", [
+    ("pytorch", "torch", "torch"), ("tensorflow", "tensorflow", "tensorflow"), ("mxnet", "mxnet", "mxnet")])
+def test_missing_framework_names_the_extra_to_install(framework, module, extra):
     code = (
-        "import sys; sys.modules['torch'] = None\n"
+        f"import sys; sys.modules[{module!r}] = None\n"
         "import lpot_ray\n"
         "from lpot_ray import registry\n"
-        "try:\n    registry.adaptors.get('pytorch')()\n"
+        f"try:\n    registry.adaptors.get({framework!r})()\n"
         "except lpot_ray.MissingFrameworkError as error:\n    print(error)\n"
     )
-    assert run_python("-c", code).stdout.strip() == "framework 'pytorch' is not installed: pip install 'lpot_ray[torch]'"
+    expected = f"framework {framework!r} is not installed: pip install 'lpot_ray[{extra}]'"
+    assert run_python("-c", code).stdout.strip() == expected

@@ -199,3 +199,31 @@ def test_importing_lpot_ray_and_the_gluon_digits_module_imports_no_mxnet():
     code = "import sys, lpot_ray, lpot_ray.digits_mxnet; print('mxnet' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_tune_mxnet_checkpoint_files_from_a_yaml_alone(trained, tmp_path):
+    import yaml
+
+    from lpot_ray.digits_mxnet import save_digits_gluon
+
+    symbol_file = save_digits_gluon(trained[0], str(tmp_path / "digits"))
+    data = {"batch_size": 32, "dataset": {"digits": {"split": "calibration"}}}
+    conf = {
+        "model": {"name": "digits", "framework": "mxnet", "path": symbol_file},
+        "quantization": {"calibration": {"sampling_size": 100, "dataloader": data}},
+        "evaluation": {"accuracy": {"metric": {"topk": 1}, "dataloader": {**data, "dataset": {"digits": {"split": "evaluation"}}}}},
+        "tuning": {"workspace": {"path": str(tmp_path / "ws")}},
+        "ray": {"workers": 1},
+    }
+    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
+    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(tmp_path / "conf.yaml")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "int8 accuracy" in done.stdout
+    assert (tmp_path / "ws" / "int8_model" / "model-symbol.json").is_file()
+
+    conf["model"]["path"] = str(tmp_path / "digits-0000.params")
+    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
+    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(tmp_path / "conf.yaml")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "expected an MXNet 'prefix-symbol.json' file" in done.stderr

@@ -150,6 +150,13 @@ def test_tune_a_keras_file_from_a_yaml_alone(keras_digits, tmp_path):
     assert "int8 accuracy" in done.stdout
     assert (tmp_path / "ws" / "int8_model" / "model.tflite").is_file()
 
+    (tmp_path / "notes.txt").write_text("hello")
+    conf["model"]["path"] = str(tmp_path / "notes.txt")
+    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
+    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(tmp_path / "conf.yaml")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "notes.txt: expected a .keras file or a SavedModel directory" in done.stderr
+
 
 def test_bad_models_and_batches_are_named(keras_digits, tmp_path):
     import tensorflow as tf
