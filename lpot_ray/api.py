@@ -116,18 +116,17 @@ class _PreparedJob:
 def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Callable], eval_dataloader: Any,
              eval_func: Optional[Callable], resume_file: Optional[Union[str, os.PathLike]]) -> _PreparedJob:
     """Every check that needs no worker: plug-in names, data, model export, space, history."""
-    if q_func is not None:
-        raise ConfigError("q_func: quantization-aware training is not supported yet; pass q_dataloader for post-training quantization")
     evaluation = _evaluation(config, eval_dataloader, eval_func)
     strategy_class = registry.strategies.get(config.tuning.strategy.name)
     objectives = _objectives(config)
     adaptor_class = registry.adaptors.get(config.model.framework)
+    _check_approach(config, adaptor_class, q_func)
     if getattr(strategy_class, "inspects_tensors", False) and not adaptor_class.can_inspect_tensors():
         raise ConfigError(f"`tuning.strategy.name`: {config.tuning.strategy.name!r} ranks ops by inspecting tensors, "
                           f"which the {config.model.framework} adaptor can't do; choose basic or bayesian")
     adaptor = adaptor_class()
 
-    calibration = _calibration_batches(q_dataloader, max(config.quantization.calibration.sampling_size))
+    calibration = _calibration_batches(config, q_dataloader, eval_dataloader)
     payload = adaptor.prepare(model, calibration[0])
     fp32_model = adaptor.load(payload)
     capabilities = adaptor.capabilities(fp32_model)
@@ -141,7 +140,7 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
                             _fingerprint(config, adaptor.weights_digest(fp32_model), space))
     history.set_meta("job", _description(config, space))
     worker_job = WorkerJob(adaptor_class, payload, calibration, evaluation, space.ops,
-                           threads=max(1, int(config.ray.cpus_per_worker)))
+                           threads=max(1, int(config.ray.cpus_per_worker)), q_func=q_func)
     return _PreparedJob(worker_job, adaptor, space, strategy_class, objectives, history,
                         adaptor.baseline_model(model, fp32_model))
 
@@ -187,9 +186,36 @@ def _evaluation(config: Config, eval_dataloader: Any, eval_func: Optional[Callab
     return Evaluation(dataloader=eval_dataloader, metric=metric)
 
 
-def _calibration_batches(loader: Any, samples: int) -> list:
+def _check_approach(config: Config, adaptor_class: type, q_func: Optional[Callable]) -> None:
+    """The approach must be one the framework can do, and q_func given exactly for training."""
+    approach, framework = config.quantization.approach, config.model.framework
+    if approach not in adaptor_class.approaches:
+        raise ConfigError(f"`quantization.approach`: {approach!r} is not supported by the {framework} adaptor; "
+                          f"it supports {', '.join(adaptor_class.approaches)}")
+    if approach == "quant_aware_training":
+        if q_func is None:
+            raise ConfigError("q_func: quant_aware_training needs q_func(model), the function that trains the "
+                              "prepared (fake-quantized) model")
+        if not callable(q_func):
+            raise ConfigError(f"q_func: expected a function model -> None, got {type(q_func).__name__}")
+    elif q_func is not None:
+        raise ConfigError(f"q_func: only used with `quantization.approach: quant_aware_training`; the approach is {approach!r}")
+
+
+def _calibration_batches(config: Config, q_dataloader: Any, eval_dataloader: Any) -> list:
+    """The calibration batches; dynamic quantization and training need only an example batch,
+    which the evaluation loader gives when there is no calibration loader."""
+    if q_dataloader is None and config.quantization.approach != "post_training_static_quant":
+        if eval_dataloader is None:
+            raise DataError(f"q_dataloader: {config.quantization.approach} needs an example batch of inputs: "
+                            "pass q_dataloader or eval_dataloader")
+        return _batches(eval_dataloader, 1, "eval_dataloader")
+    return _batches(q_dataloader, max(config.quantization.calibration.sampling_size), "q_dataloader")
+
+
+def _batches(loader: Any, samples: int, name: str) -> list:
     if loader is None:
-        raise DataError("q_dataloader: post-training static quantization needs a calibration loader")
+        raise DataError(f"{name}: post-training static quantization needs a calibration loader")
     batches, seen = [], 0
     try:
         for batch in loader:
@@ -199,9 +225,9 @@ def _calibration_batches(loader: Any, samples: int) -> list:
             if seen >= samples:
                 break
     except TypeError as error:
-        raise DataError(f"q_dataloader: can't iterate over {type(loader).__name__}: {error}") from None
+        raise DataError(f"{name}: can't iterate over {type(loader).__name__}: {error}") from None
     if not batches:
-        raise DataError("q_dataloader: yielded no batches")
+        raise DataError(f"{name}: yielded no batches")
     return batches
 
 
@@ -209,6 +235,7 @@ def _fingerprint(config: Config, weights: str, space: TuningSpace) -> dict:
     """What must match for a resume: not exit_policy or ray, which a user may change."""
     return {
         "model": weights,
+        "approach": config.quantization.approach,
         "space": space.fingerprint(),
         "criterion": config.tuning.accuracy_criterion.model_dump(),
         "strategy": config.tuning.strategy.name,

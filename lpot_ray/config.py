@@ -22,7 +22,8 @@ from .errors import ConfigError
 DTYPES = ("int8", "uint8", "fp32", "bf16")
 SCHEMES = ("sym", "asym")
 GRANULARITIES = ("per_channel", "per_tensor")
-ALGORITHMS = ("minmax", "kl", "percentile")
+ALGORITHMS = ("minmax", "kl", "percentile", "dynamic")  # dynamic: activation ranges computed per batch at run time
+APPROACHES = ("post_training_static_quant", "post_training_dynamic_quant", "quant_aware_training")
 
 # Dotted key paths LPOT 1.x accepts that lpot_ray does not implement yet.
 LPOT_ONLY_KEYS = frozenset(
@@ -54,7 +55,7 @@ LPOT_ONLY_KEYS = frozenset(
 
 # Values LPOT 1.x accepts for a key that lpot_ray does not implement yet.
 LPOT_ONLY_VALUES = {
-    "quantization.approach": {"post_training_dynamic_quant", "quant_aware_training", "post_training_auto_quant"},
+    "quantization.approach": {"post_training_auto_quant"},
     "device": {"gpu"},
     "tuning.objective": {"accuracy"},
 }
@@ -147,7 +148,7 @@ class CalibrationSection(_Section):
 
 
 class QuantizationSection(_Section):
-    approach: Literal["post_training_static_quant"] = "post_training_static_quant"
+    approach: Literal[APPROACHES] = "post_training_static_quant"
     calibration: CalibrationSection = CalibrationSection()
     model_wise: OpRestriction = OpRestriction()
     op_wise: dict[str, OpRestriction] = Field(default_factory=dict)

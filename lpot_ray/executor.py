@@ -275,7 +275,7 @@ def _ship_user_code_by_value(job: WorkerJob) -> None:
     paths = sysconfig.get_paths()
     installed = {paths["purelib"], paths["platlib"], paths["stdlib"]}
     dataset = getattr(job.evaluation.dataloader, "dataset", None)
-    for obj in (job.evaluation.eval_func, job.evaluation.dataloader, dataset, job.adaptor):
+    for obj in (job.evaluation.eval_func, job.evaluation.dataloader, dataset, job.adaptor, job.q_func):
         module = sys.modules.get(getattr(obj, "__module__", None) or type(obj).__module__)
         path = getattr(module, "__file__", None)
         if module is None or path is None or module.__name__ == "__main__" or module.__name__.startswith("lpot_ray."):

@@ -162,7 +162,8 @@ class TuningSpace:
             for pattern, regex in patterns.items():
                 if regex.fullmatch(capability.op.name):
                     restriction = _overlay(restriction, quantization.op_wise[pattern])
-            choices[capability.op.name] = _restrict(capability.schemes, restriction) + (FP32,)
+            schemes = tuple(scheme for scheme in capability.schemes if _serves(scheme, quantization.approach))
+            choices[capability.op.name] = _restrict(schemes, restriction) + (FP32,)
         return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size))
 
     # --- lazy enumeration: a config is a mixed-radix number over the per-op choices ----------
@@ -253,6 +254,18 @@ def describe_capabilities(capabilities: list[OpCapability]) -> str:
     """The distinct int8 schemes an adaptor offers, for error messages."""
     offered = sorted({scheme.describe() for capability in capabilities for scheme in capability.schemes})
     return "; ".join(offered) or "nothing"
+
+
+def _serves(scheme: OpScheme, approach: str) -> bool:
+    """Whether a scheme belongs to the approach: dynamic quantization computes activation ranges
+    per batch at run time; quantization-aware training tracks them as moving min/max while the
+    model trains; static quantization calibrates them once (minmax or kl)."""
+    algorithm = scheme.activation.algorithm if scheme.activation is not None else None
+    if approach == "post_training_dynamic_quant":
+        return algorithm == "dynamic"
+    if approach == "quant_aware_training":
+        return algorithm == "minmax"
+    return algorithm != "dynamic"
 
 
 def _overlay(base: OpRestriction, override: OpRestriction) -> OpRestriction:

@@ -11,7 +11,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .evaluation import Evaluation, TrialCancelled
 from .objectives import paired_latency_ms, peak_rss_growth
@@ -29,6 +29,7 @@ class WorkerJob:
     evaluation: Evaluation
     ops: tuple[Op, ...]
     threads: int = 1
+    q_func: Optional[Callable[[Any], Any]] = None  # quantization-aware training: trains the prepared model
 
 
 class TrialRunner:
@@ -57,7 +58,7 @@ class TrialRunner:
                 return row
             config = TuneConfig.from_dict(config_data)
             passes_before = getattr(self.adaptor, "calibration_passes", 0)
-            quantized = self.adaptor.quantize(self.model, config, self.job.calibration)
+            quantized = self._quantize(config)
             row["figures"] = {"calibration_passes": getattr(self.adaptor, "calibration_passes", 0) - passes_before}
             row["accuracy"] = self.job.evaluation.run(self.adaptor, quantized, should_stop)
             row["status"] = OK
@@ -74,7 +75,7 @@ class TrialRunner:
         config = TuneConfig.from_dict(config_data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantized = self.adaptor.quantize(self.model, config, self.job.calibration)
+            quantized = self._quantize(config)
             lowered = self.adaptor.lower(quantized, self.job.ops, config, self.example)
             accuracy = self.job.evaluation.run(self.adaptor, lowered.model) if self.job.evaluation.given else None
             model = self.adaptor.serialize(quantized, self.example)
@@ -83,6 +84,11 @@ class TrialRunner:
                 figures.update(self._measure(lowered.model, len(model)))
         return {"accuracy": accuracy, "int8_ops": list(lowered.int8_ops), "fp32_ops": list(lowered.fp32_ops),
                 "figures": figures, "model": model}
+
+    def _quantize(self, config: TuneConfig) -> Any:
+        if self.job.q_func is not None:
+            return self.adaptor.quantize_aware(self.model, config, self.job.q_func, self.job.calibration)
+        return self.adaptor.quantize(self.model, config, self.job.calibration)
 
     def _measure(self, int8_model: Any, int8_bytes: int) -> dict:
         """Latency per batch and memory footprint, int8 against fp32 compiled the same way."""

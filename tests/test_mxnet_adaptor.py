@@ -1,5 +1,6 @@
 """The MXNet adaptor on a real Gluon digits CNN: MXNet's own int8 graph, tuning through Ray."""
 
+import os
 import subprocess
 import sys
 import time
@@ -128,8 +129,10 @@ def test_strict_criterion_through_ray_falls_back_the_outlier_layers(ray_session,
     fp32 = accuracy_of(lambda images: adaptor.predict(model, images), evaluation)
     assert fp32 - int8 > 0.5  # all-int8 is broken: fallback is required
 
-    def slow_eval(candidate):  # slow enough that the Ray worker joins and takes trials
-        time.sleep(0.8)
+    driver = os.getpid()
+
+    def slow_eval(candidate):  # slow in the driver, so that the Ray worker joins (importing its framework) and takes trials
+        time.sleep(1.5 if os.getpid() == driver else 0)
         return accuracy_of(lambda images: candidate(images).asnumpy(), evaluation)
 
     conf = mxnet_conf(tmp_path, accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 600, "max_trials": 30})

@@ -33,6 +33,9 @@ class Adaptor(ABC):
 
     framework: str = ""
     model_file: str = "model.bin"  # what ``TuneResult.save`` names the quantized model's file
+    # The ``quantization.approach`` values this framework can do (for dynamic quantization, its
+    # capabilities hold schemes whose activation algorithm is "dynamic").
+    approaches: tuple[str, ...] = ("post_training_static_quant",)
 
     def set_threads(self, threads: int) -> int:
         """Set the framework's intra-op threads for this process; return the previous count.
@@ -68,6 +71,11 @@ class Adaptor(ABC):
     @abstractmethod
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
         """The model quantized per ``config``, calibrated on the first ``sampling_size`` samples."""
+
+    def quantize_aware(self, model: Any, config: TuneConfig, q_func: Any, calibration: Sequence[Any]) -> Any:
+        """The model prepared for quantization-aware training per ``config`` (fake-quantized int8
+        ops), trained by the user's ``q_func(prepared_model)``, then converted to int8."""
+        raise ConfigError(f"`quantization.approach`: the {self.framework} adaptor can't do quant_aware_training")
 
     def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
         """Each int8 op's output error against fp32 (normalised MSE), that op alone quantized as

@@ -13,6 +13,7 @@ generated code.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import io
@@ -48,11 +49,14 @@ def import_torch():
 QUANTIZABLE_MODULES = {"Conv2d": "conv2d", "Linear": "linear"}
 WEIGHT = TensorScheme("int8", "sym", "per_channel", "minmax")
 ACTIVATIONS = [TensorScheme("uint8", "asym", "per_tensor", algorithm) for algorithm in ("minmax", "kl")]
+# Activations quantized with ranges computed per batch at run time: X86's dynamic path (Linear only).
+DYNAMIC = {"Linear": OpScheme(WEIGHT, TensorScheme("uint8", "asym", "per_tensor", "dynamic"))}
 
 # Kernel calls in inductor's generated code, per op type: the int8 ones and every one.
 _KERNELS = {
     "Conv2d": (r"onednn\.qconv\w*pointwise", r"onednn\.qconv\w*pointwise|_convolution_pointwise|extern_kernels\.convolution"),
-    "Linear": (r"onednn\.qlinear\w*pointwise", r"onednn\.qlinear\w*pointwise|_linear_pointwise|extern_kernels\.(?:addmm|mm)\("),
+    "Linear": (r"onednn\.qlinear\w*pointwise",
+               r"onednn\.qlinear\w*pointwise|_linear_pointwise|_mkl_linear|extern_kernels\.(?:addmm|mm)\("),
 }
 
 
@@ -67,12 +71,16 @@ def as_args(inputs: Any) -> tuple:
 class PyTorchAdaptor(Adaptor):
     framework = "pytorch"
     model_file = "model.pt2"
+    approaches = ("post_training_static_quant", "post_training_dynamic_quant", "quant_aware_training")
 
     def __init__(self) -> None:
         self.torch, self.pt2e, self.quantize_pt2e, self.x86 = import_torch()
         # Per fp32 model: observer states keyed by (observed node, observer kind, sampling size).
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.calibration_passes = 0  # forward passes spent calibrating, to prove the cache works
+        # Per fp32 model: [(int8 op schemes trained for, trained parameters, fake-quant states)].
+        self.trained_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.trainings = 0  # q_func calls, to prove trained weights are reused
 
     def set_threads(self, threads: int) -> int:
         previous = self.torch.get_num_threads()
@@ -137,7 +145,8 @@ class PyTorchAdaptor(Adaptor):
         for path, op_type, node in _quantizable_nodes(module):
             weight = params.get(f"{path}.weight")
             op = Op(path, op_type, _macs(node, weight), 0 if weight is None else weight.numel())
-            capabilities.append(OpCapability(op, tuple(OpScheme(WEIGHT, activation) for activation in ACTIVATIONS)))
+            schemes = tuple(OpScheme(WEIGHT, activation) for activation in ACTIVATIONS)
+            capabilities.append(OpCapability(op, schemes + ((DYNAMIC[op_type],) if op_type in DYNAMIC else ())))
         return capabilities
 
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
@@ -152,10 +161,58 @@ class PyTorchAdaptor(Adaptor):
         self.pt2e.allow_exported_model_train_eval(converted)
         return converted
 
-    def quantization_config(self, scheme: OpScheme):
+    def quantize_aware(self, model: Any, config: TuneConfig, q_func: Any, calibration: Sequence[Any]) -> Any:
+        """Quantization-aware training through torchao's ``prepare_qat_pt2e``.
+
+        Training is what costs, so a worker trains once per set of int8 op schemes: a config whose
+        int8 ops all appear, with the same schemes, in a config trained before reuses its trained
+        weights and fake-quant ranges. That is sound because falling an op back only removes fake
+        quantization from it: the weights were trained to tolerate more rounding, not less.
+        """
+        int8 = {name: scheme for name, scheme in config.op_schemes if not scheme.is_fp32}
+        prepared = self._prepare_qat(model, int8)
+        cache = self.trained_cache.setdefault(model, [])
+        trained = next((entry for entry in cache if all(entry[0].get(name) == scheme for name, scheme in int8.items())), None)
+        if trained is None:
+            with self.torch.no_grad():  # ranges from the example batches first, in case training is short
+                for inputs in _take_samples(calibration, config.sampling_size):
+                    prepared(*as_args(inputs))
+            self.pt2e.move_exported_model_to_train(prepared)
+            returned = q_func(prepared)
+            prepared = returned if isinstance(returned, self.torch.nn.Module) else prepared
+            self.trainings += 1
+            self.pt2e.move_exported_model_to_eval(prepared)
+            cache.append((int8, _parameters(prepared), _fake_quant_states(prepared)))
+        else:
+            _, parameters, states = trained
+            prepared.load_state_dict(parameters, strict=False)
+            for key, module in _fake_quant_modules(prepared).items():
+                if key in states:
+                    module.load_state_dict(states[key])
+            self.pt2e.move_exported_model_to_eval(prepared)
+        converted = self.quantize_pt2e.convert_pt2e(prepared)
+        _drop_unreferenced_tensors(converted)
+        self.pt2e.allow_exported_model_train_eval(converted)
+        return converted
+
+    def _prepare_qat(self, model: Any, int8: dict[str, OpScheme]) -> Any:
+        quantizer = self.x86.X86InductorQuantizer()
+        for name, scheme in int8.items():
+            quantizer.set_module_name_qconfig(name, self.quantization_config(scheme, is_qat=True))
+        # A copy: training must not change the fp32 model that later trials start from.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # copying a pytree spec: torch's own deprecation
+            module = copy.deepcopy(model.module())
+        return self.quantize_pt2e.prepare_qat_pt2e(module, quantizer)
+
+    def quantization_config(self, scheme: OpScheme, is_qat: bool = False):
         """torchao's QuantizationConfig for one op scheme."""
         obs = self.pt2e
-        default = self.x86.get_default_x86_inductor_quantization_config()
+        if scheme.activation.algorithm == "dynamic":
+            return self.x86.get_default_x86_inductor_quantization_config(is_dynamic=True)
+        default = self.x86.get_default_x86_inductor_quantization_config(is_qat=is_qat)
+        if is_qat:  # fake-quantized while training: ranges are moving min/max (the only QAT scheme)
+            return default
         activation_observer = {"minmax": obs.MinMaxObserver, "kl": obs.HistogramObserver}[scheme.activation.algorithm]
         activation = dataclasses.replace(default.input_activation, observer_or_fake_quant_ctr=activation_observer)
         weight = default.weight
@@ -272,6 +329,24 @@ def _drop_unreferenced_tensors(module: Any) -> None:
             owner = module.get_submodule(owner_path)
             owner._parameters.pop(attribute, None)
             owner._buffers.pop(attribute, None)
+
+
+def _parameters(module: Any) -> dict[str, Any]:
+    return {name: tensor.detach().clone() for name, tensor in module.named_parameters()}
+
+
+def _fake_quant_modules(prepared: Any) -> dict[tuple[str, str], Any]:
+    """Fake-quant modules keyed by the graph node they observe (names survive re-preparing)."""
+    modules = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and node.target.startswith("activation_post_process"):
+            module = getattr(prepared, node.target)
+            modules[(node.args[0].name, type(module).__name__)] = module
+    return modules
+
+
+def _fake_quant_states(prepared: Any) -> dict[tuple[str, str], dict]:
+    return {key: {k: v.clone() for k, v in module.state_dict().items()} for key, module in _fake_quant_modules(prepared).items()}
 
 
 def _take_samples(batches: Sequence[Any], sampling_size: int):

@@ -1,0 +1,108 @@
+"""LPOT's approaches beyond static quantization: dynamic quantization and quantization-aware training."""
+
+import numpy as np
+import pytest
+import torch
+
+import lpot_ray
+from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+from lpot_ray.digits import digits_loaders
+from lpot_ray.history import History
+
+from conftest import base_conf
+
+TRAIN_LOADER = digits_loaders()[0]
+
+
+def accuracy_of(model, loader) -> float:
+    with torch.no_grad():
+        return float(np.mean(np.concatenate([(model(images).argmax(1) == labels).numpy() for images, labels in loader])))
+
+
+def train(prepared, epochs: int = 4) -> None:
+    """A user's q_func: fine-tune the fake-quantized model on the training split."""
+    optimizer = torch.optim.Adam(prepared.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for images, labels in TRAIN_LOADER:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(prepared(images), labels).backward()
+            optimizer.step()
+
+
+def approach_conf(tmp_path, approach, **tuning):
+    conf = base_conf(tmp_path, **tuning)
+    conf["quantization"] = {"approach": approach}
+    return conf
+
+
+def test_dynamic_quantization_runs_linear_ops_int8_end_to_end(ray_session, digits, tmp_path):
+    model, _, evaluation = digits
+    conf = approach_conf(tmp_path, "post_training_dynamic_quant")
+    result = lpot_ray.tune(model, conf, eval_dataloader=evaluation)  # no calibration loader needed
+    assert result.passed
+    # X86's dynamic path quantizes Linear only; the convolutions have no dynamic scheme.
+    assert result.int8_ops == ("fc1", "fc2") and result.fp32_ops == ("conv1", "conv2")
+    assert result.baseline - result.accuracy <= 0.01 * result.baseline
+    (trial,) = History(tmp_path / "ws" / "history.db").trials()
+    schemes = trial.config.to_dict()["ops"]
+    assert schemes["fc1"]["activation"]["algorithm"] == "dynamic" and schemes["conv1"] == {"dtype": "fp32"}
+
+
+def test_training_recovers_what_static_quantization_lost(ray_session, outlier_digits, tmp_path):
+    model, calibration, evaluation = outlier_digits
+    static = lpot_ray.tune(model, base_conf(tmp_path / "static", accuracy_criterion={"absolute": 0.1},
+                                            exit_policy={"max_trials": 1}),
+                           q_dataloader=calibration, eval_dataloader=evaluation)
+    assert not static.passed and static.best_failing.accuracy < 0.5  # all-int8 static: broken by the outliers
+
+    conf = approach_conf(tmp_path / "qat", "quant_aware_training", accuracy_criterion={"absolute": 0.1},
+                         exit_policy={"max_trials": 1})
+    result = lpot_ray.tune(model, conf, q_func=train, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed and result.fp32_ops == () and len(result.int8_ops) == 4
+    assert result.accuracy > static.best_failing.accuracy + 0.4
+
+
+def test_fallback_trials_reuse_the_trained_weights(outlier_digits):
+    model, calibration, evaluation = outlier_digits
+    adaptor = PyTorchAdaptor()
+    batches = [images for images, _ in calibration]
+    exported = adaptor.load(adaptor.prepare(model, batches[0]))
+    conf = lpot_ray.load_config({"model": {"framework": "pytorch"}, "quantization": {"approach": "quant_aware_training"}})
+    space = lpot_ray.TuningSpace.build(adaptor.capabilities(exported), conf.quantization)
+    full = space.model_wise_configs()[0]
+    assert {scheme.activation.algorithm for _, scheme in full.op_schemes} == {"minmax"}
+
+    adaptor.quantize_aware(exported, full, lambda prepared: train(prepared, epochs=1), batches)
+    fallback = adaptor.quantize_aware(exported, full.with_fallback(["conv2"]), lambda prepared: 1 / 0, batches)
+    assert adaptor.trainings == 1  # the fallback config was not trained again
+    lowered = adaptor.lower(fallback, space.ops, full.with_fallback(["conv2"]), batches[0])
+    assert lowered.fp32_ops == ("conv2",) and accuracy_of(fallback, evaluation) > 0.5
+    assert accuracy_of(exported.module(), evaluation) == accuracy_of(model, evaluation)  # fp32 model untouched
+
+
+def test_a_q_func_that_raises_fails_its_trial_with_the_reason(digits, tmp_path):
+    model, calibration, evaluation = digits
+
+    def broken(prepared):
+        raise RuntimeError("out of training data")
+
+    conf = approach_conf(tmp_path, "quant_aware_training", exit_policy={"max_trials": 2})
+    conf["ray"]["workers"] = 1
+    result = lpot_ray.tune(model, conf, q_func=broken, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert not result.passed
+    trials = History(tmp_path / "ws" / "history.db").trials()
+    assert trials and all(trial.status == "failed" and "out of training data" in trial.reason for trial in trials)
+
+
+@pytest.mark.parametrize("approach, framework, q_func, message", [
+    ("quant_aware_training", "pytorch", None, "q_func: quant_aware_training needs q_func"),
+    ("post_training_static_quant", "pytorch", train, "q_func: only used with `quantization.approach: quant_aware_training`"),
+    ("post_training_dynamic_quant", "mxnet", None,
+     "'post_training_dynamic_quant' is not supported by the mxnet adaptor; it supports post_training_static_quant"),
+])
+def test_an_approach_the_framework_cannot_do_is_named(digits, tmp_path, approach, framework, q_func, message):
+    model, calibration, evaluation = digits
+    conf = approach_conf(tmp_path, approach)
+    conf["model"]["framework"] = framework
+    with pytest.raises(lpot_ray.ConfigError, match=message):
+        lpot_ray.tune(model, conf, q_func=q_func, q_dataloader=calibration, eval_dataloader=evaluation)
