@@ -4,6 +4,7 @@ Importing lpot_ray imports no deep-learning framework; each adaptor imports its 
 """
 
 from .api import Quantization, tune
+from .zoo import ZooJob, tune_many
 from .config import Config, load_config
 from .errors import (ConfigError, DataError, EvaluationError, HistoryError, LpotRayError, MissingFrameworkError,
                      ModelError, PluginError, SpaceError)
@@ -19,5 +20,5 @@ __all__ = [
     "Config", "ConfigError", "DataError", "EvaluationError", "HistoryError", "LpotRayError", "Metric",
     "MissingFrameworkError", "ModelError", "Op", "OpScheme", "PluginError", "Quantization", "SpaceError", "Strategy",
     "TensorScheme",
-    "Trial", "TuneConfig", "TuneResult", "TuningSpace", "load", "load_config", "tune",
+    "Trial", "TuneConfig", "TuneResult", "TuningSpace", "ZooJob", "load", "load_config", "tune", "tune_many",
 ]

@@ -1,0 +1,346 @@
+"""One set of workers shared fairly by several tunings (``tune_many``).
+
+Each worker (the driver's own thread, then Ray ``SharedWorker`` actors) can run trials of every
+job: it builds a job's ``TrialRunner`` (adaptor, model, data) the first time it gets a trial of
+that job, from one object-store copy of the job, and keeps it. So a worker that finishes a trial
+of one job can take the next trial of any other at once, without restarting.
+
+Fairness: every job has its own queue; a free worker goes to the job with the fewest running
+trials among the jobs that have a trial waiting (ties: the job listed first). So while two jobs
+both have trials waiting, their running counts differ by at most one. A job asks for as many
+proposals as its share of the workers (workers / unfinished jobs, rounded up) minus what it
+already has running or queued.
+
+``JobExecutor`` gives each job's engine the interface of ``Executor``; the pool does the rest
+under one lock, as trials finish (Ray's callbacks) or engines call in.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import math
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .executor import MAX_RETRIES, _lost, _ship_user_code_by_value
+from .ray_session import RayPlan, RaySession
+from .space import TuneConfig
+from .strategies.base import Proposal
+from .trial import CANCELLED
+from .worker import TrialRunner, WorkerJob
+
+log = logging.getLogger("lpot_ray")
+
+
+class SharedWorker:
+    """The Ray actor: one TrialRunner per job, built on the job's first trial here."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.runners: dict[str, TrialRunner] = {}
+        self.cancelled: set[tuple[str, int]] = set()
+
+    def ready(self) -> str:
+        return self.name
+
+    def run(self, job_id: str, job_ref: list, seq: int, config: dict) -> dict:
+        if job_id not in self.runners:
+            import ray
+
+            self.runners[job_id] = TrialRunner(ray.get(job_ref[0]), self.name)  # nested: not resolved by Ray
+        return self.runners[job_id].run(seq, config, lambda: (job_id, seq) in self.cancelled)
+
+    def cancel(self, job_id: str, seq: int) -> None:
+        self.cancelled.add((job_id, seq))
+
+    def drop(self, job_id: str) -> None:
+        """Free a finished job's model and data."""
+        runner = self.runners.pop(job_id, None)
+        if runner is not None:
+            runner.close()
+
+
+class DriverSlot:
+    """Worker 0: a thread of the driver with each job's runner (the driver holds every model)."""
+
+    name = "driver"
+    is_driver = True
+
+    def __init__(self, jobs: dict[str, WorkerJob]):
+        self.runners = {job_id: TrialRunner(job, self.name) for job_id, job in jobs.items()}
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lpot-ray-trial")
+        self.cancelled: set[tuple[str, int]] = set()
+        self.ready: Optional[concurrent.futures.Future] = None
+
+    def run(self, job_id: str, seq: int, config: Proposal) -> concurrent.futures.Future:
+        runner = self.runners[job_id]
+        return self.pool.submit(runner.run, seq, config.to_dict(), lambda: (job_id, seq) in self.cancelled)
+
+    def cancel(self, job_id: str, seq: int) -> None:
+        self.cancelled.add((job_id, seq))
+
+    def drop(self, job_id: str) -> None:
+        pass  # the driver still needs the runner to finalize the job
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for runner in self.runners.values():
+            runner.close()
+
+
+class RaySharedSlot:
+    is_driver = False
+
+    def __init__(self, actor_class: Any, job_refs: dict[str, Any], name: str):
+        self.name = name
+        self.job_refs = job_refs
+        self.actor = actor_class.remote(name)
+        self.ready: Optional[concurrent.futures.Future] = self.actor.ready.remote().future()
+
+    def run(self, job_id: str, seq: int, config: Proposal) -> concurrent.futures.Future:
+        return self.actor.run.remote(job_id, [self.job_refs[job_id]], seq, config.to_dict()).future()
+
+    def cancel(self, job_id: str, seq: int) -> None:
+        self.actor.cancel.remote(job_id, seq)
+
+    def drop(self, job_id: str) -> None:
+        self.actor.drop.remote(job_id)
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+
+
+@dataclass
+class JobQueue:
+    """One job's waiting trials, running count and finished rows."""
+
+    waiting: collections.deque = field(default_factory=collections.deque)  # (seq, config, attempt)
+    running: int = 0
+    cancelled: set = field(default_factory=set)
+    rows: queue.Queue = field(default_factory=queue.Queue)  # finished trials, for the job's engine
+    active: bool = True
+
+
+class WorkerPool:
+    """The shared workers and the fair dispatch of every job's trials onto them."""
+
+    def __init__(self, jobs: dict[str, WorkerJob], plan: Optional[RayPlan]):
+        self.jobs = jobs
+        self.lock = threading.RLock()
+        self.driver = DriverSlot(jobs)
+        self.slots: list[Any] = [self.driver]
+        self.idle: list[Any] = [self.driver]
+        self.starting: list[Any] = []
+        self.queues = {job_id: JobQueue() for job_id in jobs}
+        self.running: dict[concurrent.futures.Future, tuple[str, int, Any, Proposal, int]] = {}
+        self.lost: dict[tuple[str, int], str] = {}
+        # After each dispatch: job -> (running, waiting) of the jobs with trials in either, to check fairness.
+        self.snapshots: list[dict[str, tuple[int, int]]] = []
+        self.session: Optional[RaySession] = plan.connect() if plan is not None else None
+        self.plan = plan
+        self._slot_factory: Optional[Any] = None
+        self._watcher = threading.Thread(target=self._watch_starting, name="lpot-ray-pool", daemon=True)
+        self._closed = threading.Event()
+        self._watcher.start()
+
+    # --- growing -----------------------------------------------------------------------------
+    def _watch_starting(self) -> None:
+        """Connect to Ray, start the workers, and admit them as they report ready."""
+        if self.session is not None:
+            self.session.ready.wait()
+            if self.session.error is not None:
+                log.warning("Ray could not start (%s); trials run in the driver alone", self.session.error)
+            else:
+                with self.lock:
+                    self._start_workers()
+        while not self._closed.is_set():
+            with self.lock:
+                starting = [slot.ready for slot in self.starting]
+            if not starting:
+                return
+            concurrent.futures.wait(starting, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
+            with self.lock:
+                self._admit()
+                self._dispatch()
+
+    def _start_workers(self) -> None:
+        import ray
+
+        plan = self.plan
+        workers = plan.workers or max(1, int(self.session.cluster_cpus() // plan.cpus_per_worker))
+        if workers <= 1:
+            return
+        for job in self.jobs.values():
+            _ship_user_code_by_value(job)
+        job_refs = {job_id: ray.put(job) for job_id, job in self.jobs.items()}
+        actor_class = ray.remote(SharedWorker).options(num_cpus=plan.cpus_per_worker, max_concurrency=2)
+        self._slot_factory = lambda name: RaySharedSlot(actor_class, job_refs, name)
+        self.starting += [self._slot_factory(f"worker-{index}") for index in range(1, workers)]
+
+    def _admit(self) -> None:
+        for slot in [slot for slot in self.starting if slot.ready.done()]:
+            self.starting.remove(slot)
+            try:
+                slot.ready.result()
+            except Exception as error:
+                log.warning("%s could not start: %s", slot.name, str(error).splitlines()[0])
+                continue
+            self.slots.append(slot)
+            self.idle.append(slot)
+
+    # --- fair dispatch -----------------------------------------------------------------------
+    def share(self, job_id: str) -> int:
+        """How many trials a job may have running or waiting: its share of the workers."""
+        with self.lock:
+            active = sum(job.active for job in self.queues.values())
+            planned = len(self.slots) + len(self.starting)
+            job = self.queues[job_id]
+            return max(0, math.ceil(planned / max(1, active)) - job.running - len(job.waiting))
+
+    def submit(self, job_id: str, seq: int, config: Proposal, attempt: int = 0) -> None:
+        with self.lock:
+            self.queues[job_id].waiting.append((seq, config, attempt))
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.idle:
+            waiting = [job_id for job_id, job in self.queues.items() if job.waiting]
+            if not waiting:
+                return
+            job_id = min(waiting, key=lambda name: self.queues[name].running)  # ties: the job listed first
+            job = self.queues[job_id]
+            seq, config, attempt = job.waiting[0]
+            slot = next((slot for slot in self.idle if not (attempt > 0 and slot.is_driver)), None)
+            if slot is None:
+                return  # only the driver is idle and the trial is a retry: wait for a Ray worker
+            job.waiting.popleft()
+            self.idle.remove(slot)
+            job.running += 1
+            future = slot.run(job_id, seq, config)
+            self.running[future] = (job_id, seq, slot, config, attempt)
+            self.snapshots.append({name: (other.running, len(other.waiting)) for name, other in self.queues.items()
+                                   if other.running or other.waiting})
+            future.add_done_callback(self._finished)
+
+    def _finished(self, future: concurrent.futures.Future) -> None:
+        with self.lock:
+            if future not in self.running:
+                return
+            job_id, seq, slot, config, attempt = self.running.pop(future)
+            job = self.queues[job_id]
+            job.running -= 1
+            try:
+                row = future.result()
+                self.idle.append(slot)
+            except Exception as error:  # the worker died or Ray failed to deliver
+                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                log.warning("%s failed while running trial %d of %s: %s", slot.name, seq, job_id, reason)
+                self._replace(slot)
+                self.lost[(job_id, seq)] = reason
+                row = None
+                if attempt < MAX_RETRIES and seq not in job.cancelled:
+                    job.waiting.appendleft((seq, config, attempt + 1))
+                else:
+                    row = _lost(seq, f"worker failed {attempt + 1} times running this trial; last: {reason}")
+            if row is not None and seq not in job.cancelled and row.get("status") != CANCELLED:
+                job.rows.put(row)
+            self._dispatch()
+
+    def _replace(self, slot: Any) -> None:
+        self.slots.remove(slot)
+        if slot.is_driver:
+            self.slots.append(slot)
+            self.idle.append(slot)
+        elif self._slot_factory is not None:
+            with contextlib.suppress(Exception):
+                slot.close()
+            self.starting.append(self._slot_factory(slot.name))
+            if not self._watcher.is_alive():
+                self._watcher = threading.Thread(target=self._watch_starting, name="lpot-ray-pool", daemon=True)
+                self._watcher.start()
+
+    def cancel(self, job_id: str, seq: int) -> None:
+        with self.lock:
+            job = self.queues[job_id]
+            job.cancelled.add(seq)
+            job.waiting = collections.deque(item for item in job.waiting if item[0] != seq)
+            for running_job, running_seq, slot, _, _ in self.running.values():
+                if running_job == job_id and running_seq == seq:
+                    slot.cancel(job_id, seq)
+
+    def wait(self, job_id: str, timeout: float) -> list[dict]:
+        job = self.queues[job_id]
+        rows = []
+        with contextlib.suppress(queue.Empty):
+            rows.append(job.rows.get(timeout=timeout) if timeout > 0 else job.rows.get_nowait())
+        while not job.rows.empty():
+            rows.append(job.rows.get_nowait())
+        return rows
+
+    def busy(self, job_id: str) -> bool:
+        job = self.queues[job_id]
+        return bool(job.running or job.waiting or not job.rows.empty())
+
+    def finished(self, job_id: str) -> None:
+        """A job is done: its share goes to the others and workers free its model."""
+        with self.lock:
+            self.queues[job_id].active = False
+            for slot in self.slots:
+                with contextlib.suppress(Exception):
+                    slot.drop(job_id)
+
+    def finalize(self, job_id: str, config: TuneConfig, measure: bool) -> dict:
+        return self.driver.runners[job_id].finalize(config.to_dict(), measure)
+
+    def shutdown(self) -> None:
+        self._closed.set()
+        with self.lock:
+            for job_id, seq, _, _, _ in list(self.running.values()):
+                self.cancel(job_id, seq)
+            slots, self.slots, self.starting, self.idle = self.slots + self.starting, [], [], []
+        for slot in slots:
+            with contextlib.suppress(Exception):
+                slot.close()
+        if self.session is not None:
+            self.session.release()
+
+
+class JobExecutor:
+    """One job's view of the pool, with the interface the engine and ``tune`` use."""
+
+    def __init__(self, pool: WorkerPool, job_id: str):
+        self.pool, self.job_id = pool, job_id
+
+    def grow_on(self, plan: RayPlan) -> None:
+        pass  # the pool connects once for every job
+
+    def want_more(self) -> None:
+        pass
+
+    def free_slots(self) -> int:
+        return self.pool.share(self.job_id)
+
+    def submit(self, seq: int, config: Proposal) -> None:
+        self.pool.submit(self.job_id, seq, config)
+
+    def wait(self, timeout: float) -> list[dict]:
+        return self.pool.wait(self.job_id, timeout)
+
+    def busy(self) -> bool:
+        return self.pool.busy(self.job_id)
+
+    def cancel(self, seq: int) -> None:
+        self.pool.cancel(self.job_id, seq)
+
+    def finalize(self, config: TuneConfig, measure: bool) -> dict:
+        return self.pool.finalize(self.job_id, config, measure)
+
+    def shutdown(self) -> None:
+        self.pool.finished(self.job_id)

@@ -1,0 +1,151 @@
+"""tune_many: several tunings at once on one set of workers, each with its own history and result.
+
+Every job is checked first (config, data, model export, space, history), one after the other, so
+a broken job is reported at once and the others go on. Then each job's engine runs in a thread
+of its own against a ``JobExecutor`` of one shared ``WorkerPool`` (see pool.py for how workers
+are shared fairly), and each job ends like ``tune`` does: its best config lowered and measured
+in the driver. Results come back in job order; a job that failed has ``error`` set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from .api import _baseline, _higher_is_better, _prepare, _PreparedJob, _result
+from .config import Config, load_config
+from .engine import Criterion, Engine
+from .errors import ConfigError, LpotRayError
+from .pool import JobExecutor, WorkerPool
+from .ray_session import RayPlan
+from .result import TuneResult
+
+log = logging.getLogger("lpot_ray")
+
+
+@dataclass
+class ZooJob:
+    """The arguments of one ``tune`` call, and a name for the results table."""
+
+    model: Any
+    conf: Union[Config, dict, str, os.PathLike]
+    name: str = ""
+    q_dataloader: Any = None
+    q_func: Optional[Callable] = None
+    eval_dataloader: Any = None
+    eval_func: Optional[Callable] = None
+
+
+def tune_many(jobs: Sequence[Union[ZooJob, dict]], address: Optional[str] = None, workers: Optional[int] = None,
+              verbose: bool = False) -> list[TuneResult]:
+    """Tune every job concurrently on one set of Ray workers; the results in job order.
+
+    ``workers`` (the driver included) defaults to the largest ``ray.workers`` of the jobs, else
+    one per ``cpus_per_worker`` of the cluster's CPUs.
+    """
+    jobs = [job if isinstance(job, ZooJob) else ZooJob(**job) for job in jobs]
+    names = _unique_names(jobs)
+    started = {name: time.perf_counter() for name in names}
+    results: dict[str, TuneResult] = {}
+    prepared: dict[str, tuple[_PreparedJob, Config]] = {}
+    workspaces: dict[Path, str] = {}
+    for name, job in zip(names, jobs, strict=True):
+        try:
+            config = load_config(job.conf)
+            if config.tuning.exit_policy.performance_only:
+                raise ConfigError("tuning.exit_policy.performance_only: not for tune_many; use tune()")
+            workspace = Path(config.tuning.workspace.path).resolve()
+            if workspace in workspaces:
+                raise ConfigError(f"tuning.workspace.path: {workspace} is also the workspace of job {workspaces[workspace]!r}")
+            workspaces[workspace] = name
+            prepared[name] = (_prepare(config, job.model, job.q_dataloader, job.q_func, job.eval_dataloader,
+                                       job.eval_func, None), config)
+        except Exception as error:  # one broken job must not stop the others
+            results[name] = _failed(name, error, started[name])
+    if prepared:
+        plan = _plan([config for _, config in prepared.values()], address, workers, verbose)
+        planned = (plan.workers or os.cpu_count() or 1) if plan is not None else 1
+        parallelism = max(1, math.ceil(planned / len(prepared)))  # each job's share: its strategy's batch size
+        pool = WorkerPool({name: job.worker_job for name, (job, _) in prepared.items()}, plan)
+        try:
+            threads = [threading.Thread(target=_run_job, args=(name, job, config, JobExecutor(pool, name), parallelism,
+                                                               results, started),
+                                        name=f"lpot-ray-job-{name}") for name, (job, config) in prepared.items()]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            pool.shutdown()
+    return [results[name] for name in names]
+
+
+def _run_job(name: str, job: _PreparedJob, config: Config, executor: JobExecutor, parallelism: int,
+             results: dict[str, TuneResult], started: dict[str, float]) -> None:
+    """One job's tuning, as ``tune`` runs it, on its view of the shared workers."""
+    try:
+        baseline = _baseline(job.history, job.worker_job.evaluation, job.adaptor, job.fp32_model)
+        criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion, _higher_is_better(config, job))
+        job.history.set_meta("criterion", dataclasses.asdict(criterion))
+        strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
+        strategy.parallelism = parallelism
+        engine = Engine(strategy, executor, job.history, criterion, config.tuning.exit_policy,
+                        lambda tune_config: job.objectives.proxy(job.space, tune_config), lambda engine: None)
+        outcome = engine.run()
+        log.info("%s: %d trials, %s", name, len(outcome.trials), outcome.stopped_by)
+        result = _result(outcome, executor, job.adaptor, criterion, job.history, config)
+        results[name] = dataclasses.replace(result, wall_time=time.perf_counter() - started[name])
+    except Exception as error:
+        results[name] = _failed(name, error, started[name])
+    finally:
+        executor.shutdown()
+        job.history.close()
+
+
+def _plan(configs: list[Config], address: Optional[str], workers: Optional[int], verbose: bool) -> Optional[RayPlan]:
+    """One Ray plan for every job: the first address given, the most workers asked for."""
+    address = address or next((config.ray.address for config in configs if config.ray.address), None)
+    asked = [config.ray.workers for config in configs if config.ray.workers]
+    workers = workers or (max(asked) if asked else None)
+    if workers == 1:
+        return None
+    cpus = max(config.ray.cpus_per_worker for config in configs)
+    return RayPlan(address, workers, cpus, verbose)
+
+
+def _unique_names(jobs: list[ZooJob]) -> list[str]:
+    names: list[str] = []
+    for index, job in enumerate(jobs):
+        name = job.name or f"job{index}"
+        names.append(name if name not in names else f"{name}-{index}")
+    return names
+
+
+def _failed(name: str, error: BaseException, started: float) -> TuneResult:
+    message = str(error) if isinstance(error, LpotRayError) else f"{type(error).__name__}: {error}"
+    log.warning("%s failed: %s", name, message)
+    return TuneResult(model=None, config=None, accuracy=None, objectives={}, baseline=None, n_trials=0, n_evaluated=0,
+                      int8_ops=(), fp32_ops=(), passed=False, error=message.strip().splitlines()[0] if message.strip() else "",
+                      wall_time=time.perf_counter() - started)
+
+
+def results_table(names: Sequence[str], results: Sequence[TuneResult]) -> str:
+    """One line per model: fp32 and int8 accuracy, latency ratio, trials, wall time, status."""
+    lines = [f"{'model':<20}{'fp32 acc':>10}{'int8 acc':>10}{'fp32/int8 latency':>19}{'trials':>8}{'wall s':>8}  status"]
+    for name, result in zip(names, results, strict=True):
+        ratio = result.objectives.get("latency_ratio")
+        status = "passed" if result.passed else f"error: {result.error}" if result.error else "no config passed"
+        lines.append(f"{name:<20}{_figure(result.baseline):>10}{_figure(result.accuracy):>10}"
+                     f"{(f'{ratio:.2f}x' if ratio else '-'):>19}{result.n_trials:>8}{result.wall_time:>8.1f}  {status}")
+    return "\n".join(lines)
+
+
+def _figure(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,84 @@
+"""tune_many: several models tuned at once on shared Ray workers, fairly, each with its own history."""
+
+import os
+import time
+
+import torch
+
+import lpot_ray
+from lpot_ray import zoo
+from lpot_ray.history import History
+
+from conftest import base_conf
+
+
+def accuracy_of(model, loader) -> float:
+    with torch.no_grad():
+        correct = sum(int((model(images).argmax(1) == labels).sum()) for images, labels in loader)
+    return correct / sum(len(labels) for _, labels in loader)
+
+
+def test_jobs_share_the_workers_fairly_and_a_broken_job_does_not_stop_the_others(
+        ray_session, digits, outlier_digits, tmp_path, monkeypatch):
+    model, calibration, evaluation = digits
+    outliers = outlier_digits[0]
+    pools = []
+
+    class RecordedPool(zoo.WorkerPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(zoo, "WorkerPool", RecordedPool)
+
+    def slow_eval(candidate):  # long enough for trials of both jobs to overlap on the workers
+        time.sleep(0.25)
+        return accuracy_of(candidate, evaluation)
+
+    def conf(name, max_trials=12, **tuning):
+        job_conf = base_conf(tmp_path / name, exit_policy={"timeout": 600, "max_trials": max_trials}, **tuning)
+        del job_conf["evaluation"]
+        job_conf["ray"]["workers"] = 3
+        return job_conf
+
+    broken = conf("broken")
+    broken["model"]["framework"] = "caffe"
+    jobs = [
+        lpot_ray.ZooJob(outliers, conf("strict", 40, accuracy_criterion={"absolute": 0.02}), name="strict",
+                        q_dataloader=calibration, eval_func=slow_eval),
+        dict(model=model, conf=broken, name="broken", q_dataloader=calibration, eval_func=slow_eval),
+        lpot_ray.ZooJob(model, conf("loose", strategy={"name": "exhaustive"}), name="loose",  # searches all 12 trials
+                        q_dataloader=calibration, eval_func=slow_eval),
+    ]
+    strict, failed, loose = lpot_ray.tune_many(jobs)
+
+    assert strict.passed and set(strict.fp32_ops) == {"conv2", "fc1"}
+    assert loose.passed and not failed.passed
+    assert "unknown framework 'caffe'" in failed.error and failed.wall_time >= 0
+    for name, result in (("strict", strict), ("loose", loose)):  # each job keeps its own history
+        trials = History(tmp_path / name / "ws" / "history.db").trials()
+        assert len(trials) == result.n_trials > 0
+
+    (pool,) = pools
+    both_running = [snapshot for snapshot in pool.snapshots if sum(running > 0 for running, _ in snapshot.values()) == 2]
+    assert both_running, "the two jobs never ran trials at the same time"
+    for snapshot in pool.snapshots:  # jobs that both have trials waiting: running counts within one
+        waiting = [running for running, queued in snapshot.values() if queued]
+        assert len(waiting) < 2 or max(waiting) - min(waiting) <= 1, snapshot
+    workers = {trial.worker for name in ("strict", "loose") for trial in History(tmp_path / name / "ws" / "history.db").trials()}
+    assert {"worker-1", "worker-2"} & workers
+
+    table = zoo.results_table(["strict", "broken", "loose"], [strict, failed, loose])
+    assert "error: `model.framework`: unknown framework 'caffe'" in table and table.count("passed") == 2
+
+
+def test_two_jobs_with_the_same_workspace_are_refused_by_name(digits, tmp_path):
+    model, calibration, evaluation = digits
+    conf = base_conf(tmp_path)
+    conf["ray"]["workers"] = 1
+    first, second = lpot_ray.tune_many([
+        dict(model=model, conf=conf, name="a", q_dataloader=calibration, eval_dataloader=evaluation),
+        dict(model=model, conf=conf, name="b", q_dataloader=calibration, eval_dataloader=evaluation),
+    ])
+    assert first.passed and not second.passed
+    assert f"{os.path.realpath(tmp_path / 'ws')} is also the workspace of job 'a'" in second.error
