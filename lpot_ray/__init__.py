@@ -5,6 +5,7 @@ Importing lpot_ray imports no deep-learning framework; each adaptor imports its 
 
 from .api import Quantization, tune
 from .zoo import ZooJob, tune_many
+from .benchmark import Benchmark, BenchmarkResult
 from .config import Config, load_config
 from .errors import (ConfigError, DataError, EvaluationError, HistoryError, LpotRayError, MissingFrameworkError,
                      ModelError, PluginError, SpaceError)
@@ -17,7 +18,7 @@ from .trial import Trial
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "ConfigError", "DataError", "EvaluationError", "HistoryError", "LpotRayError", "Metric",
+    "Benchmark", "BenchmarkResult", "Config", "ConfigError", "DataError", "EvaluationError", "HistoryError", "LpotRayError", "Metric",
     "MissingFrameworkError", "ModelError", "Op", "OpScheme", "PluginError", "Quantization", "SpaceError", "Strategy",
     "TensorScheme",
     "Trial", "TuneConfig", "TuneResult", "TuningSpace", "ZooJob", "load", "load_config", "tune", "tune_many",

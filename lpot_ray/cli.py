@@ -3,6 +3,7 @@
     lpot-ray tune CONF.yaml [--address A] [--workers N] [--resume] [--verbose]
     lpot-ray history WORKSPACE [--sort accuracy|objective|duration|seq] [--json]
     lpot-ray report WORKSPACE [-o report.html]
+    lpot-ray benchmark CONF.yaml [--model PATH] [--mode performance|accuracy] [--json]
 
 ``tune`` needs nothing but the YAML: the model is the file ``model.path`` names and the data
 come from the ``dataloader`` sections. Exit codes: 0 done (``tune``: a config passed),
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -47,10 +49,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = commands.add_parser("report", help="a self-contained HTML report with plots")
     report.add_argument("workspace", help="the workspace folder, or its history.db")
     report.add_argument("-o", "--output", help="the HTML file to write (default: WORKSPACE/report.html)")
+    benchmark = commands.add_parser("benchmark", help="latency and throughput, or accuracy, of an fp32 or int8 model")
+    benchmark.add_argument("config", help="an LPOT-style YAML with evaluation.performance and/or evaluation.accuracy")
+    benchmark.add_argument("--model", help="a model file, or an int8 model folder saved by tune (default: model.path)")
+    benchmark.add_argument("--mode", choices=("performance", "accuracy"), help="one mode (default: every mode the YAML sets)")
+    benchmark.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
         if args.command == "tune":
             return run_tune(args.config, args.address, args.workers, args.resume, args.verbose)
+        if args.command == "benchmark":
+            return run_benchmark(args.config, args.model, args.mode, args.json)
         if args.command == "report":
             from .report import write_report
 
@@ -96,35 +105,46 @@ def run_tune(config_path: str, address: Optional[str], workers: Optional[int], r
     if accuracy.dataloader is not None:
         evaluation = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="  %(message)s")
+    if not sys.stdout.isatty():
+        logging.getLogger("lpot_ray").setLevel(logging.INFO)  # no live table: a plain line per trial instead
     resume_file = config.tuning.workspace.path if resume else None
+    started = time.monotonic()
     result = tune(model, config, q_dataloader=calibration, eval_dataloader=evaluation, resume_file=resume_file,
                   address=address, verbose=verbose)
     if result.passed:
         result.save(Path(result.workspace) / "int8_model")
-    _print_summary(result)
+    _print_summary(result, time.monotonic() - started)
     return EXIT_OK if result.passed else EXIT_NO_PASS
 
 
-def _print_summary(result) -> None:
+def _print_summary(result, wall_seconds: float) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="lpot-ray tune", show_header=False)
-    table.add_row("fp32 accuracy", "-" if result.baseline is None else f"{result.baseline:.4f}")
-    if result.passed:
-        figures = result.objectives
-        table.add_row("int8 accuracy", "-" if result.accuracy is None else f"{result.accuracy:.4f}")
-        table.add_row("int8 ops", ", ".join(result.int8_ops) or "-")
-        table.add_row("ops left fp32", ", ".join(result.fp32_ops) or "none")
-        if "latency_ratio" in figures:
-            table.add_row("latency per batch", f"fp32 {figures['fp32_latency_ms']:.2f} ms, int8 {figures['latency_ms']:.2f} ms"
-                                               f" ({figures['latency_ratio']:.2f}x)")
-    else:
-        closest = result.best_failing
-        table.add_row("result", "no config met the criterion" + (f"; closest accuracy {closest.accuracy:.4f}" if closest else ""))
-    table.add_row("trials", f"{result.n_trials} ({result.n_evaluated} evaluated now), stopped by: {result.stopped_by}")
-    table.add_row("workspace", f"{result.workspace} (history.db" + (", int8_model)" if result.passed else ")"))
-    Console().print(table)
+    from .progress import summary_table
+
+    Console().print(summary_table(result, wall_seconds))
+
+
+def run_benchmark(config_path: str, model: Optional[str], mode: Optional[str], as_json: bool) -> int:
+    from .benchmark import Benchmark, results_table
+    from .config import load_config
+    from .errors import ConfigError
+
+    config = load_config(config_path)
+    if model is None and config.model.path is None:
+        raise ConfigError(f"{config_path}: `model.path` (or --model) is required to benchmark from the command line")
+    if model is not None and not Path(model).exists():
+        raise ConfigError(f"--model: {model}: file not found")
+    if model is None and not Path(config.model.path).exists():  # said before any framework is imported
+        raise ConfigError(f"model.path: {config.model.path}: file not found")
+    results = Benchmark(config)(model if model is not None else config.model.path, mode=mode)
+    if as_json:
+        print(json.dumps({name: result.to_dict() for name, result in results.items()}, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+
+    Console().print(results_table(results))
+    return EXIT_OK
 
 
 def show_history(workspace: str, sort: str, as_json: bool) -> int:

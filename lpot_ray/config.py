@@ -36,7 +36,10 @@ LPOT_ONLY_KEYS = frozenset(
         "quantization.use_bf16",
         "evaluation.accuracy.configs",
         "evaluation.accuracy.multi_metrics",
-        "evaluation.performance",
+        "evaluation.performance.configs.inter_num_of_threads",
+        "evaluation.performance.configs.intra_num_of_threads",
+        "evaluation.performance.configs.kmp_blocktime",
+        "evaluation.performance.configs.kmp_affinity",
         "tuning.tensorboard",
         "tuning.diagnosis",
         "tuning.strategy.accuracy_weight",
@@ -177,8 +180,35 @@ class AccuracySection(_Section):
         return value
 
 
+class InstanceConfigs(_Section):
+    """LPOT's ``evaluation.performance.configs``: benchmark instances run at once, each on its
+    own cores (``cores_per_instance`` defaults to the usable cores shared out evenly)."""
+
+    cores_per_instance: Optional[int] = Field(None, ge=1)
+    num_of_instance: int = Field(1, ge=1)
+
+
+class PerformanceSection(_Section):
+    """LPOT's ``evaluation.performance``: ``warmup`` untimed batches, then ``iteration`` timed
+    ones (-1: one pass over the dataloader) in each instance."""
+
+    warmup: int = Field(5, ge=0)
+    iteration: int = -1
+    configs: InstanceConfigs = InstanceConfigs()
+    dataloader: Optional[DataloaderSection] = None
+    postprocess: Optional[PostprocessSection] = None
+
+    @field_validator("iteration")
+    @classmethod
+    def _iterations(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be -1 (one pass over the dataloader) or a positive number of batches")
+        return value
+
+
 class EvaluationSection(_Section):
     accuracy: AccuracySection = AccuracySection()
+    performance: Optional[PerformanceSection] = None
 
 
 class StrategySection(_Section):
