@@ -4,6 +4,7 @@
     lpot-ray history WORKSPACE [--sort accuracy|objective|duration|seq] [--json]
     lpot-ray report WORKSPACE [-o report.html]
     lpot-ray benchmark CONF.yaml [--model PATH] [--mode performance|accuracy] [--json]
+    lpot-ray zoo ZOO.yaml [--address A] [--workers N]
 
 ``tune`` needs nothing but the YAML: the model is the file ``model.path`` names and the data
 come from the ``dataloader`` sections. Exit codes: 0 done (``tune``: a config passed),
@@ -54,10 +55,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     benchmark.add_argument("--model", help="a model file, or an int8 model folder saved by tune (default: model.path)")
     benchmark.add_argument("--mode", choices=("performance", "accuracy"), help="one mode (default: every mode the YAML sets)")
     benchmark.add_argument("--json", action="store_true", help="machine-readable output")
+    zoo = commands.add_parser("zoo", help="tune every model of a zoo file at once on shared workers")
+    zoo.add_argument("zoo", help="a YAML with `jobs:`, a list of {name, config: tuning YAML path or mapping}")
+    zoo.add_argument("--address", help="a Ray cluster to use (else the zoo's or the jobs' ray.address, a private Ray)")
+    zoo.add_argument("--workers", type=int, help="workers shared by all jobs, the driver included")
     args = parser.parse_args(argv)
     try:
         if args.command == "tune":
             return run_tune(args.config, args.address, args.workers, args.resume, args.verbose)
+        if args.command == "zoo":
+            return run_zoo(args.zoo, args.address, args.workers)
         if args.command == "benchmark":
             return run_benchmark(args.config, args.model, args.mode, args.json)
         if args.command == "report":
@@ -80,10 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run_tune(config_path: str, address: Optional[str], workers: Optional[int], resume: bool, verbose: bool) -> int:
     import logging
 
-    from . import registry
     from .api import tune
     from .config import load_config
-    from .data import build_loader
     from .errors import ConfigError
 
     config = load_config(config_path)
@@ -91,19 +96,7 @@ def run_tune(config_path: str, address: Optional[str], workers: Optional[int], r
         if workers < 1:
             raise ConfigError(f"--workers: {workers} must be >= 1")
         config = config.model_copy(update={"ray": config.ray.model_copy(update={"workers": workers})})
-    if config.model.path is None:
-        raise ConfigError(f"{config_path}: `model.path` is required to tune from the command line")
-    calibration_section = config.quantization.calibration.dataloader
-    accuracy = config.evaluation.accuracy
-    if calibration_section is None:
-        raise ConfigError(f"{config_path}: `quantization.calibration.dataloader` is required to tune from the command line")
-    if accuracy.dataloader is None and not config.tuning.exit_policy.performance_only:
-        raise ConfigError(f"{config_path}: `evaluation.accuracy.dataloader` is required to tune from the command line")
-    model = registry.adaptors.get(config.model.framework)().load_file(config.model.path)
-    calibration = build_loader(calibration_section, "quantization.calibration.dataloader")
-    evaluation = None
-    if accuracy.dataloader is not None:
-        evaluation = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess)
+    model, calibration, evaluation = model_and_data(config, config_path)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="  %(message)s")
     if not sys.stdout.isatty():
         logging.getLogger("lpot_ray").setLevel(logging.INFO)  # no live table: a plain line per trial instead
@@ -115,6 +108,60 @@ def run_tune(config_path: str, address: Optional[str], workers: Optional[int], r
         result.save(Path(result.workspace) / "int8_model")
     _print_summary(result, time.monotonic() - started)
     return EXIT_OK if result.passed else EXIT_NO_PASS
+
+
+def run_zoo(zoo_path: str, address: Optional[str], workers: Optional[int]) -> int:
+    """Tune every job of a zoo file together; one table; exit 0 only if every job passed."""
+    import logging
+
+    from .errors import ConfigError
+    from .zoo import ZooJob, failed_result, read_zoo, results_table, tune_many
+
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: {workers} must be >= 1")
+    entries, settings = read_zoo(zoo_path)
+    logging.basicConfig(level=logging.WARNING, format="  %(message)s")
+    jobs, errors = [], {}
+    for entry in entries:
+        try:
+            if entry.error:
+                raise ConfigError(entry.error)
+            model, calibration, evaluation = model_and_data(entry.config, f"{zoo_path}: {entry.name}")
+            jobs.append(ZooJob(model, entry.config, entry.name, q_dataloader=calibration, eval_dataloader=evaluation))
+        except Exception as error:  # a broken job is reported in the table; the others run
+            errors[entry.name] = str(error)
+    results = dict(zip([job.name for job in jobs], tune_many(jobs, address or settings.get("address"),
+                                                               workers or settings.get("workers")), strict=True)) if jobs else {}
+    ordered = [results.get(entry.name) or failed_result(errors[entry.name]) for entry in entries]
+    for result in ordered:
+        if result.passed:
+            result.save(Path(result.workspace) / "int8_model")
+    print(results_table([entry.name for entry in entries], ordered))
+    return EXIT_OK if all(result.passed for result in ordered) else EXIT_NO_PASS
+
+
+def model_and_data(config, source: str) -> tuple:
+    """The model ``model.path`` names and the loaders the ``dataloader`` sections describe."""
+    from . import registry
+    from .data import build_loader
+    from .errors import ConfigError
+
+    if config.model.path is None:
+        raise ConfigError(f"{source}: `model.path` is required to tune from the command line")
+    calibration_section = config.quantization.calibration.dataloader
+    accuracy = config.evaluation.accuracy
+    if calibration_section is None and config.quantization.approach == "post_training_static_quant":
+        raise ConfigError(f"{source}: `quantization.calibration.dataloader` is required to tune from the command line")
+    if accuracy.dataloader is None and not config.tuning.exit_policy.performance_only:
+        raise ConfigError(f"{source}: `evaluation.accuracy.dataloader` is required to tune from the command line")
+    model = registry.adaptors.get(config.model.framework)().load_file(config.model.path)
+    calibration = None
+    if calibration_section is not None:
+        calibration = build_loader(calibration_section, "quantization.calibration.dataloader")
+    evaluation = None
+    if accuracy.dataloader is not None:
+        evaluation = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess)
+    return model, calibration, evaluation
 
 
 def _print_summary(result, wall_seconds: float) -> None:

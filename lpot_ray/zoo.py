@@ -131,9 +131,14 @@ def _unique_names(jobs: list[ZooJob]) -> list[str]:
 def _failed(name: str, error: BaseException, started: float) -> TuneResult:
     message = str(error) if isinstance(error, LpotRayError) else f"{type(error).__name__}: {error}"
     log.warning("%s failed: %s", name, message)
+    return failed_result(message, time.perf_counter() - started)
+
+
+def failed_result(message: str, wall_time: float = 0.0) -> TuneResult:
+    """The result of a job that could not run: nothing tuned, ``error`` saying why."""
     return TuneResult(model=None, config=None, accuracy=None, objectives={}, baseline=None, n_trials=0, n_evaluated=0,
                       int8_ops=(), fp32_ops=(), passed=False, error=message.strip().splitlines()[0] if message.strip() else "",
-                      wall_time=time.perf_counter() - started)
+                      wall_time=wall_time)
 
 
 def results_table(names: Sequence[str], results: Sequence[TuneResult]) -> str:
@@ -149,3 +154,57 @@ def results_table(names: Sequence[str], results: Sequence[TuneResult]) -> str:
 
 def _figure(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+# --- a zoo described in a YAML file (``lpot-ray zoo ZOO.yaml``) ---------------------------------
+@dataclass
+class ZooEntry:
+    """One job of a zoo file: its name and its tuning configuration, or why it can't run."""
+
+    name: str
+    config: Optional[Config] = None
+    error: str = ""
+
+
+def read_zoo(path: Union[str, os.PathLike]) -> tuple[list[ZooEntry], dict]:
+    """The entries of a zoo YAML and its top-level settings (``workspace``, ``workers``, ``address``).
+
+    A broken entry (a missing or invalid tuning YAML) becomes an entry with ``error`` set, so the
+    others still run; a zoo file that is not a zoo is a ConfigError naming the file and key.
+    """
+    import yaml
+
+    zoo_path = Path(path)
+    try:
+        raw = yaml.safe_load(zoo_path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{zoo_path}: can't read the zoo file ({type(error).__name__}: {error})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
+        raise ConfigError(f"{zoo_path}: expected a mapping with `jobs:`, a list of {{name, config}} entries")
+    unknown = set(raw) - {"jobs", "workspace", "workers", "address"}
+    if unknown:
+        raise ConfigError(f"{zoo_path}: unknown key(s) {', '.join(sorted(unknown))}; known: jobs, workspace, workers, address")
+    root = Path(raw.get("workspace") or "lpot_ray_workspace/zoo")
+    entries = []
+    for index, item in enumerate(raw["jobs"]):
+        name = item.get("name") if isinstance(item, dict) else None
+        name = str(name or f"job{index}")
+        try:
+            if not isinstance(item, dict) or "config" not in item or set(item) - {"name", "config"}:
+                raise ConfigError(f"jobs[{index}]: expected {{name, config}}, where config is a tuning YAML path or mapping")
+            entries.append(ZooEntry(name, _entry_config(item["config"], zoo_path.parent, root / name)))
+        except Exception as error:
+            entries.append(ZooEntry(name, error=f"{zoo_path}: jobs[{index}] ({name}): {error}"))
+    settings = {key: raw[key] for key in ("workers", "address") if raw.get(key) is not None}
+    return entries, settings
+
+
+def _entry_config(conf: Union[str, dict], base: Path, workspace: Path) -> Config:
+    """A job's configuration (a YAML path relative to the zoo file, or a mapping); a job without
+    a workspace of its own gets ``<zoo workspace>/<name>``. Paths inside a tuning YAML resolve
+    from the working directory, as for ``lpot-ray tune``."""
+    config = load_config(conf if isinstance(conf, dict) else base / conf)
+    if "workspace" not in config.tuning.model_fields_set:
+        tuning = config.tuning.model_copy(update={"workspace": config.tuning.workspace.model_copy(update={"path": str(workspace)})})
+        config = config.model_copy(update={"tuning": tuning})
+    return config

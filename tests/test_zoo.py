@@ -82,3 +82,49 @@ def test_two_jobs_with_the_same_workspace_are_refused_by_name(digits, tmp_path):
     ])
     assert first.passed and not second.passed
     assert f"{os.path.realpath(tmp_path / 'ws')} is also the workspace of job 'a'" in second.error
+
+
+def test_zoo_command_tunes_models_of_two_frameworks_and_reports_a_broken_entry(trained_digits, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from test_cli import save_pt2
+
+    pt2 = save_pt2(trained_digits[0], tmp_path / "digits.pt2")
+    data = {"batch_size": 32, "dataset": {"digits": {"split": "calibration"}}}
+    evaluation = {"batch_size": 64, "dataset": {"digits": {"split": "evaluation"}}}
+
+    def job(framework, path, transform=None):
+        calibration, accuracy = dict(data), dict(evaluation)
+        if transform:
+            calibration["transform"] = accuracy["transform"] = transform
+        return {"model": {"name": framework, "framework": framework, "path": str(path)},
+                "quantization": {"calibration": {"sampling_size": 100, "dataloader": calibration}},
+                "evaluation": {"accuracy": {"metric": {"topk": 1}, "dataloader": accuracy}}}
+
+    (tmp_path / "pt.yaml").write_text(yaml.safe_dump(job("pytorch", pt2)))
+    jobs = [{"name": "digits_pt", "config": "pt.yaml"}, {"name": "missing", "config": "nowhere.yaml"}]
+    try:
+        from lpot_ray.digits_keras import train_digits_keras
+
+        keras_model = train_digits_keras(epochs=3)[0]
+        keras_model.save(tmp_path / "digits.keras")
+        jobs.append({"name": "digits_tf", "config": job("tensorflow", tmp_path / "digits.keras",
+                                                         {"Transpose": {"perm": [1, 2, 0]}})})
+    except ImportError:
+        pass  # without TensorFlow the zoo has one framework
+    zoo_file = tmp_path / "zoo.yaml"
+    zoo_file.write_text(yaml.safe_dump({"workspace": str(tmp_path / "zoo_ws"), "workers": 2, "jobs": jobs}))
+
+    done = subprocess.run([sys.executable, "-m", "lpot_ray", "zoo", str(zoo_file)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 1, done.stderr[-2000:]  # one entry is broken
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()[1:] if line.strip()}
+    assert lines["digits_pt"].rstrip().endswith("passed")
+    assert "error:" in lines["missing"] and "nowhere.yaml" in lines["missing"]
+    assert (tmp_path / "zoo_ws" / "digits_pt" / "int8_model" / "model.pt2").is_file()
+    if len(jobs) == 3:
+        assert lines["digits_tf"].rstrip().endswith("passed")
+        assert (tmp_path / "zoo_ws" / "digits_tf" / "int8_model" / "model.tflite").is_file()
