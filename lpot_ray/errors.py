@@ -46,3 +46,7 @@ class MissingFrameworkError(LpotRayError, ImportError):
         )
         self.framework = framework
         self.extra = extra
+
+
+class ClusterError(LpotRayError, ConnectionError):
+    """The Ray cluster named by an address can't be reached or refuses the connection."""

@@ -6,6 +6,11 @@ first second, while Ray starts and the worker actors import their framework. Eac
 model bytes, data); it joins as a slot when it reports ready. A trial sends a config and gets
 back a row of figures. A worker that dies costs only its in-flight trial, which is re-run
 elsewhere a bounded number of times. ``workers: 1`` is the driver alone, without Ray.
+
+On a cluster the workers are spread across nodes (Ray's SPREAD scheduling), so losing a node
+costs as few workers as possible; its trials are retried on the others. A worker that waits
+longer than ``ray.worker_start_timeout`` for a node (none has its resources free, or the node it
+was meant for vanished) is dropped with a log line, so that no trial waits for it forever.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sysconfig
 import time
 from typing import Any, Optional
 
+from .errors import ClusterError
 from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
 from .strategies.base import Proposal
@@ -52,17 +58,33 @@ class InProcessSlot:
 
 
 class TrialWorker:
-    """The Ray actor: a TrialRunner plus a cancellation flag checked between batches."""
+    """The Ray actor: a TrialRunner plus a cancellation flag checked between batches.
 
-    def __init__(self, job: WorkerJob, name: str):
-        self.runner = TrialRunner(job, name)
+    Creating it is cheap (the job travels as a reference inside a list, which Ray does not
+    resolve), so that its creation measures only the wait for a node; ``ready`` then loads the
+    job, which may take long (importing the framework)."""
+
+    def __init__(self, job_refs: list, name: str):
+        import ray
+
+        self.job_refs, self.name = job_refs, name
+        self.runner: Optional[TrialRunner] = None
         self.cancelled: set[int] = set()
+        self.node = ray.get_runtime_context().get_node_id()  # recorded with each trial: where it ran
+
+    def placed(self) -> str:
+        return self.node
 
     def ready(self) -> str:
-        return self.runner.name
+        import ray
+
+        self.runner = TrialRunner(ray.get(self.job_refs[0]), self.name)
+        return self.node
 
     def run(self, seq: int, config: dict) -> dict:
-        return self.runner.run(seq, config, lambda: seq in self.cancelled)
+        row = self.runner.run(seq, config, lambda: seq in self.cancelled)
+        row.setdefault("figures", {})["node"] = self.node
+        return row
 
     def cancel(self, seq: int) -> None:
         self.cancelled.add(seq)
@@ -71,8 +93,10 @@ class TrialWorker:
 class RaySlot:
     def __init__(self, actor_class: Any, job_ref: Any, name: str):
         self.name = name
-        self.actor = actor_class.remote(job_ref, name)
+        self.actor = actor_class.remote([job_ref], name)
+        self.placed = self.actor.placed.remote().future()  # done once a node took it
         self.ready: Optional[concurrent.futures.Future] = self.actor.ready.remote().future()
+        self.since = time.monotonic()  # when it was asked for, for the start-up timeout
 
     def run(self, seq: int, config: Proposal) -> concurrent.futures.Future:
         return self.actor.run.remote(seq, config.to_dict()).future()
@@ -102,13 +126,22 @@ class Executor:
         self._ray_slot_factory: Optional[Any] = None
         self._plan: Optional[RayPlan] = None
         self.session: Optional[RaySession] = None
+        self.start_timeout = 300.0  # seconds a Ray worker may take to start before it is dropped
 
     # --- growing ---------------------------------------------------------------------------
     def grow_on(self, plan: RayPlan) -> None:
         """Add Ray workers per ``plan``: connect now if Ray is cheap to reach, else on demand."""
         self._plan = plan
+        self.start_timeout = plan.start_timeout
         if plan.connect_eagerly():
             self.want_more()
+
+    def check_cluster(self, timeout: float = 60.0) -> None:
+        """Raise ClusterError unless a cluster named by an address is connected: a connection
+        that fails (say, a missing auth token) is reported before trials, not in their midst.
+        Reaching a running cluster takes well under a second, hidden behind the fp32 baseline."""
+        if self.session is not None and self.session.address:
+            self.session.wait_connected(timeout)
 
     def want_more(self) -> None:
         """The engine has more work than the driver alone: start Ray if planned (idempotent)."""
@@ -121,19 +154,24 @@ class Executor:
         plan, self._plan = self._plan, None
         if self.session.error is not None:
             if self.session.address:
-                raise ConnectionError(f"ray.address {self.session.address!r}: can't connect: {self.session.error}")
+                error = self.session.error
+                raise error if isinstance(error, ClusterError) else ClusterError(f"Ray cluster {self.session.address!r}: {error}")
             log.warning("a local Ray could not start (%s); trials run in the driver alone", self.session.error)
             return
-        workers = plan.workers or max(1, int(self.session.cluster_cpus() // plan.cpus_per_worker))
-        if workers > 1:
-            self.add_ray_workers(workers - 1, plan.cpus_per_worker)
+        cluster = self.session.cluster_resources()
+        for name in sorted(set(plan.resources_per_worker) - set(cluster)):
+            log.warning("ray.resources_per_worker: no node of the cluster has resource %r (yet); workers wait for one", name)
+        count = plan.ray_workers(cluster)
+        if count > 0:
+            self.add_ray_workers(count, plan.cpus_per_worker, plan.resources_per_worker)
 
-    def add_ray_workers(self, count: int, cpus_per_worker: float) -> None:
-        """Start ``count`` Ray worker actors; each becomes a slot once it is ready."""
+    def add_ray_workers(self, count: int, cpus_per_worker: float, resources: Optional[dict[str, float]] = None) -> None:
+        """Start ``count`` Ray worker actors, spread across nodes; each becomes a slot once ready."""
         import ray
 
         _ship_user_code_by_value(self.job)
-        actor_class = ray.remote(TrialWorker).options(num_cpus=cpus_per_worker, max_concurrency=2)
+        actor_class = ray.remote(TrialWorker).options(num_cpus=cpus_per_worker, resources=dict(resources or {}),
+                                                      scheduling_strategy="SPREAD", max_concurrency=2)
         job_ref = ray.put(self.job)  # the model and data enter the object store once
         self._ray_slot_factory = lambda name: RaySlot(actor_class, job_ref, name)
         for index in range(1, count + 1):
@@ -144,12 +182,26 @@ class Executor:
         for slot in [slot for slot in self.starting if slot.ready.done()]:
             self.starting.remove(slot)
             try:
-                slot.ready.result()
+                node = slot.ready.result()
             except Exception as error:  # a worker that can't start is reported and left out
                 log.warning("%s could not start: %s", slot.name, str(error).splitlines()[0])
                 continue
+            log.info("%s ready on node %s", slot.name, node)
             self.slots.append(slot)
             self.idle.append(slot)
+        self._drop_stuck()
+
+    def _drop_stuck(self) -> None:
+        """A worker no node can take (resources busy or missing, its node gone) waits forever
+        in Ray: drop it after the start-up timeout so that retries waiting for it fail instead.
+        Only the wait for a node counts, not the loading of the job once placed."""
+        now = time.monotonic()
+        for slot in [slot for slot in self.starting if not slot.placed.done() and now - slot.since > self.start_timeout]:
+            self.starting.remove(slot)
+            log.warning("%s did not start within %.0f s: no node has its resources free; dropped",
+                        slot.name, self.start_timeout)
+            with contextlib.suppress(Exception):
+                slot.close()
 
     # --- the engine's interface --------------------------------------------------------------
     def busy(self) -> bool:

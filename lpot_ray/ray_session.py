@@ -9,16 +9,25 @@ thread once it is up, and the next session waits for that to finish first.
 
 Connection order: ``address`` (argument or YAML) > ``RAY_ADDRESS`` > a Ray this process already
 initialised (reused, never shut down here) > a private local Ray (shut down at the end).
+
+A cluster address is probed with a plain TCP connection first, so a wrong address fails in
+seconds with an error naming it (Ray itself retries for minutes). Ray 2.5x clusters may require
+token authentication, which ``ray.init`` with an explicit address only uses when
+``RAY_AUTH_MODE=token``: when a token is at hand and the mode is unset, token mode is turned on
+for this process (a token-mode client reaches a cluster without authentication too).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from .errors import ClusterError
 
 _previous_shutdown = threading.Lock()  # held by a releasing session until its Ray is down
 
@@ -31,12 +40,33 @@ class RayPlan:
     workers: Optional[int] = None  # None: one per cpus_per_worker of the cluster's CPUs
     cpus_per_worker: float = 1.0
     verbose: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    start_timeout: float = 300.0  # seconds a worker may wait for a node before it is dropped
+
+    def cluster_address(self) -> Optional[str]:
+        return self.address or os.environ.get("RAY_ADDRESS") or None
+
+    def check_reachable(self) -> None:
+        """Raise ClusterError at once if a cluster address is given and nothing answers there."""
+        if self.cluster_address():
+            check_reachable(self.cluster_address())
 
     def connect_eagerly(self) -> bool:
         """A cluster or a Ray already running costs little to reach; a private Ray is started
         only once the tuning shows it has more work than the driver alone."""
         ray = sys.modules.get("ray")
-        return bool(self.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()))
+        return bool(self.cluster_address() or (ray is not None and ray.is_initialized()))
+
+    def ray_workers(self, cluster: dict[str, float]) -> int:
+        """Worker actors to start next to the driver: ``workers - 1`` if given, else one per
+        ``cpus_per_worker`` of the cluster's CPUs less the driver's, and no more than its custom
+        resources can hold (the driver needs none of them)."""
+        if self.workers:
+            return self.workers - 1
+        count = max(1, int(cluster.get("CPU", 1) // self.cpus_per_worker)) - 1
+        for name, amount in self.resources_per_worker.items():
+            count = min(count, int(cluster.get(name, 0) // amount))
+        return max(0, count)
 
     def connect(self) -> "RaySession":
         return RaySession(self.address, self.verbose)
@@ -60,6 +90,8 @@ class RaySession:
             owned = False
             try:
                 if not ray.is_initialized():
+                    if self.address:
+                        _use_token_auth_if_available()
                     ray.init(
                         address=self.address or "local",
                         include_dashboard=False if not self.address else None,
@@ -68,7 +100,7 @@ class RaySession:
                     )
                     owned = True
             except BaseException as error:  # reported to the driver, which goes on without Ray
-                self.error = error
+                self.error = _cluster_error(self.address, error) if self.address else error
             finally:
                 self.ready.set()
             self._released.wait()
@@ -76,12 +108,69 @@ class RaySession:
                 ray.shutdown()
 
     def cluster_cpus(self) -> float:
+        return self.cluster_resources().get("CPU", 1.0)
+
+    def cluster_resources(self) -> dict[str, float]:
         import ray
 
-        return float(ray.cluster_resources().get("CPU", 1))
+        return {name: float(amount) for name, amount in ray.cluster_resources().items()}
+
+    def wait_connected(self, timeout: float) -> None:
+        """Raise ClusterError unless the cluster connection is up within ``timeout`` seconds."""
+        if not self.ready.wait(timeout):
+            raise ClusterError(f"Ray cluster {self.address!r}: no answer within {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
 
     def release(self, wait: bool = False) -> None:
         """Let the thread shut down a Ray it started, once that Ray is up."""
         self._released.set()
         if wait:
             self._thread.join()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the address, when nothing listens there: Ray would retry for minutes."""
+    endpoint = _host_port(address)
+    if endpoint is None:
+        return  # "auto", "local" or a form only Ray knows: let Ray judge it
+    try:
+        socket.create_connection(endpoint, timeout=timeout).close()
+    except OSError as error:
+        raise ClusterError(f"Ray cluster {address!r}: nothing answers at {endpoint[0]}:{endpoint[1]} ({error}); "
+                           "give the head node's address and GCS port (`ray start --head --port`, 6379 by default)") from None
+
+
+def _host_port(address: str) -> Optional[tuple[str, int]]:
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _use_token_auth_if_available() -> None:
+    """Turn on Ray's token authentication for this process when a token exists (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is unset, as Ray does
+    itself for ``address="auto"`` but not for an explicit address."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # the C++ side reads the mode from its cached configuration
+
+
+def _cluster_error(address: str, error: BaseException) -> ClusterError:
+    """Ray's connection errors say little; name the address and what to check."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        hint = "if the cluster uses token authentication, check that the token given is the cluster's"
+    else:
+        hint = ("if the cluster uses token authentication, set RAY_AUTH_MODE=token and give the cluster's token "
+                "in RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-token` "
+                "on the head node prints it)")
+    return ClusterError(f"Ray cluster {address!r}: can't connect: {type(error).__name__}: {text}; {hint}")

@@ -96,3 +96,18 @@ def test_a_retry_with_no_ray_worker_left_is_reported_failed_not_left_hanging():
     (row,) = executor.wait(timeout=0.5)
     assert row["seq"] == 5 and row["status"] == "failed" and "no Ray worker is left" in row["reason"]
     assert not executor.busy()
+
+
+def test_a_worker_no_node_can_take_is_dropped_after_the_start_timeout(ray_session, job_and_space, caplog):
+    job, _ = job_and_space
+    executor = Executor(job, in_process=False)
+    executor.start_timeout = 2
+    try:
+        executor.add_ray_workers(1, cpus_per_worker=1, resources={"accelerator_x": 1})  # no node has one
+        deadline = time.monotonic() + 30
+        while executor.starting and time.monotonic() < deadline:
+            executor.wait(timeout=0.5)
+        assert not executor.starting and not executor.slots
+        assert "worker-1 did not start within 2 s: no node has its resources free; dropped" in caplog.text
+    finally:
+        executor.shutdown()
