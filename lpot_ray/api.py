@@ -11,6 +11,7 @@ importing their framework. A tuning never waits for Ray to start or stop.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -28,11 +29,13 @@ from .objectives import WeightedObjectives
 from .progress import ProgressLine
 from .ray_session import RayPlan
 from .result import TuneResult
-from .space import TuneConfig, TuningSpace, describe_capabilities
+from .cpu import bf16_unavailable_reason
+from .space import BF16, TuneConfig, TuningSpace, describe_capabilities
 from .trial import OK
 from .worker import WorkerJob
 
 FINALISTS = 3
+log = logging.getLogger("lpot_ray")
 
 
 def tune(
@@ -48,14 +51,18 @@ def tune(
 ) -> TuneResult:
     """Find the fastest int8 version of ``model`` that meets the YAML's accuracy criterion."""
     config = load_config(conf)
+    plan = _ray_plan(config, address, verbose) if _wants_ray(config, address) else None
+    if plan is not None:
+        plan.check_reachable()  # a wrong cluster address fails in seconds, before any other work
     job = _prepare(config, model, q_dataloader, q_func, eval_dataloader, eval_func, resume_file)
     if config.tuning.exit_policy.performance_only:
         return _default_config_only(job, model, config)
     executor = Executor(job.worker_job)
-    if _wants_ray(config, address):
-        executor.grow_on(RayPlan(address or config.ray.address, config.ray.workers, config.ray.cpus_per_worker, verbose))
     try:
+        if plan is not None:
+            executor.grow_on(plan)
         baseline = _baseline(job.history, job.worker_job.evaluation, job.adaptor, job.fp32_model)
+        executor.check_cluster()  # a cluster refusing the connection fails before any trial
         criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion, _higher_is_better(config, job))
         job.history.set_meta("criterion", dataclasses.asdict(criterion))
         strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
@@ -125,16 +132,20 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
         raise ConfigError(f"`tuning.strategy.name`: {config.tuning.strategy.name!r} ranks ops by inspecting tensors, "
                           f"which the {config.model.framework} adaptor can't do; choose basic or bayesian")
     adaptor = adaptor_class()
+    adaptor.approach = config.quantization.approach
 
     calibration = _calibration_batches(config, q_dataloader, eval_dataloader)
     payload = adaptor.prepare(model, calibration[0])
     fp32_model = adaptor.load(payload)
     capabilities = adaptor.capabilities(fp32_model)
     space = TuningSpace.build(capabilities, config.quantization)
+    if config.quantization.use_bf16 and not any(BF16 in capability.schemes for capability in capabilities):
+        reason = bf16_unavailable_reason() or f"the {config.model.framework} adaptor offers no bf16"
+        log.warning("`quantization.use_bf16`: %s; ops fall back to fp32", reason)
     if not space.ops:
         raise ModelError(f"model: {type(model).__name__} has no op lpot_ray can quantize for {config.model.framework}")
-    if not space.has_int8:
-        raise ConfigError(f"quantization: model_wise/op_wise leave no int8 scheme for any op; "
+    if not space.has_low_precision:
+        raise ConfigError(f"quantization: model_wise/op_wise leave no int8 (or bf16) scheme for any op; "
                           f"{config.model.framework} offers {describe_capabilities(capabilities)}")
     history = History.start(config.tuning.workspace.path, resume_file or config.tuning.workspace.resume,
                             _fingerprint(config, adaptor.weights_digest(fp32_model), space))
@@ -148,6 +159,12 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
 def _planned_workers(config: Config) -> int:
     """Workers the tuning expects: ``ray.workers``, else one per ``cpus_per_worker`` of this machine."""
     return config.ray.workers or max(1, int((os.cpu_count() or 1) // config.ray.cpus_per_worker))
+
+
+def _ray_plan(config: Config, address: Optional[str], verbose: bool) -> RayPlan:
+    ray = config.ray
+    return RayPlan(address or ray.address, ray.workers, ray.cpus_per_worker, verbose,
+                   dict(ray.resources_per_worker), ray.worker_start_timeout)
 
 
 def _wants_ray(config: Config, address: Optional[str]) -> bool:
@@ -306,10 +323,10 @@ def _passed(config: TuneConfig, proxy: float, final: dict, adaptor: Any, history
     """The result for a config that was compiled and measured: recorded, then returned."""
     figures = {**final["figures"], "fp32_macs_fraction": proxy}
     history.set_meta("result", {"key": config.key, "accuracy": final["accuracy"], "objectives": figures,
-                                "int8_ops": final["int8_ops"], "rejected": rejected})
+                                "int8_ops": final["int8_ops"], "bf16_ops": final.get("bf16_ops", []), "rejected": rejected})
     return TuneResult(model=adaptor.deserialize(final["model"]), config=config, accuracy=final["accuracy"],
                       objectives=figures, int8_ops=tuple(final["int8_ops"]), fp32_ops=tuple(final["fp32_ops"]),
-                      passed=True, model_bytes=final["model"], **common)
+                      bf16_ops=tuple(final.get("bf16_ops", ())), passed=True, model_bytes=final["model"], **common)
 
 
 def _objectives(config: Config) -> WeightedObjectives:

@@ -33,7 +33,6 @@ LPOT_ONLY_KEYS = frozenset(
         "quantization.recipes",
         "quantization.train",
         "quantization.optimization",
-        "quantization.use_bf16",
         "evaluation.accuracy.configs",
         "evaluation.accuracy.multi_metrics",
         "evaluation.performance.configs.inter_num_of_threads",
@@ -152,6 +151,9 @@ class CalibrationSection(_Section):
 
 class QuantizationSection(_Section):
     approach: Literal[APPROACHES] = "post_training_static_quant"
+    # bf16 as a per-op choice between int8 and fp32, where the CPU computes bf16 natively. Off by
+    # default: on small models the casts around a bf16 op cost more than its faster kernel saves.
+    use_bf16: bool = False
     calibration: CalibrationSection = CalibrationSection()
     model_wise: OpRestriction = OpRestriction()
     op_wise: dict[str, OpRestriction] = Field(default_factory=dict)
@@ -288,6 +290,20 @@ class RaySection(_Section):
     address: Optional[str] = None
     workers: Optional[int] = Field(None, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)  # custom Ray resources, e.g. {accelerator_x: 1}
+    worker_start_timeout: float = Field(300, gt=0)  # seconds a worker may wait for a node before it is dropped
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU"):
+                raise ValueError(f"names {name}, which Ray counts itself; use cpus_per_worker for CPUs (GPUs are not used)")
+            if not name.strip():
+                raise ValueError("has an empty resource name")
+            if amount <= 0:
+                raise ValueError(f"gives {name!r} {amount}; each amount must be > 0")
+        return value
 
 
 class Config(_Section):

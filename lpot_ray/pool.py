@@ -174,15 +174,16 @@ class WorkerPool:
         import ray
 
         plan = self.plan
-        workers = plan.workers or max(1, int(self.session.cluster_cpus() // plan.cpus_per_worker))
-        if workers <= 1:
+        count = plan.ray_workers(self.session.cluster_resources())
+        if count <= 0:
             return
         for job in self.jobs.values():
             _ship_user_code_by_value(job)
         job_refs = {job_id: ray.put(job) for job_id, job in self.jobs.items()}
-        actor_class = ray.remote(SharedWorker).options(num_cpus=plan.cpus_per_worker, max_concurrency=2)
+        actor_class = ray.remote(SharedWorker).options(num_cpus=plan.cpus_per_worker, resources=dict(plan.resources_per_worker),
+                                                       scheduling_strategy="SPREAD", max_concurrency=2)
         self._slot_factory = lambda name: RaySharedSlot(actor_class, job_refs, name)
-        self.starting += [self._slot_factory(f"worker-{index}") for index in range(1, workers)]
+        self.starting += [self._slot_factory(f"worker-{index}") for index in range(1, count + 1)]
 
     def _admit(self) -> None:
         for slot in [slot for slot in self.starting if slot.ready.done()]:

@@ -141,7 +141,7 @@ def _page(trials: list[Trial], meta: dict, chosen: Optional[str], plots: dict[st
         f"<tr{' class=chosen' if trial.key == chosen else ''}><td>{trial.seq}</td><td>{html.escape(trial.status)}"
         f"{' (chosen)' if trial.key == chosen else ''}</td><td>{_number(trial.accuracy)}</td>"
         f"<td>{'yes' if trial.passed else ''}</td><td>{_number(trial.objective)}</td>"
-        f"<td>{html.escape(', '.join(trial.config.fp32_ops) or '-')}</td><td>{html.escape(trial.worker)}</td>"
+        f"<td>{html.escape(_fallen_back(trial.config))}</td><td>{html.escape(trial.worker)}</td>"
         f"<td>{trial.duration:.2f}</td></tr>"
         for trial in trials
     )
@@ -177,10 +177,16 @@ tr.chosen {{ background: #ffe9a8; font-weight: bold; }} pre {{ background: #f5f5
 <p id="summary">{summary}; fp32 baseline {baseline}; {count} trials.</p>
 {figures}
 <h2>Trials</h2>
-<table><tr><th>seq</th><th>status</th><th>accuracy</th><th>passed</th><th>objective</th><th>fp32 ops</th>
+<table><tr><th>seq</th><th>status</th><th>accuracy</th><th>passed</th><th>objective</th><th>fp32 (bf16) ops</th>
 <th>worker</th><th>seconds</th></tr>{rows}</table>
 <h2>Result</h2><pre>{result}</pre>
 <h2>Configuration</h2><pre>{config}</pre>
 <h2>Environment</h2><pre>{environment}</pre>
 </body></html>
 """
+
+
+def _fallen_back(config) -> str:
+    """A trial's fp32 ops, then its bf16 ops marked so (bf16 where the CPU offered it)."""
+    names = list(config.fp32_ops) + [f"{name} (bf16)" for name in config.bf16_ops]
+    return ", ".join(names) or "-"

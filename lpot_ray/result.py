@@ -31,6 +31,7 @@ class TuneResult:
     fp32_ops: tuple[str, ...]
     passed: bool
     best_failing: Optional[Trial] = None
+    bf16_ops: tuple[str, ...] = ()  # ops computing in bf16 (read from the compiled code, like int8_ops)
     framework: str = ""
     stopped_by: str = ""
     workspace: str = ""
@@ -53,6 +54,7 @@ class TuneResult:
             "objectives": self.objectives,
             "int8_ops": list(self.int8_ops),
             "fp32_ops": list(self.fp32_ops),
+            "bf16_ops": list(self.bf16_ops),
             "n_trials": self.n_trials,
         }
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
@@ -78,6 +80,7 @@ def load(path: Union[str, os.PathLike]) -> TuneResult:
         n_evaluated=0,
         int8_ops=tuple(info["int8_ops"]),
         fp32_ops=tuple(info["fp32_ops"]),
+        bf16_ops=tuple(info.get("bf16_ops", ())),  # absent from results saved before bf16 existed
         passed=True,
         framework=info["framework"],
         model_bytes=model_bytes,

@@ -2,7 +2,8 @@
 
 An adaptor says what each op can do (``OpCapability``); the user's ``model_wise`` / ``op_wise``
 restrictions narrow that down; the result is a ``TuningSpace``: for every op, the ordered list of
-``OpScheme`` choices, fp32 fallback always last. A candidate is a ``TuneConfig``: one scheme per op
+``OpScheme`` choices: int8 schemes first, then bf16 where the adaptor offers it, fp32 fallback
+always last (LPOT falls back int8 -> bf16 -> fp32). A candidate is a ``TuneConfig``: one scheme per op
 plus the calibration sampling size, immutable and identified by a stable ``key``.
 """
 
@@ -31,15 +32,15 @@ class TensorScheme:
     def allowed_by(self, restriction: Optional[TensorRestriction]) -> bool:
         if restriction is None:
             return True
-        return all(
-            getattr(restriction, name) is None or getattr(self, name) in getattr(restriction, name)
-            for name in ("dtype", "scheme", "granularity", "algorithm")
-        )
+        # A float tensor has no quantization parameters: only its dtype can be restricted.
+        names = ("dtype",) if self.dtype in FLOAT_DTYPES else ("dtype", "scheme", "granularity", "algorithm")
+        return all(getattr(restriction, name) is None or getattr(self, name) in getattr(restriction, name) for name in names)
 
 
 @dataclass(frozen=True)
 class OpScheme:
-    """One choice for one op: its weight and activation schemes; both None means fp32."""
+    """One choice for one op: its weight and activation schemes; both None means fp32, both bf16
+    tensors (``BF16``) means the op computes in bf16."""
 
     weight: Optional[TensorScheme] = None
     activation: Optional[TensorScheme] = None
@@ -48,9 +49,17 @@ class OpScheme:
     def is_fp32(self) -> bool:
         return self.weight is None and self.activation is None
 
-    def to_dict(self) -> dict:
+    @property
+    def dtype(self) -> str:
+        """What the op computes in: "int8" (uint8 activations included), "bf16" or "fp32"."""
         if self.is_fp32:
-            return {"dtype": "fp32"}
+            return "fp32"
+        tensors = [tensor for tensor in (self.weight, self.activation) if tensor is not None]
+        return "bf16" if all(tensor.dtype == "bf16" for tensor in tensors) else "int8"
+
+    def to_dict(self) -> dict:
+        if self.dtype in ("fp32", "bf16"):
+            return {"dtype": self.dtype}
         return {
             "weight": None if self.weight is None else vars(self.weight).copy(),
             "activation": None if self.activation is None else vars(self.activation).copy(),
@@ -60,14 +69,16 @@ class OpScheme:
     def from_dict(cls, data: dict) -> "OpScheme":
         if data.get("dtype") == "fp32":
             return FP32
+        if data.get("dtype") == "bf16":
+            return BF16
         return cls(
             weight=None if data.get("weight") is None else TensorScheme(**data["weight"]),
             activation=None if data.get("activation") is None else TensorScheme(**data["activation"]),
         )
 
     def describe(self) -> str:
-        if self.is_fp32:
-            return "fp32"
+        if self.dtype in ("fp32", "bf16"):
+            return self.dtype
         parts = []
         for role, tensor in (("w", self.weight), ("a", self.activation)):
             if tensor is not None:
@@ -75,7 +86,16 @@ class OpScheme:
         return " ".join(parts)
 
 
+FLOAT_DTYPES = ("bf16", "fp32")
 FP32 = OpScheme()
+# bf16 tensors carry no quantization parameters: the op casts its input and weight to bf16 and
+# its output back to fp32.
+_BF16_TENSOR = TensorScheme("bf16", "", "", "")
+BF16 = OpScheme(_BF16_TENSOR, _BF16_TENSOR)
+# What a bf16 op's multiply-accumulates count for in the performance proxy, an fp32 one counting 1
+# and an int8 one 0: AVX-512 BF16 does two bf16 MACs per 32-bit lane where fp32 does one, and bf16
+# moves half the bytes, so a bf16 op costs about half its fp32 time.
+BF16_COST = 0.5
 
 
 @dataclass(frozen=True)
@@ -115,13 +135,17 @@ class TuneConfig:
 
     @property
     def int8_ops(self) -> tuple[str, ...]:
-        return tuple(name for name, scheme in self.op_schemes if not scheme.is_fp32)
+        return tuple(name for name, scheme in self.op_schemes if scheme.dtype == "int8")
 
-    def with_fallback(self, op_names: Iterable[str]) -> "TuneConfig":
-        """The same config with ``op_names`` in fp32."""
+    @property
+    def bf16_ops(self) -> tuple[str, ...]:
+        return tuple(name for name, scheme in self.op_schemes if scheme.dtype == "bf16")
+
+    def with_fallback(self, op_names: Iterable[str], to: OpScheme = FP32) -> "TuneConfig":
+        """The same config with ``op_names`` in fp32 (or in ``to``, e.g. ``BF16``)."""
         fallback = set(op_names)
         return replace(
-            self, op_schemes=tuple((name, FP32 if name in fallback else scheme) for name, scheme in self.op_schemes)
+            self, op_schemes=tuple((name, to if name in fallback else scheme) for name, scheme in self.op_schemes)
         )
 
     def to_dict(self) -> dict:
@@ -162,7 +186,8 @@ class TuningSpace:
             for pattern, regex in patterns.items():
                 if regex.fullmatch(capability.op.name):
                     restriction = _overlay(restriction, quantization.op_wise[pattern])
-            schemes = tuple(scheme for scheme in capability.schemes if _serves(scheme, quantization.approach))
+            schemes = tuple(scheme for scheme in capability.schemes if _serves(scheme, quantization.approach)
+                            and (scheme.dtype != "bf16" or quantization.use_bf16))
             choices[capability.op.name] = _restrict(schemes, restriction) + (FP32,)
         return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size))
 
@@ -201,18 +226,28 @@ class TuningSpace:
 
     @property
     def has_int8(self) -> bool:
+        return any(scheme.dtype == "int8" for schemes in self.choices.values() for scheme in schemes)
+
+    @property
+    def has_low_precision(self) -> bool:
+        """Whether any op has a choice other than fp32 (int8 or bf16)."""
         return any(not scheme.is_fp32 for schemes in self.choices.values() for scheme in schemes)
+
+    def fallback_for(self, op_name: str) -> OpScheme:
+        """The first step down from int8 for an op: bf16 where it is a choice, else fp32."""
+        return BF16 if BF16 in self.choices[op_name] else FP32
 
     @property
     def total_macs(self) -> int:
         return sum(op.macs for op in self.ops)
 
     def model_wise_configs(self) -> list[TuneConfig]:
-        """One config per distinct int8 scheme (each op takes it if it can) and sampling size."""
+        """One config per distinct int8 scheme (each op takes it if it can, else its first choice,
+        bf16 where offered) and sampling size."""
         schemes: list[OpScheme] = []
         for op in self.ops:
             for scheme in self.choices[op.name]:
-                if not scheme.is_fp32 and scheme not in schemes:
+                if scheme.dtype == "int8" and scheme not in schemes:
                     schemes.append(scheme)
         configs: list[TuneConfig] = []
         for size in self.sampling_sizes:
@@ -227,20 +262,23 @@ class TuningSpace:
         return configs
 
     def fp32_macs_fraction(self, config: TuneConfig) -> float:
-        """Share of the model's multiply-accumulates left in fp32: the trial-time speed proxy."""
+        """Share of the model's multiply-accumulates left in fp32, a bf16 op's counted at
+        ``BF16_COST``: the trial-time speed proxy."""
         total = self.total_macs
         if total == 0:
-            return len(config.fp32_ops) / max(1, len(self.ops))
+            return (len(config.fp32_ops) + BF16_COST * len(config.bf16_ops)) / max(1, len(self.ops))
         macs = {op.name: op.macs for op in self.ops}
-        return sum(macs[name] for name in config.fp32_ops) / total
+        return (sum(macs[name] for name in config.fp32_ops) + BF16_COST * sum(macs[name] for name in config.bf16_ops)) / total
 
     def weight_bytes_fraction(self, config: TuneConfig) -> float:
-        """Weight bytes relative to all-fp32 (int8 weights take a quarter): the model-size proxy."""
+        """Weight bytes relative to all-fp32 (int8 weights take a quarter, bf16 a half): the
+        model-size proxy."""
         total = sum(op.weights for op in self.ops)
         if total == 0:
-            return len(config.fp32_ops) / max(1, len(self.ops))
-        fp32 = set(config.fp32_ops)
-        return sum(op.weights * (1.0 if op.name in fp32 else 0.25) for op in self.ops) / total
+            return (len(config.fp32_ops) + 0.5 * len(config.bf16_ops)) / max(1, len(self.ops))
+        share = {"fp32": 1.0, "bf16": 0.5, "int8": 0.25}
+        dtypes = {name: scheme.dtype for name, scheme in config.op_schemes}
+        return sum(op.weights * share[dtypes[op.name]] for op in self.ops) / total
 
     def fingerprint(self) -> dict:
         return {
@@ -251,7 +289,7 @@ class TuningSpace:
 
 
 def describe_capabilities(capabilities: list[OpCapability]) -> str:
-    """The distinct int8 schemes an adaptor offers, for error messages."""
+    """The distinct int8 (and bf16) schemes an adaptor offers, for error messages."""
     offered = sorted({scheme.describe() for capability in capabilities for scheme in capability.schemes})
     return "; ".join(offered) or "nothing"
 
@@ -259,7 +297,10 @@ def describe_capabilities(capabilities: list[OpCapability]) -> str:
 def _serves(scheme: OpScheme, approach: str) -> bool:
     """Whether a scheme belongs to the approach: dynamic quantization computes activation ranges
     per batch at run time; quantization-aware training tracks them as moving min/max while the
-    model trains; static quantization calibrates them once (minmax or kl)."""
+    model trains; static quantization calibrates them once (minmax or kl). bf16 needs no ranges,
+    so it serves every approach."""
+    if scheme.dtype == "bf16":
+        return True
     algorithm = scheme.activation.algorithm if scheme.activation is not None else None
     if approach == "post_training_dynamic_quant":
         return algorithm == "dynamic"

@@ -83,7 +83,7 @@ class TrialRunner:
             if measure:
                 figures.update(self._measure(lowered.model, len(model)))
         return {"accuracy": accuracy, "int8_ops": list(lowered.int8_ops), "fp32_ops": list(lowered.fp32_ops),
-                "figures": figures, "model": model}
+                "bf16_ops": list(lowered.bf16_ops), "figures": figures, "model": model}
 
     def _quantize(self, config: TuneConfig) -> Any:
         if self.job.q_func is not None:

@@ -51,6 +51,8 @@ def tune_many(jobs: Sequence[Union[ZooJob, dict]], address: Optional[str] = None
     one per ``cpus_per_worker`` of the cluster's CPUs.
     """
     jobs = [job if isinstance(job, ZooJob) else ZooJob(**job) for job in jobs]
+    if address:
+        RayPlan(address).check_reachable()  # a wrong cluster address fails in seconds, before any job is prepared
     names = _unique_names(jobs)
     started = {name: time.perf_counter() for name in names}
     results: dict[str, TuneResult] = {}
@@ -117,7 +119,11 @@ def _plan(configs: list[Config], address: Optional[str], workers: Optional[int],
     if workers == 1:
         return None
     cpus = max(config.ray.cpus_per_worker for config in configs)
-    return RayPlan(address, workers, cpus, verbose)
+    resources: dict[str, float] = {}
+    for config in configs:  # each worker serves every job: it holds what any job asks for
+        for name, amount in config.ray.resources_per_worker.items():
+            resources[name] = max(amount, resources.get(name, 0.0))
+    return RayPlan(address, workers, cpus, verbose, resources)
 
 
 def _unique_names(jobs: list[ZooJob]) -> list[str]:

@@ -1,5 +1,6 @@
 """The MXNet adaptor on a real Gluon digits CNN: MXNet's own int8 graph, tuning through Ray."""
 
+import json
 import os
 import subprocess
 import sys
@@ -224,6 +225,13 @@ def test_tune_mxnet_checkpoint_files_from_a_yaml_alone(trained, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "int8 accuracy" in done.stdout
     assert (tmp_path / "ws" / "int8_model" / "model-symbol.json").is_file()
+    history = subprocess.run([sys.executable, "-m", "lpot_ray", "history", str(tmp_path / "ws"), "--json"],
+                             capture_output=True, text=True, timeout=120)
+    rows = json.loads(history.stdout)
+    assert history.returncode == 0 and rows and sum(row["chosen"] for row in rows) == 1
+    report = subprocess.run([sys.executable, "-m", "lpot_ray", "report", str(tmp_path / "ws")],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0 and '<img alt="fp32_ops"' in (tmp_path / "ws" / "report.html").read_text()
 
     conf["model"]["path"] = str(tmp_path / "digits-0000.params")
     (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))

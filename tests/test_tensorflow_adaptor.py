@@ -1,5 +1,6 @@
 """The TensorFlow adaptor on a real Keras CNN: TFLite int8, fallback, Ray, saved .tflite, bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -152,6 +153,13 @@ def test_tune_a_keras_file_from_a_yaml_alone(keras_digits, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "int8 accuracy" in done.stdout
     assert (tmp_path / "ws" / "int8_model" / "model.tflite").is_file()
+    history = subprocess.run([sys.executable, "-m", "lpot_ray", "history", str(tmp_path / "ws"), "--json"],
+                             capture_output=True, text=True, timeout=120)
+    rows = json.loads(history.stdout)
+    assert history.returncode == 0 and rows and sum(row["chosen"] for row in rows) == 1
+    report = subprocess.run([sys.executable, "-m", "lpot_ray", "report", str(tmp_path / "ws")],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0 and '<img alt="fp32_ops"' in (tmp_path / "ws" / "report.html").read_text()
 
     (tmp_path / "notes.txt").write_text("hello")
     conf["model"]["path"] = str(tmp_path / "notes.txt")

@@ -21,11 +21,13 @@ from ..space import Op, OpCapability, TuneConfig
 
 @dataclass(frozen=True)
 class Lowered:
-    """A quantized model compiled to the framework's kernels, and what really runs int8 there."""
+    """A quantized model compiled to the framework's kernels, and what really runs int8 (and
+    bf16, for an adaptor that offers it) there."""
 
     model: Any
     int8_ops: tuple[str, ...]
     fp32_ops: tuple[str, ...]
+    bf16_ops: tuple[str, ...] = ()
 
 
 class Adaptor(ABC):
@@ -36,6 +38,9 @@ class Adaptor(ABC):
     # The ``quantization.approach`` values this framework can do (for dynamic quantization, its
     # capabilities hold schemes whose activation algorithm is "dynamic").
     approaches: tuple[str, ...] = ("post_training_static_quant",)
+    # The tuning's approach, set by the driver before ``prepare``: an adaptor whose payload depends
+    # on it (TensorFlow converts to a dynamic-range model as well) reads it there.
+    approach: str = "post_training_static_quant"
 
     def set_threads(self, threads: int) -> int:
         """Set the framework's intra-op threads for this process; return the previous count.

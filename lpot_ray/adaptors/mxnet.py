@@ -24,7 +24,8 @@ What does not work: weight granularity is a single ``quantize_granularity`` for 
 while the space chooses per op; only ``per_channel`` is offered (it lowers to int8 for convolution
 and dense ops alike, is at least as accurate as ``per_tensor`` and as fast on oneDNN). Channel-wise
 oneDNN ops keep fp32 weights in the file and quantize them when first run, so a saved model is
-not smaller than the fp32 one. Only CPU.
+not smaller than the fp32 one. Only CPU. No bf16 is offered (MXNet's AMP bf16 conversion is not
+wired in) and no dynamic quantization: static only.
 
 Measured: ``lower`` hybridizes the quantized graph with static memory and reads the int8 ops
 from it (``_sg_mkldnn_conv`` / ``_sg_mkldnn_fully_connected`` with ``quantized`` set, or

@@ -8,6 +8,11 @@ loads them into its fresh observers instead of running calibration again. Evalua
 converted (reference, dequantize → fp32 op → quantize) model; ``lower`` compiles it with inductor
 and freezing, which is where the int8 oneDNN kernels appear, and reads the int8 op list from the
 generated code.
+
+bf16 (offered only on a CPU with AVX-512 BF16 or AMX, see ``lpot_ray.cpu``): after conversion, a
+bf16 op's graph node gets its input cast to bfloat16, its weight and bias stored in bfloat16 and
+its output cast back to float32; inductor then lowers it to oneDNN's bf16 convolution or matmul,
+and the bf16 op list is read from the generated code too (kernels whose operands are bfloat16).
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..cpu import bf16_unavailable_reason
 from ..errors import DataError, MissingFrameworkError, ModelError
-from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
+from ..space import BF16, Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered
+
 
 
 def import_torch():
@@ -141,22 +148,29 @@ class PyTorchAdaptor(Adaptor):
     def capabilities(self, model: Any) -> list[OpCapability]:
         module = model.module()
         params = dict(module.named_parameters())
+        bf16 = self.bf16_schemes()
         capabilities = []
         for path, op_type, node in _quantizable_nodes(module):
             weight = params.get(f"{path}.weight")
             op = Op(path, op_type, _macs(node, weight), 0 if weight is None else weight.numel())
             schemes = tuple(OpScheme(WEIGHT, activation) for activation in ACTIVATIONS)
-            capabilities.append(OpCapability(op, schemes + ((DYNAMIC[op_type],) if op_type in DYNAMIC else ())))
+            capabilities.append(OpCapability(op, schemes + ((DYNAMIC[op_type],) if op_type in DYNAMIC else ()) + bf16))
         return capabilities
+
+    def bf16_schemes(self) -> tuple[OpScheme, ...]:
+        """``(BF16,)`` where this CPU computes bf16 natively, else nothing (``quantization.use_bf16``
+        then says why)."""
+        return (BF16,) if bf16_unavailable_reason() is None else ()
 
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
         quantizer = self.x86.X86InductorQuantizer()
         for name, scheme in config.op_schemes:
-            if not scheme.is_fp32:
+            if scheme.dtype == "int8":
                 quantizer.set_module_name_qconfig(name, self.quantization_config(scheme))
         prepared = self.quantize_pt2e.prepare_pt2e(model.module(), quantizer)
         self._calibrate(prepared, calibration, config.sampling_size, self.calibration_cache.setdefault(model, {}))
         converted = self.quantize_pt2e.convert_pt2e(prepared)
+        _to_bf16(converted, set(config.bf16_ops))
         _drop_unreferenced_tensors(converted)
         self.pt2e.allow_exported_model_train_eval(converted)
         return converted
@@ -169,7 +183,7 @@ class PyTorchAdaptor(Adaptor):
         weights and fake-quant ranges. That is sound because falling an op back only removes fake
         quantization from it: the weights were trained to tolerate more rounding, not less.
         """
-        int8 = {name: scheme for name, scheme in config.op_schemes if not scheme.is_fp32}
+        int8 = {name: scheme for name, scheme in config.op_schemes if scheme.dtype == "int8"}
         prepared = self._prepare_qat(model, int8)
         cache = self.trained_cache.setdefault(model, [])
         trained = next((entry for entry in cache if all(entry[0].get(name) == scheme for name, scheme in int8.items())), None)
@@ -191,6 +205,7 @@ class PyTorchAdaptor(Adaptor):
                     module.load_state_dict(states[key])
             self.pt2e.move_exported_model_to_eval(prepared)
         converted = self.quantize_pt2e.convert_pt2e(prepared)
+        _to_bf16(converted, set(config.bf16_ops))
         _drop_unreferenced_tensors(converted)
         self.pt2e.allow_exported_model_train_eval(converted)
         return converted
@@ -270,9 +285,11 @@ class PyTorchAdaptor(Adaptor):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # inductor's own tensor-copy warning while lowering
             _, code = run_and_get_code(compiled, *as_args(example_inputs))
-        int8_ops = _int8_ops_from_code("\n".join(code), {op.name: op.op_type for op in ops}, config)
-        fp32_ops = tuple(name for name, _ in config.op_schemes if name not in int8_ops)
-        return Lowered(compiled, int8_ops, fp32_ops)
+        op_types = {op.name: op.op_type for op in ops}
+        int8_ops = _int8_ops_from_code("\n".join(code), op_types, config)
+        bf16_ops = _bf16_ops_from_code("\n".join(code), op_types, config)
+        fp32_ops = tuple(name for name, _ in config.op_schemes if name not in int8_ops + bf16_ops)
+        return Lowered(compiled, int8_ops, fp32_ops, bf16_ops)
 
     def lower_fp32(self, model: Any, example_inputs: Any) -> Any:
         compiled = self._compile(model.module())
@@ -408,6 +425,49 @@ def _macs(node: Any, weight: Any) -> int:
     return output_elements * per_output
 
 
+def _to_bf16(module: Any, names: set[str]) -> None:
+    """Make the named ops compute in bf16: input cast to bfloat16 before the op, weight and bias
+    stored in bfloat16 (so the saved model holds them so), output cast back to float32 so the
+    ops around it are untouched. Freezing then hands inductor a bf16 op with bf16 constants,
+    which it lowers to oneDNN's bf16 kernel."""
+    if not names:
+        return
+    import torch
+
+    to_copy = torch.ops.aten._to_copy.default
+    graph = module.graph
+    for path, _, node in list(_quantizable_nodes(module)):
+        if path not in names:
+            continue
+        args = list(node.args)
+        with graph.inserting_before(node):
+            args[0] = graph.call_function(to_copy, (args[0],), {"dtype": torch.bfloat16})
+            for position in (1, 2):  # weight, bias
+                if position < len(args) and args[position] is not None:
+                    args[position] = _bf16_constant(module, graph, args[position])
+        node.args = tuple(args)
+        with graph.inserting_after(node):
+            output = graph.call_function(to_copy, (node,), {"dtype": torch.float32})
+        node.replace_all_uses_with(output, delete_user_cb=lambda user, cast=output: user is not cast)
+    graph.eliminate_dead_code()
+    graph.lint()
+    module.recompile()
+
+
+def _bf16_constant(module: Any, graph: Any, node: Any) -> Any:
+    """A bfloat16 copy of a weight or bias, as a new attribute read by a new node (another user
+    of the fp32 tensor, if any, keeps it)."""
+    import torch
+
+    if node.op != "get_attr":  # computed in the graph: cast it where it is used
+        return graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": torch.bfloat16})
+    owner_path, _, attribute = node.target.rpartition(".")
+    tensor = getattr(module.get_submodule(owner_path) if owner_path else module, attribute)
+    name = f"{node.target.replace('.', '_')}_bf16"
+    module.register_buffer(name, tensor.detach().to(torch.bfloat16))
+    return graph.get_attr(name)
+
+
 def _int8_ops_from_code(code: str, op_types: dict[str, str], config: TuneConfig) -> tuple[str, ...]:
     """Which configured ops inductor really lowered to int8 kernels.
 
@@ -423,12 +483,36 @@ def _int8_ops_from_code(code: str, op_types: dict[str, str], config: TuneConfig)
         int8_pattern, any_pattern = _KERNELS[op_type]
         calls = [bool(re.match(int8_pattern, m.group(0))) for m in re.finditer(any_pattern, _call_lines(code))]
         if len(calls) == len(ops):
-            int8 += [name for (name, scheme), is_int8 in zip(ops, calls, strict=True) if is_int8 and not scheme.is_fp32]
+            int8 += [name for (name, scheme), is_int8 in zip(ops, calls, strict=True) if is_int8 and scheme.dtype == "int8"]
         else:
-            wanted = [name for name, scheme in ops if not scheme.is_fp32]
+            wanted = [name for name, scheme in ops if scheme.dtype == "int8"]
             if sum(calls) >= len(wanted):
                 int8 += wanted
     return tuple(name for name, _ in config.op_schemes if name in int8)
+
+
+def _bf16_ops_from_code(code: str, op_types: dict[str, str], config: TuneConfig) -> tuple[str, ...]:
+    """Which configured bf16 ops inductor really lowered to bf16 kernels: float kernel calls
+    (not int8) with a bfloat16 operand, matched to ops as ``_int8_ops_from_code`` does."""
+    lines = _call_lines(code)
+    bf16_names = set(re.findall(r"^\s*(\w+) = empty_strided_cpu\(.*torch\.bfloat16\)\s*$", code, re.M))
+    bf16_names |= set(re.findall(r"^(\w+) = None\s+# device\(type='cpu'\) torch\.bfloat16", code, re.M))
+    found: list[str] = []
+    ops_by_type: dict[str, list[tuple[str, OpScheme]]] = {}
+    for name, scheme in config.op_schemes:
+        ops_by_type.setdefault(op_types[name], []).append((name, scheme))
+    for op_type, ops in ops_by_type.items():
+        int8_pattern, any_pattern = _KERNELS[op_type]
+        calls = []
+        for match in re.finditer(any_pattern, lines):
+            operands = set(re.findall(r"\w+", lines[match.end():].split("\n", 1)[0]))
+            calls.append(not re.match(int8_pattern, match.group(0)) and bool(operands & bf16_names))
+        wanted = [name for name, scheme in ops if scheme.dtype == "bf16"]
+        if len(calls) == len(ops):
+            found += [name for (name, scheme), is_bf16 in zip(ops, calls, strict=True) if is_bf16 and scheme.dtype == "bf16"]
+        elif sum(calls) >= len(wanted):
+            found += wanted
+    return tuple(name for name, _ in config.op_schemes if name in found)
 
 
 def _call_lines(code: str) -> str:

@@ -15,8 +15,24 @@ What the space offers, and why:
   (``disable_per_channel``), never per op, so only its per-channel default can be a per-op choice;
 - activations int8, asymmetric, per tensor, min/max: the only statistics its calibrator records.
 
+Dynamic range quantization (``post_training_dynamic_quant``): the converter with
+``Optimize.DEFAULT`` and no representative dataset stores int8 weights (per channel, for
+convolutions and dense layers alike) and LiteRT runs those ops with hybrid kernels that quantize
+their float inputs per batch at run time (dense layers asymmetrically, as the converter sets
+``asymmetric_quantize_inputs``; convolutions symmetrically). The converter has no per-op denylist
+for it, so the driver converts a second time, to the dynamic-range flatbuffer, which travels
+beside the float one; a trial's fallback ops get their float weights back by editing that
+flatbuffer (``flatbuffer_utils``: the weight tensor becomes FLOAT32 with the float model's buffer
+for the same tensor name and no quantization), and LiteRT then picks the float kernel for them.
+Only ops whose weights the converter quantizes are offered (it leaves weights under 1024
+elements float).
+
+bf16 is not offered: TFLite's float kernels run fp32 (XNNPACK's fp16 path is for ARM), and the
+converter's bf16 support is not a per-op choice LiteRT runs on x86.
+
 Ops are Keras layer names (a SavedModel's ops are named by their weights' path); the int8 op list
-is read back from the quantized flatbuffer (an op runs int8 when its input tensor is int8). On a
+is read back from the quantized flatbuffer (an op runs int8 when its input or, for a hybrid op,
+its weight tensor is int8). On a
 CPU without AVX-512 VNNI, LiteRT's XNNPACK int8 kernels are not always faster than its float ones:
 the latency measured for the chosen config is reported as it is.
 """
@@ -45,6 +61,13 @@ from .base import Adaptor, Lowered
 # TFLite builtin op -> the Keras layer type users know it by.
 QUANTIZABLE_OPS = {"CONV_2D": "Conv2D", "DEPTHWISE_CONV_2D": "DepthwiseConv2D", "FULLY_CONNECTED": "Dense"}
 SCHEME = OpScheme(TensorScheme("int8", "sym", "per_channel", "minmax"), TensorScheme("int8", "asym", "per_tensor", "minmax"))
+# Dynamic range quantization: int8 per-channel weights, inputs quantized per batch by the hybrid kernel.
+DYNAMIC_WEIGHT = TensorScheme("int8", "sym", "per_channel", "minmax")
+DYNAMIC = {
+    "CONV_2D": OpScheme(DYNAMIC_WEIGHT, TensorScheme("int8", "sym", "per_tensor", "dynamic")),
+    "DEPTHWISE_CONV_2D": OpScheme(DYNAMIC_WEIGHT, TensorScheme("int8", "sym", "per_tensor", "dynamic")),
+    "FULLY_CONNECTED": OpScheme(DYNAMIC_WEIGHT, TensorScheme("int8", "asym", "per_tensor", "dynamic")),
+}
 
 
 def import_tensorflow():
@@ -120,6 +143,7 @@ class TFLiteModel:
     content: bytes = field(repr=False)
     op_names: dict[str, str] = field(default_factory=dict)
     threads: int = 1
+    dynamic: bytes = field(default=b"", repr=False)  # the dynamic-range flatbuffer, for that approach
     _interpreters: dict = field(default_factory=dict, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
@@ -169,7 +193,7 @@ class TFLiteModel:
         return {detail["index"]: detail for detail in _interpreter(self.content).get_tensor_details()}
 
     def __getstate__(self) -> dict:  # interpreters and locks don't pickle
-        return {"content": self.content, "op_names": self.op_names, "threads": self.threads}
+        return {"content": self.content, "op_names": self.op_names, "threads": self.threads, "dynamic": self.dynamic}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -178,6 +202,7 @@ class TFLiteModel:
 class TensorFlowAdaptor(Adaptor):
     framework = "tensorflow"
     model_file = "model.tflite"
+    approaches = ("post_training_static_quant", "post_training_dynamic_quant")
 
     def __init__(self) -> None:
         self.tf = import_tensorflow()
@@ -201,16 +226,24 @@ class TensorFlowAdaptor(Adaptor):
         raise ModelError(f"model.path: {location}: expected a .keras file or a SavedModel directory")
 
     def prepare(self, model: Any, example_inputs: Any) -> bytes:
+        content, layer_names = self._convert(model)
+        fp32 = TFLiteModel(content, _op_names(content, layer_names))
+        fp32(*_as_inputs(example_inputs))  # a batch that does not fit fails here, naming the shapes
+        if self.approach == "post_training_dynamic_quant":
+            fp32.dynamic, _ = self._convert(model, dynamic_range=True)
+        return pickle.dumps(fp32)
+
+    def _convert(self, model: Any, dynamic_range: bool = False) -> tuple[bytes, set[str]]:
+        """The float (or dynamic-range quantized) flatbuffer and the Keras layer names."""
         converter, layer_names = self._converter(model)
+        if dynamic_range:  # no representative dataset: int8 weights, float activations
+            converter.optimizations = [self.tf.lite.Optimize.DEFAULT]
         try:
             with contextlib.redirect_stdout(io.StringIO()), _native_stderr_silenced():  # Keras prints its export
-                content = converter.convert()
+                return converter.convert(), layer_names
         except Exception as error:
             raise ModelError(f"model: the TFLite converter could not convert {_describe(model)}: "
                              f"{_first_line(error)}") from error
-        fp32 = TFLiteModel(content, _op_names(content, layer_names))
-        fp32(*_as_inputs(example_inputs))  # a batch that does not fit fails here, naming the shapes
-        return pickle.dumps(fp32)
 
     def _converter(self, model: Any) -> tuple[Any, set[str]]:
         """The TFLite converter for a Keras model, a ``.keras`` file or a SavedModel directory,
@@ -254,24 +287,39 @@ class TensorFlowAdaptor(Adaptor):
 
     def capabilities(self, model: TFLiteModel) -> list[OpCapability]:
         tensors = model.tensor_details()
+        hybrid = _hybrid_ops(model) if model.dynamic else set()
         capabilities = []
         for graph_op in model.ops():
             weight_shape = tuple(int(dim) for dim in tensors[graph_op.weight_index]["shape"])
             output_shape = tuple(int(dim) for dim in tensors[graph_op.output_index]["shape"])
             op = Op(graph_op.name, QUANTIZABLE_OPS[graph_op.builtin], _macs(graph_op.builtin, weight_shape, output_shape),
                     int(np.prod(weight_shape)))
-            capabilities.append(OpCapability(op, (SCHEME,)))
+            dynamic = (DYNAMIC[graph_op.builtin],) if graph_op.name in hybrid else ()
+            capabilities.append(OpCapability(op, (SCHEME,) + dynamic))
         return capabilities
 
     def quantize(self, model: TFLiteModel, config: TuneConfig, calibration: Sequence[Any]) -> TFLiteModel:
         from tensorflow.lite.python import convert
 
+        if model.dynamic:  # prepared for dynamic quantization: its space holds dynamic schemes only
+            return self._dynamic(model, config)
         calibrated = self._calibrated(model, calibration, config.sampling_size)
         fp32_ops = set(config.fp32_ops)
         denylisted = [graph_op.output_name for graph_op in calibrated.ops() if graph_op.name in fp32_ops]
         with _native_stderr_silenced():
             content = convert.mlir_quantize(calibrated.content, disable_per_channel=False, fully_quantize=False,
                                             denylisted_nodes=denylisted)
+        return TFLiteModel(content, model.op_names, self.threads)
+
+    def _dynamic(self, model: TFLiteModel, config: TuneConfig) -> TFLiteModel:
+        """The dynamic-range flatbuffer with the config's fp32 ops given their float weights back."""
+        if not model.dynamic:
+            raise ModelError("model: this payload has no dynamic-range model; prepare it with "
+                             "`quantization.approach: post_training_dynamic_quant`")
+        hybrid = TFLiteModel(model.dynamic, model.op_names)
+        fp32 = set(config.fp32_ops)
+        weights = {graph_op.weight_name for graph_op in hybrid.ops() if graph_op.name in fp32}
+        content = _with_float_weights(model.dynamic, model.content, weights) if weights else model.dynamic
         return TFLiteModel(content, model.op_names, self.threads)
 
     def _calibrated(self, model: TFLiteModel, calibration: Sequence[Any], sampling_size: int) -> TFLiteModel:
@@ -318,9 +366,9 @@ class TensorFlowAdaptor(Adaptor):
         return model(*_as_inputs(inputs))
 
     def lower(self, model: TFLiteModel, ops: Sequence[Op], config: TuneConfig, example_inputs: Any) -> Lowered:
-        """The flatbuffer already holds the int8 kernels LiteRT runs; read which ops got them."""
-        tensors = model.tensor_details()
-        int8 = {graph_op.name for graph_op in model.ops() if tensors[graph_op.input_index]["dtype"] == np.int8}
+        """The flatbuffer already holds the int8 kernels LiteRT runs; read which ops got them (int8
+        inputs, or int8 weights for a hybrid op)."""
+        int8 = _int8_ops(model)
         int8_ops = tuple(name for name, _ in config.op_schemes if name in int8)
         fp32_ops = tuple(name for name, _ in config.op_schemes if name not in int8)
         return Lowered(model, int8_ops, fp32_ops)
@@ -333,6 +381,46 @@ class TensorFlowAdaptor(Adaptor):
 
     def deserialize(self, payload: bytes) -> TFLiteModel:
         return TFLiteModel(payload, threads=self.threads)
+
+
+def _int8_ops(model: TFLiteModel) -> set[str]:
+    tensors = model.tensor_details()
+    return {graph_op.name for graph_op in model.ops()
+            if np.int8 in (tensors[graph_op.input_index]["dtype"], tensors[graph_op.weight_index]["dtype"])}
+
+
+def _hybrid_ops(model: TFLiteModel) -> set[str]:
+    """The ops the dynamic-range conversion gave int8 weights (it leaves small weights float)."""
+    return _int8_ops(TFLiteModel(model.dynamic, model.op_names))
+
+
+def _with_float_weights(dynamic: bytes, float_content: bytes, weight_names: set[str]) -> bytes:
+    """The dynamic-range flatbuffer with the named weight tensors float again: type FLOAT32, the
+    float model's data for the same tensor name, no quantization. A hybrid kernel is chosen by its
+    weight type, so LiteRT then runs those ops with its float kernels."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(dynamic))
+    source = flatbuffer_utils.read_model_from_bytearray(bytearray(float_content))
+    originals = {tensor.name: tensor for subgraph in source.subgraphs for tensor in subgraph.tensors}
+    users = [tensor.buffer for subgraph in model.subgraphs for tensor in subgraph.tensors]
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+            if name not in weight_names or tensor.type != schema.TensorType.INT8:
+                continue
+            original = originals[tensor.name]
+            buffer = schema.BufferT()
+            buffer.data = source.buffers[original.buffer].data
+            if users.count(tensor.buffer) == 1:  # its own buffer: replace the int8 bytes
+                model.buffers[tensor.buffer] = buffer
+            else:
+                model.buffers.append(buffer)
+                tensor.buffer = len(model.buffers) - 1
+            tensor.type = original.type
+            tensor.quantization = original.quantization
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _load_keras(location: Path) -> Any:

@@ -13,6 +13,10 @@ Phases, each proposing a batch of independent configs:
    passing smaller set and repeat until no op can be given back. LPOT keeps every accumulated op
    in fp32; pruning often halves that set.
 
+An op falls back to bf16 where that is one of its choices (a CPU with native bf16), else to fp32,
+as LPOT falls back int8 -> bf16 -> fp32. If no accumulated bf16 fallback passes, phase 3 runs
+again with fp32 instead, in the same ranking.
+
 Outcomes are told in proposal order, so the result does not depend on the number of workers.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..space import TuneConfig, TuningSpace
+from ..space import FP32, TuneConfig, TuningSpace
 from ..trial import CANCELLED, FAILED, Trial
 from .base import Proposal, Strategy
 
@@ -34,6 +38,7 @@ class BasicStrategy(Strategy):
         self.outcomes: list[Trial] = []
         self.base: Optional[TuneConfig] = None
         self.ranking: list[str] = []
+        self.to_fp32 = False  # whether fallback skips bf16 (after bf16 fallbacks all failed)
         self._obsolete: set[str] = set()
         self._done = False
 
@@ -81,23 +86,38 @@ class BasicStrategy(Strategy):
             if ranking is None:
                 return self._finish()
             self.ranking = ranking
-            first = self.first_prefix
-            self._start("accumulate", [self.base.with_fallback(ranking[:size]) for size in range(first, len(ranking) + 1)])
+            self._start("accumulate", self._accumulated(self.first_prefix))
         elif self.phase in ("accumulate", "prune"):
             if not passing:
+                if self.phase == "accumulate" and not self.to_fp32 and self._uses_bf16():
+                    self.to_fp32 = True  # bf16 was not enough: the same ranking, in fp32
+                    return self._start("accumulate", self._accumulated(1))
                 return self._finish()
             best = min(passing, key=lambda trial: (trial.objective, -self.score(trial), trial.key))
-            fallback = [name for name in best.config.fp32_ops if name not in self.base.fp32_ops]
+            fallback = _fallen_back(self.base, best.config)
             if len(fallback) <= 1:
                 return self._finish()
-            self._start("prune", [self.base.with_fallback(set(best.config.fp32_ops) - {name}) for name in fallback])
+            self._start("prune", [self._fall_back(set(fallback) - {name}) for name in fallback])
+
+    def _fall_back(self, names) -> TuneConfig:
+        """The base with ``names`` one step down: bf16 where it is a choice, else fp32."""
+        config = self.base
+        for name in names:
+            config = config.with_fallback([name], FP32 if self.to_fp32 else self.space.fallback_for(name))
+        return config
+
+    def _accumulated(self, first: int) -> list[TuneConfig]:
+        return [self._fall_back(self.ranking[:size]) for size in range(first, len(self.ranking) + 1)]
+
+    def _uses_bf16(self) -> bool:
+        return any(self.space.fallback_for(name) != FP32 for name in self.ranking)
 
     # --- how ops are ranked for fallback (the part other strategies change) -------------------
     first_prefix = 2  # one-op fallbacks were the ranking trials themselves
 
     def _ranking_proposals(self) -> list[Proposal]:
         """Each int8 op of the base alone in fp32, all at once."""
-        return [self.base.with_fallback([name]) for name in self.base.int8_ops]
+        return [self._fall_back([name]) for name in self.base.int8_ops]
 
     def _rank(self, outcomes: list[Trial]) -> Optional[list[str]]:
         """Ops by the accuracy their own fallback recovered; None ends the search (a one-op
@@ -118,7 +138,13 @@ class BasicStrategy(Strategy):
         self.queue = []
 
 
+def _fallen_back(base: TuneConfig, config: TuneConfig) -> list[str]:
+    """The ops ``config`` moved off the base's scheme (to bf16 or fp32), in model order."""
+    schemes = dict(base.op_schemes)
+    return [name for name, scheme in config.op_schemes if scheme != schemes[name]]
+
+
 def _new_fallback(base: TuneConfig, config: TuneConfig) -> str:
-    """The op a one-op fallback config puts in fp32 beyond what the base already had."""
-    (name,) = set(config.fp32_ops) - set(base.fp32_ops)
+    """The op a one-op fallback config moves off the base's scheme."""
+    (name,) = _fallen_back(base, config)
     return name
