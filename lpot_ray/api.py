@@ -127,6 +127,7 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
     strategy_class = registry.strategies.get(config.tuning.strategy.name)
     objectives = _objectives(config)
     adaptor_class = registry.adaptors.get(config.model.framework)
+    q_func = q_func or _yaml_training(config)
     _check_approach(config, adaptor_class, q_func)
     if getattr(strategy_class, "inspects_tensors", False) and not adaptor_class.can_inspect_tensors():
         raise ConfigError(f"`tuning.strategy.name`: {config.tuning.strategy.name!r} ranks ops by inspecting tensors, "
@@ -203,6 +204,21 @@ def _evaluation(config: Config, eval_dataloader: Any, eval_func: Optional[Callab
     return Evaluation(dataloader=eval_dataloader, metric=metric)
 
 
+def _yaml_training(config: Config) -> Optional[Callable]:
+    """LPOT's ``quantization.train`` as a q_func, its data checked now rather than on a worker."""
+    train = config.quantization.train
+    if train is None:
+        return None
+    if config.quantization.approach != "quant_aware_training":
+        raise ConfigError(f"`quantization.train`: only used with `quantization.approach: quant_aware_training`; "
+                          f"the approach is {config.quantization.approach!r}")
+    from .data import build_loader
+    from .training import YamlTraining
+
+    build_loader(train.dataloader, "quantization.train.dataloader")
+    return YamlTraining(train)
+
+
 def _check_approach(config: Config, adaptor_class: type, q_func: Optional[Callable]) -> None:
     """The approach must be one the framework can do, and q_func given exactly for training."""
     approach, framework = config.quantization.approach, config.model.framework
@@ -212,7 +228,7 @@ def _check_approach(config: Config, adaptor_class: type, q_func: Optional[Callab
     if approach == "quant_aware_training":
         if q_func is None:
             raise ConfigError("q_func: quant_aware_training needs q_func(model), the function that trains the "
-                              "prepared (fake-quantized) model")
+                              "prepared (fake-quantized) model, or `quantization.train` in the YAML")
         if not callable(q_func):
             raise ConfigError(f"q_func: expected a function model -> None, got {type(q_func).__name__}")
     elif q_func is not None:

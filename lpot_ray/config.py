@@ -31,7 +31,10 @@ LPOT_ONLY_KEYS = frozenset(
         "model.inputs",
         "model.outputs",
         "quantization.recipes",
-        "quantization.train",
+        "quantization.train.frequency",
+        "quantization.train.postprocess",
+        "quantization.train.hostfile",
+        "quantization.train.execution_mode",
         "quantization.optimization",
         "evaluation.accuracy.configs",
         "evaluation.accuracy.multi_metrics",
@@ -149,11 +152,51 @@ class CalibrationSection(_Section):
         return tuple(sizes)
 
 
+OPTIMIZERS = {"SGD": {"learning_rate", "momentum", "nesterov", "weight_decay"},
+              "Adam": {"learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay"}}
+CRITERIA = {"CrossEntropyLoss": {"reduction"}}
+
+
+class TrainSection(_Section):
+    """LPOT's ``quantization.train``: quantization-aware training from the YAML alone (PyTorch),
+    epochs ``start_epoch`` to ``end_epoch`` over ``dataloader``, at most ``iteration`` batches
+    each, with one optimizer and one criterion."""
+
+    start_epoch: int = Field(0, ge=0)
+    end_epoch: int = Field(1, ge=1)
+    iteration: Optional[int] = Field(None, ge=1)
+    dataloader: DataloaderSection
+    optimizer: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"SGD": {"learning_rate": 0.01}})
+    criterion: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"CrossEntropyLoss": {}})
+
+    @field_validator("optimizer", "criterion", mode="before")
+    @classmethod
+    def _one_known(cls, value: Any, info: Any) -> Any:
+        known = OPTIMIZERS if info.field_name == "optimizer" else CRITERIA
+        if not isinstance(value, dict) or len(value) != 1:
+            raise ValueError(f"expected one of {', '.join(known)} with its parameters, e.g. {{{next(iter(known))}: {{}}}}")
+        (name, params), = value.items()
+        if name not in known:
+            raise ValueError(f"unknown {info.field_name} {name!r}; known: {', '.join(known)}")
+        params = params or {}
+        unknown = set(params) - known[name]
+        if unknown:
+            raise ValueError(f"{name}: unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known[name]))}")
+        return {name: params}
+
+    @model_validator(mode="after")
+    def _epochs_in_order(self) -> "TrainSection":
+        if self.end_epoch <= self.start_epoch:
+            raise ValueError(f"end_epoch {self.end_epoch} must be after start_epoch {self.start_epoch}")
+        return self
+
+
 class QuantizationSection(_Section):
     approach: Literal[APPROACHES] = "post_training_static_quant"
     # bf16 as a per-op choice between int8 and fp32, where the CPU computes bf16 natively. Off by
     # default: on small models the casts around a bf16 op cost more than its faster kernel saves.
     use_bf16: bool = False
+    train: Optional[TrainSection] = None  # quant_aware_training without a q_func
     calibration: CalibrationSection = CalibrationSection()
     model_wise: OpRestriction = OpRestriction()
     op_wise: dict[str, OpRestriction] = Field(default_factory=dict)

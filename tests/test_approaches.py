@@ -106,3 +106,29 @@ def test_an_approach_the_framework_cannot_do_is_named(digits, tmp_path, approach
     conf["model"]["framework"] = framework
     with pytest.raises(lpot_ray.ConfigError, match=message):
         lpot_ray.tune(model, conf, q_func=q_func, q_dataloader=calibration, eval_dataloader=evaluation)
+
+
+def test_training_from_the_yaml_alone_on_the_command_line(outlier_digits, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from test_cli import save_pt2, write_conf
+
+    conf_path = write_conf(tmp_path, save_pt2(outlier_digits[0], tmp_path / "outliers.pt2"),
+                           accuracy_criterion={"absolute": 0.1}, exit_policy={"max_trials": 1})
+    conf = yaml.safe_load(conf_path.read_text())
+    conf["quantization"] = {"approach": "quant_aware_training", "train": {
+        "end_epoch": 4, "dataloader": {"batch_size": 64, "dataset": {"digits": {"split": "train"}}},
+        "optimizer": {"Adam": {"learning_rate": 0.001}}, "criterion": {"CrossEntropyLoss": {}}}}
+    conf_path.write_text(yaml.safe_dump(conf))
+    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(conf_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]  # all four ops int8: static quantization fails this criterion
+    (trial,) = History(tmp_path / "ws" / "history.db").trials()
+    assert trial.passed and trial.config.fp32_ops == ()
+
+    conf["quantization"]["train"]["optimizer"] = {"Adagrad": {}}
+    conf_path.write_text(yaml.safe_dump(conf))
+    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(conf_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "unknown optimizer 'Adagrad'; known: SGD, Adam" in done.stderr
