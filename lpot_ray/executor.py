@@ -78,7 +78,7 @@ class TrialWorker:
     def ready(self) -> str:
         import ray
 
-        self.runner = TrialRunner(ray.get(self.job_refs[0]), self.name)
+        self.runner = load_runner(ray.get(self.job_refs[0]), self.name)
         return self.node
 
     def run(self, seq: int, config: dict) -> dict:
@@ -184,7 +184,7 @@ class Executor:
             try:
                 node = slot.ready.result()
             except Exception as error:  # a worker that can't start is reported and left out
-                log.warning("%s could not start: %s", slot.name, str(error).splitlines()[0])
+                log.warning("%s could not start: %s", slot.name, start_failure(error))
                 continue
             log.info("%s ready on node %s", slot.name, node)
             self.slots.append(slot)
@@ -309,6 +309,23 @@ class Executor:
                 slot.close()
         if self.session is not None:
             self.session.release()
+
+
+def load_runner(job: WorkerJob, name: str) -> TrialRunner:
+    """A worker's runner; a node without the job's framework is named in the error."""
+    try:
+        return TrialRunner(job, name)
+    except ImportError as error:  # MissingFrameworkError included
+        import socket
+
+        raise ClusterError(f"node {socket.gethostname()}: {error}") from None
+
+
+def start_failure(error: BaseException) -> str:
+    """Why a worker could not start, in one line: the worker's own error, not Ray's wrapper."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
 
 
 def _lost(seq: int, why: str) -> dict:

@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .executor import MAX_RETRIES, _lost, _ship_user_code_by_value
+from .executor import MAX_RETRIES, _lost, _ship_user_code_by_value, load_runner, start_failure
 from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
 from .strategies.base import Proposal
@@ -52,7 +52,7 @@ class SharedWorker:
         if job_id not in self.runners:
             import ray
 
-            self.runners[job_id] = TrialRunner(ray.get(job_ref[0]), self.name)  # nested: not resolved by Ray
+            self.runners[job_id] = load_runner(ray.get(job_ref[0]), self.name)  # nested: not resolved by Ray
         return self.runners[job_id].run(seq, config, lambda: (job_id, seq) in self.cancelled)
 
     def cancel(self, job_id: str, seq: int) -> None:
@@ -191,7 +191,7 @@ class WorkerPool:
             try:
                 slot.ready.result()
             except Exception as error:
-                log.warning("%s could not start: %s", slot.name, str(error).splitlines()[0])
+                log.warning("%s could not start: %s", slot.name, start_failure(error))
                 continue
             self.slots.append(slot)
             self.idle.append(slot)

@@ -12,6 +12,8 @@ from lpot_ray.executor import Executor
 from lpot_ray.space import TuningSpace
 from lpot_ray.worker import WorkerJob
 
+from conftest import base_conf
+
 
 class SlowLoader:
     """An evaluation loader that takes ``delay`` seconds per batch."""
@@ -111,3 +113,39 @@ def test_a_worker_no_node_can_take_is_dropped_after_the_start_timeout(ray_sessio
         assert "worker-1 did not start within 2 s: no node has its resources free; dropped" in caplog.text
     finally:
         executor.shutdown()
+
+
+def test_a_node_without_the_framework_is_named_and_the_tuning_goes_on(ray_session, digits, tmp_path, caplog, monkeypatch):
+    import logging
+    import os
+    import socket
+    import time
+
+    import lpot_ray
+    from lpot_ray import registry
+    from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+    from lpot_ray.errors import MissingFrameworkError
+
+    driver = os.getpid()
+
+    class DriverOnlyTorch(PyTorchAdaptor):  # as if the worker's node had no torch installed
+        def __init__(self):
+            if os.getpid() != driver:
+                raise MissingFrameworkError("pytorch", "torch")
+            super().__init__()
+
+    monkeypatch.setitem(registry.adaptors._entries, "driver_only_torch", DriverOnlyTorch)  # for this test only
+    model, calibration, evaluation = digits
+
+    def slow_eval(candidate):
+        time.sleep(0.5)
+        return 1.0
+
+    conf = base_conf(tmp_path, exit_policy={"timeout": 600, "max_trials": 6}, strategy={"name": "exhaustive"})
+    conf["model"]["framework"] = "driver_only_torch"
+    del conf["evaluation"]
+    with caplog.at_level(logging.WARNING, logger="lpot_ray"):
+        result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=slow_eval)
+    assert result.passed and result.n_trials == 6
+    assert (f"worker-1 could not start: node {socket.gethostname()}: framework 'pytorch' is not installed: "
+            "pip install 'lpot_ray[torch]'") in caplog.text
