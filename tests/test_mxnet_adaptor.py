@@ -1,6 +1,5 @@
 """The MXNet adaptor on a real Gluon digits CNN: MXNet's own int8 graph, tuning through Ray."""
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from lpot_ray.errors import ConfigError, DataError, MissingFrameworkError, Model
 from lpot_ray.history import History
 from lpot_ray.space import TuningSpace
 
+from cli_helpers import assert_history_and_report, digits_conf, tune_yaml
 from conftest import base_conf
 
 try:
@@ -206,35 +206,15 @@ def test_importing_lpot_ray_and_the_gluon_digits_module_imports_no_mxnet():
 
 
 def test_tune_mxnet_checkpoint_files_from_a_yaml_alone(trained, tmp_path):
-    import yaml
-
     from lpot_ray.digits_mxnet import save_digits_gluon
 
-    symbol_file = save_digits_gluon(trained[0], str(tmp_path / "digits"))
-    data = {"batch_size": 32, "dataset": {"digits": {"split": "calibration"}}}
-    conf = {
-        "model": {"name": "digits", "framework": "mxnet", "path": symbol_file},
-        "quantization": {"calibration": {"sampling_size": 100, "dataloader": data}},
-        "evaluation": {"accuracy": {"metric": {"topk": 1}, "dataloader": {**data, "dataset": {"digits": {"split": "evaluation"}}}}},
-        "tuning": {"workspace": {"path": str(tmp_path / "ws")}},
-        "ray": {"workers": 1},
-    }
-    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
-    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(tmp_path / "conf.yaml")],
-                          capture_output=True, text=True, timeout=600)
+    conf = digits_conf(tmp_path, "mxnet", save_digits_gluon(trained[0], str(tmp_path / "digits")))
+    done = tune_yaml(tmp_path, conf)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "int8 accuracy" in done.stdout
     assert (tmp_path / "ws" / "int8_model" / "model-symbol.json").is_file()
-    history = subprocess.run([sys.executable, "-m", "lpot_ray", "history", str(tmp_path / "ws"), "--json"],
-                             capture_output=True, text=True, timeout=120)
-    rows = json.loads(history.stdout)
-    assert history.returncode == 0 and rows and sum(row["chosen"] for row in rows) == 1
-    report = subprocess.run([sys.executable, "-m", "lpot_ray", "report", str(tmp_path / "ws")],
-                            capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0 and '<img alt="fp32_ops"' in (tmp_path / "ws" / "report.html").read_text()
+    assert_history_and_report(tmp_path / "ws")
 
     conf["model"]["path"] = str(tmp_path / "digits-0000.params")
-    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
-    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(tmp_path / "conf.yaml")],
-                          capture_output=True, text=True, timeout=600)
+    done = tune_yaml(tmp_path, conf)
     assert done.returncode == 2 and "expected an MXNet 'prefix-symbol.json' file" in done.stderr

@@ -1,9 +1,6 @@
 """The TensorFlow adaptor on a real Keras CNN: TFLite int8, fallback, Ray, saved .tflite, bad input."""
 
-import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,6 +14,7 @@ from lpot_ray.adaptors.tensorflow import TensorFlowAdaptor, TFLiteModel  # noqa:
 from lpot_ray.errors import DataError, ModelError  # noqa: E402
 from lpot_ray.history import History  # noqa: E402
 
+from cli_helpers import CHANNELS_LAST, assert_history_and_report, digits_conf, tune_yaml
 from conftest import base_conf  # noqa: E402
 
 
@@ -135,37 +133,18 @@ def test_builtin_metric_and_mse_strategy_on_a_saved_model_directory(ray_session,
 
 
 def test_tune_a_keras_file_from_a_yaml_alone(keras_digits, tmp_path):
-    import yaml
-
     model_path = tmp_path / "digits.keras"
     keras_digits[0].save(model_path)
-    data = {"batch_size": 32, "dataset": {"digits": {"split": "calibration"}}, "transform": {"Transpose": {"perm": [1, 2, 0]}}}
-    conf = {
-        "model": {"name": "digits", "framework": "tensorflow", "path": str(model_path)},
-        "quantization": {"calibration": {"sampling_size": 100, "dataloader": data}},
-        "evaluation": {"accuracy": {"metric": {"topk": 1}, "dataloader": {**data, "dataset": {"digits": {"split": "evaluation"}}}}},
-        "tuning": {"workspace": {"path": str(tmp_path / "ws")}},
-        "ray": {"workers": 1},
-    }
-    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
-    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(tmp_path / "conf.yaml")],
-                          capture_output=True, text=True, timeout=600)
+    conf = digits_conf(tmp_path, "tensorflow", model_path, CHANNELS_LAST)
+    done = tune_yaml(tmp_path, conf)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "int8 accuracy" in done.stdout
     assert (tmp_path / "ws" / "int8_model" / "model.tflite").is_file()
-    history = subprocess.run([sys.executable, "-m", "lpot_ray", "history", str(tmp_path / "ws"), "--json"],
-                             capture_output=True, text=True, timeout=120)
-    rows = json.loads(history.stdout)
-    assert history.returncode == 0 and rows and sum(row["chosen"] for row in rows) == 1
-    report = subprocess.run([sys.executable, "-m", "lpot_ray", "report", str(tmp_path / "ws")],
-                            capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0 and '<img alt="fp32_ops"' in (tmp_path / "ws" / "report.html").read_text()
+    assert_history_and_report(tmp_path / "ws")
 
     (tmp_path / "notes.txt").write_text("hello")
     conf["model"]["path"] = str(tmp_path / "notes.txt")
-    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
-    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(tmp_path / "conf.yaml")],
-                          capture_output=True, text=True, timeout=600)
+    done = tune_yaml(tmp_path, conf)
     assert done.returncode == 2 and "notes.txt: expected a .keras file or a SavedModel directory" in done.stderr
 
 

@@ -2,8 +2,6 @@
 op its float weights back in the flatbuffer."""
 
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,6 +14,7 @@ import lpot_ray  # noqa: E402
 from lpot_ray.adaptors.tensorflow import TensorFlowAdaptor, _all_tensors  # noqa: E402
 from lpot_ray.history import History  # noqa: E402
 
+from cli_helpers import CHANNELS_LAST, digits_conf, tune_yaml
 from conftest import base_conf  # noqa: E402
 
 DYNAMIC = "post_training_dynamic_quant"
@@ -119,22 +118,12 @@ def test_dynamic_tuning_end_to_end_through_ray(ray_session, keras_digits, tmp_pa
 
 
 def test_dynamic_tuning_from_a_yaml_alone(keras_digits, tmp_path):
-    import yaml
-
     model_path = tmp_path / "digits.keras"
     keras_digits[0].save(model_path)
-    data = {"batch_size": 64, "dataset": {"digits": {"split": "evaluation"}}, "transform": {"Transpose": {"perm": [1, 2, 0]}}}
-    conf = {
-        "model": {"name": "digits", "framework": "tensorflow", "path": str(model_path)},
-        # The command line asks for a calibration loader; dynamic quantization uses its first batch as the example.
-        "quantization": {"approach": DYNAMIC, "calibration": {"dataloader": data}},
-        "evaluation": {"accuracy": {"metric": {"topk": 1}, "dataloader": data}},
-        "tuning": {"workspace": {"path": str(tmp_path / "ws")}},
-        "ray": {"workers": 1},
-    }
-    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
-    done = subprocess.run([sys.executable, "-m", "lpot_ray", "tune", str(tmp_path / "conf.yaml")],
-                          capture_output=True, text=True, timeout=600)
+    # The calibration loader is optional for dynamic quantization: the first evaluation batch is the example.
+    conf = digits_conf(tmp_path, "tensorflow", model_path, CHANNELS_LAST, approach=DYNAMIC)
+    del conf["quantization"]["calibration"]
+    done = tune_yaml(tmp_path, conf)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "conv2, fc1" in done.stdout  # the int8 (hybrid) ops
     assert (tmp_path / "ws" / "int8_model" / "model.tflite").is_file()

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from ..space import Op, OpCapability, TuneConfig
 
 
@@ -136,3 +136,16 @@ class Adaptor(ABC):
     @staticmethod
     def batch_size(inputs: Any) -> int:
         return len(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
+
+
+def take_samples(batches: Sequence[Any], sampling_size: int) -> list:
+    """The calibration batches holding the first ``sampling_size`` samples (at least one batch)."""
+    taken, seen = [], 0
+    for inputs in batches:
+        if seen >= sampling_size:
+            break
+        taken.append(inputs)
+        seen += Adaptor.batch_size(inputs)
+    if not taken:
+        raise DataError("calibration loader: yielded no batches")
+    return taken

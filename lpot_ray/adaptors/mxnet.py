@@ -53,7 +53,7 @@ import numpy as np
 
 from ..errors import DataError, MissingFrameworkError, ModelError
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
-from .base import Adaptor, Lowered
+from .base import Adaptor, Lowered, take_samples
 
 SYMBOL_FILE = "model-symbol.json"
 PARAMS_FILE = "model-0000.params"
@@ -531,18 +531,6 @@ def _expected_shape(model: MXNetModel, names: list[str]) -> str:
             return f"(batch, {channels}, ...)"
         return f"(batch, ...) with {weight.shape[1]} features per sample"
     return "another shape"
-
-
-def take_samples(batches: Sequence[Any], sampling_size: int) -> Iterator[Any]:
-    """The calibration batches holding the first ``sampling_size`` samples."""
-    seen = 0
-    for inputs in batches:
-        if seen >= sampling_size:
-            return
-        yield inputs
-        seen += Adaptor.batch_size(inputs)
-    if seen == 0:
-        raise DataError("calibration loader: yielded no batches")
 
 
 # --- calibration -----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import numpy as np
 from ..cpu import bf16_unavailable_reason
 from ..errors import DataError, MissingFrameworkError, ModelError
 from ..space import BF16, Op, OpCapability, OpScheme, TensorScheme, TuneConfig
-from .base import Adaptor, Lowered
+from .base import Adaptor, Lowered, take_samples
 
 
 
@@ -189,7 +189,7 @@ class PyTorchAdaptor(Adaptor):
         trained = next((entry for entry in cache if all(entry[0].get(name) == scheme for name, scheme in int8.items())), None)
         if trained is None:
             with self.torch.no_grad():  # ranges from the example batches first, in case training is short
-                for inputs in _take_samples(calibration, config.sampling_size):
+                for inputs in take_samples(calibration, config.sampling_size):
                     prepared(*as_args(inputs))
             self.pt2e.move_exported_model_to_train(prepared)
             returned = q_func(prepared)
@@ -250,7 +250,7 @@ class PyTorchAdaptor(Adaptor):
                 observer.load_state_dict(cache[key])
             return
         with self.torch.no_grad():
-            for inputs in _take_samples(calibration, sampling_size):
+            for inputs in take_samples(calibration, sampling_size):
                 prepared(*as_args(inputs))
                 self.calibration_passes += 1
         for key, observer in observers.items():
@@ -263,7 +263,7 @@ class PyTorchAdaptor(Adaptor):
                            for name in config.int8_ops}
         signal = dict.fromkeys(quantized_alone, 0.0)
         noise = dict.fromkeys(quantized_alone, 0.0)
-        for inputs in _take_samples(calibration, config.sampling_size):  # one batch of op outputs at a time
+        for inputs in take_samples(calibration, config.sampling_size):  # one batch of op outputs at a time
             reference = _node_outputs(fp32, nodes, inputs)
             for name, quantized in quantized_alone.items():
                 output = _node_outputs(quantized, {name: nodes[name]}, inputs)[name]
@@ -364,18 +364,6 @@ def _fake_quant_modules(prepared: Any) -> dict[tuple[str, str], Any]:
 
 def _fake_quant_states(prepared: Any) -> dict[tuple[str, str], dict]:
     return {key: {k: v.clone() for k, v in module.state_dict().items()} for key, module in _fake_quant_modules(prepared).items()}
-
-
-def _take_samples(batches: Sequence[Any], sampling_size: int):
-    """The calibration batches holding the first ``sampling_size`` samples."""
-    seen = 0
-    for inputs in batches:
-        if seen >= sampling_size:
-            return
-        yield inputs
-        seen += Adaptor.batch_size(inputs)
-    if seen == 0:
-        raise DataError("calibration loader: yielded no batches")
 
 
 def _quantizable_nodes(module: Any) -> Iterator[tuple[str, str, Any]]:

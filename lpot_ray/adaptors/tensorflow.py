@@ -56,7 +56,7 @@ import numpy as np
 
 from ..errors import DataError, MissingFrameworkError, ModelError
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
-from .base import Adaptor, Lowered
+from .base import Adaptor, Lowered, take_samples
 
 # TFLite builtin op -> the Keras layer type users know it by.
 QUANTIZABLE_OPS = {"CONV_2D": "Conv2D", "DEPTHWISE_CONV_2D": "DepthwiseConv2D", "FULLY_CONNECTED": "Dense"}
@@ -328,7 +328,7 @@ class TensorFlowAdaptor(Adaptor):
 
         cache = self.calibration_cache.setdefault(model, {})
         if sampling_size not in cache:
-            batches = [list(_as_inputs(inputs)) for inputs in _take_samples(calibration, sampling_size)]
+            batches = [list(_as_inputs(inputs)) for inputs in take_samples(calibration, sampling_size)]
             for batch in batches:
                 model.check_input_shapes(tuple(array.shape for array in batch))
             with _native_stderr_silenced():
@@ -340,7 +340,7 @@ class TensorFlowAdaptor(Adaptor):
 
     def inspect_tensors(self, model: TFLiteModel, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
         """Each int8 op quantized alone; its output against the fp32 op's, as noise/signal energy."""
-        batches = [_as_inputs(inputs) for inputs in _take_samples(calibration, config.sampling_size)]
+        batches = [_as_inputs(inputs) for inputs in take_samples(calibration, config.sampling_size)]
         fp32_outputs = {graph_op.name: graph_op.output_index for graph_op in model.ops()}
         reference = [_all_tensors(model.content, batch, self.threads) for batch in batches]
         errors = {}
@@ -471,19 +471,6 @@ def _as_inputs(inputs: Any) -> tuple[np.ndarray, ...]:
     """A batch's inputs as float32 numpy arrays in input order."""
     arrays = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     return tuple(np.ascontiguousarray(np.asarray(array, dtype=np.float32)) for array in arrays)
-
-
-def _take_samples(batches: Sequence[Any], sampling_size: int) -> list:
-    """The calibration batches holding the first ``sampling_size`` samples."""
-    taken, seen = [], 0
-    for inputs in batches:
-        if seen >= sampling_size:
-            break
-        taken.append(inputs)
-        seen += Adaptor.batch_size(inputs)
-    if not taken:
-        raise DataError("calibration loader: yielded no batches")
-    return taken
 
 
 def _all_tensors(content: bytes, inputs: tuple[np.ndarray, ...], threads: int) -> dict[int, np.ndarray]:
