@@ -216,6 +216,7 @@ def _row(trial: Trial, result: dict) -> dict:
     return {
         "seq": trial.seq, "kind": trial.kind, "key": trial.key, "status": trial.status, "accuracy": trial.accuracy,
         "passed": trial.passed, "objective": trial.objective, "fp32_ops": list(trial.config.fp32_ops),
+        "bf16_ops": list(trial.config.bf16_ops),
         "worker": trial.worker, "duration": trial.duration, "reason": trial.reason,
         "chosen": trial.key == result.get("key"), "config": trial.config.to_dict(),
     }
@@ -226,7 +227,7 @@ def _print_table(trials: list[Trial], result: dict, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("seq", "status", "accuracy", "passed", "objective", "fp32 ops", "worker", "seconds"):
+    for column in ("seq", "status", "accuracy", "passed", "objective", "fp32 (bf16) ops", "worker", "seconds"):
         table.add_column(column, justify="right" if column in ("seq", "accuracy", "objective", "seconds") else "left")
     for trial in trials:
         chosen = " (chosen)" if trial.key == result.get("key") else ""
@@ -236,7 +237,7 @@ def _print_table(trials: list[Trial], result: dict, title: str) -> None:
             "-" if trial.accuracy is None else f"{trial.accuracy:.4f}",
             "yes" if trial.passed else "",
             "-" if trial.objective is None else f"{trial.objective:.3f}",
-            ", ".join(trial.config.fp32_ops) or "-",
+            ", ".join([*trial.config.fp32_ops, *(f"({name})" for name in trial.config.bf16_ops)]) or "-",
             trial.worker, f"{trial.duration:.2f}",
         )
     Console().print(table)
