@@ -24,6 +24,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -100,7 +101,8 @@ class RaySharedSlot:
         self.name = name
         self.job_refs = job_refs
         self.actor = actor_class.remote(name)
-        self.ready: Optional[concurrent.futures.Future] = self.actor.ready.remote().future()
+        self.ready: Optional[concurrent.futures.Future] = self.actor.ready.remote().future()  # done once placed
+        self.since = time.monotonic()  # when it was asked for, for the start-up timeout
 
     def run(self, job_id: str, seq: int, config: Proposal) -> concurrent.futures.Future:
         return self.actor.run.remote(job_id, [self.job_refs[job_id]], seq, config.to_dict()).future()
@@ -168,6 +170,7 @@ class WorkerPool:
             concurrent.futures.wait(starting, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
             with self.lock:
                 self._admit()
+                self._drop_stuck()
                 self._dispatch()
 
     def _start_workers(self) -> None:
@@ -195,6 +198,15 @@ class WorkerPool:
                 continue
             self.slots.append(slot)
             self.idle.append(slot)
+
+    def _drop_stuck(self) -> None:
+        """A worker no node can take waits forever in Ray: drop it after ``worker_start_timeout``."""
+        timeout = self.plan.start_timeout if self.plan is not None else float("inf")
+        for slot in [slot for slot in self.starting if time.monotonic() - slot.since > timeout]:
+            self.starting.remove(slot)
+            log.warning("%s did not start within %.0f s: no node has its resources free; dropped", slot.name, timeout)
+            with contextlib.suppress(Exception):
+                slot.close()
 
     # --- fair dispatch -----------------------------------------------------------------------
     def share(self, job_id: str) -> int:

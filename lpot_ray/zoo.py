@@ -123,7 +123,8 @@ def _plan(configs: list[Config], address: Optional[str], workers: Optional[int],
     for config in configs:  # each worker serves every job: it holds what any job asks for
         for name, amount in config.ray.resources_per_worker.items():
             resources[name] = max(amount, resources.get(name, 0.0))
-    return RayPlan(address, workers, cpus, verbose, resources)
+    start_timeout = max(config.ray.worker_start_timeout for config in configs)
+    return RayPlan(address, workers, cpus, verbose, resources, start_timeout)
 
 
 def _unique_names(jobs: list[ZooJob]) -> list[str]:

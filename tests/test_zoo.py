@@ -128,3 +128,21 @@ def test_zoo_command_tunes_models_of_two_frameworks_and_reports_a_broken_entry(t
     if len(jobs) == 3:
         assert lines["digits_tf"].rstrip().endswith("passed")
         assert (tmp_path / "zoo_ws" / "digits_tf" / "int8_model" / "model.tflite").is_file()
+
+
+def test_a_shared_worker_no_node_can_take_is_dropped_and_the_jobs_go_on(ray_session, digits, tmp_path, caplog):
+    import logging
+
+    model, calibration, evaluation = digits
+
+    def slow_eval(candidate):  # the job outlasts the 2 s start-up time-out
+        time.sleep(1)
+        return accuracy_of(candidate, evaluation)
+
+    conf = base_conf(tmp_path, exit_policy={"timeout": 600, "max_trials": 3}, strategy={"name": "exhaustive"})
+    del conf["evaluation"]
+    conf["ray"].update(resources_per_worker={"nothing_has_this": 1}, worker_start_timeout=2)
+    with caplog.at_level(logging.WARNING, logger="lpot_ray"):
+        (result,) = lpot_ray.tune_many([dict(model=model, conf=conf, name="a", q_dataloader=calibration, eval_func=slow_eval)])
+    assert result.passed and result.n_trials == 3
+    assert "worker-1 did not start within 2 s: no node has its resources free; dropped" in caplog.text
