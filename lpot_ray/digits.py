@@ -65,13 +65,20 @@ def train_digits_cnn(epochs: int = 8, seed: int = 0, width: int = 16) -> tuple[A
     torch.manual_seed(seed)
     train, calibration, evaluation = digits_loaders()
     model = digits_cnn(width)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    fit(model, train, epochs, learning_rate=3e-3)
+    return model.eval(), calibration, evaluation
+
+
+def fit(model: Any, loader: Any, epochs: int, learning_rate: float) -> None:
+    """Train a torch classifier in place: Adam on cross-entropy (also a q_func's body)."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     for _ in range(epochs):
-        for images, labels in train:
+        for images, labels in loader:
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
-    return model.eval(), calibration, evaluation
 
 
 def with_activation_outliers(model: Any, calibration: Any, scale: float = 1000.0) -> Any:

@@ -304,11 +304,16 @@ class Executor:
         for seq, _, _, _ in list(self.running.values()):
             self.cancel(seq)  # a trial on the driver stops at its next batch
         slots, self.slots, self.starting, self.idle = self.slots + self.starting, [], [], []
-        for slot in slots:
-            with contextlib.suppress(Exception):
-                slot.close()
-        if self.session is not None:
-            self.session.release()
+        close_slots(slots, self.session)
+
+
+def close_slots(slots: list, session: Optional[RaySession]) -> None:
+    """Close every slot (one whose process died is gone already) and release Ray."""
+    for slot in slots:
+        with contextlib.suppress(Exception):
+            slot.close()
+    if session is not None:
+        session.release()
 
 
 def load_runner(job: WorkerJob, name: str) -> TrialRunner:

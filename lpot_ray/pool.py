@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .executor import MAX_RETRIES, _lost, _ship_user_code_by_value, load_runner, start_failure
+from .executor import MAX_RETRIES, _lost, _ship_user_code_by_value, close_slots, load_runner, start_failure
 from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
 from .strategies.base import Proposal
@@ -318,11 +318,7 @@ class WorkerPool:
             for job_id, seq, _, _, _ in list(self.running.values()):
                 self.cancel(job_id, seq)
             slots, self.slots, self.starting, self.idle = self.slots + self.starting, [], [], []
-        for slot in slots:
-            with contextlib.suppress(Exception):
-                slot.close()
-        if self.session is not None:
-            self.session.release()
+        close_slots(slots, self.session)
 
 
 class JobExecutor:

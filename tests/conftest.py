@@ -42,10 +42,29 @@ def outlier_digits(trained_digits):
     return with_activation_outliers(model, calibration), calibration, evaluation
 
 
-def base_conf(tmp_path, **tuning) -> dict:
+@pytest.fixture(scope="session")
+def keras_digits():
+    """The digits CNN in Keras, trained once: (model, calibration loader, evaluation loader)."""
+    from lpot_ray.digits_keras import train_digits_keras
+
+    return train_digits_keras(epochs=6)
+
+
+def accuracy_of_numpy(predict, loader) -> float:
+    """Top-1 accuracy of ``predict(images) -> scores`` over a loader of numpy batches."""
+    import numpy as np
+
+    correct = total = 0
+    for images, labels in loader:
+        correct += int((np.asarray(predict(images)).argmax(1) == labels).sum())
+        total += len(labels)
+    return correct / total
+
+
+def base_conf(tmp_path, framework: str = "pytorch", **tuning) -> dict:
     """A minimal configuration for the digits CNN with topk, workspace in tmp_path."""
     conf = {
-        "model": {"name": "digits", "framework": "pytorch"},
+        "model": {"name": "digits", "framework": framework},
         "evaluation": {"accuracy": {"metric": {"topk": 1}}},
         "tuning": {"workspace": {"path": str(tmp_path / "ws")}, **tuning},
         "ray": {"workers": 2},

@@ -6,7 +6,7 @@ import torch
 
 import lpot_ray
 from lpot_ray.adaptors.pytorch import PyTorchAdaptor
-from lpot_ray.digits import digits_loaders
+from lpot_ray.digits import digits_loaders, fit
 from lpot_ray.history import History
 
 from conftest import base_conf
@@ -21,12 +21,7 @@ def accuracy_of(model, loader) -> float:
 
 def train(prepared, epochs: int = 4) -> None:
     """A user's q_func: fine-tune the fake-quantized model on the training split."""
-    optimizer = torch.optim.Adam(prepared.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for images, labels in TRAIN_LOADER:
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(prepared(images), labels).backward()
-            optimizer.step()
+    fit(prepared, TRAIN_LOADER, epochs, learning_rate=1e-3)
 
 
 def approach_conf(tmp_path, approach, **tuning):

@@ -15,7 +15,7 @@ from lpot_ray.history import History
 from lpot_ray.space import TuningSpace
 
 from cli_helpers import assert_history_and_report, digits_conf, tune_yaml
-from conftest import base_conf
+from conftest import accuracy_of_numpy, base_conf
 
 try:
     from lpot_ray.adaptors.mxnet import MXNetAdaptor, import_mxnet
@@ -50,20 +50,6 @@ def build(net, calibration, **quantization):
     return adaptor, model, space, batches
 
 
-def accuracy_of(predict, loader):
-    correct = total = 0
-    for images, labels in loader:
-        correct += int((np.asarray(predict(images)).argmax(1) == labels).sum())
-        total += len(labels)
-    return correct / total
-
-
-def mxnet_conf(tmp_path, **tuning):
-    conf = base_conf(tmp_path, **tuning)
-    conf["model"]["framework"] = "mxnet"
-    return conf
-
-
 def test_capabilities_list_conv_and_dense_layers_by_symbol_name_with_macs(trained):
     net, calibration, _ = trained
     _, _, space, _ = build(net, calibration)
@@ -89,8 +75,8 @@ def test_quantized_graph_runs_int8_and_a_fallback_layer_stays_fp32(trained):
     assert adaptor.calibration_passes == passes  # thresholds came from the cache
     lowered = adaptor.lower(quantized, space.ops, config, batches[0])
     assert lowered.int8_ops == (CONV0, DENSE0, DENSE1) and lowered.fp32_ops == (CONV1,)
-    fp32 = accuracy_of(lambda images: adaptor.predict(model, images), evaluation)
-    int8 = accuracy_of(lambda images: adaptor.predict(lowered.model, images), evaluation)
+    fp32 = accuracy_of_numpy(lambda images: adaptor.predict(model, images), evaluation)
+    int8 = accuracy_of_numpy(lambda images: adaptor.predict(lowered.model, images), evaluation)
     assert fp32 > 0.95 and int8 > fp32 - 0.02
 
 
@@ -107,7 +93,7 @@ def test_kl_calibration_picks_other_thresholds_than_minmax(outlier_net):
 @pytest.mark.filterwarnings("ignore:Cannot decide type")
 def test_tune_through_ray_keeps_everything_int8_and_saves_mxnet_files(ray_session, trained, tmp_path):
     net, calibration, evaluation = trained
-    result = lpot_ray.tune(net, mxnet_conf(tmp_path), q_dataloader=calibration, eval_dataloader=evaluation)
+    result = lpot_ray.tune(net, base_conf(tmp_path, "mxnet"), q_dataloader=calibration, eval_dataloader=evaluation)
     assert result.passed and result.int8_ops == OPS and result.fp32_ops == ()
     assert result.accuracy >= result.baseline * 0.99
     assert result.objectives["latency_ratio"] > 0
@@ -117,26 +103,26 @@ def test_tune_through_ray_keeps_everything_int8_and_saves_mxnet_files(ray_sessio
     loaded = lpot_ray.load(folder)
     adaptor = MXNetAdaptor()
     assert loaded.int8_ops == OPS
-    assert abs(accuracy_of(lambda images: adaptor.predict(loaded.model, images), evaluation) - result.accuracy) < 1e-9
+    assert abs(accuracy_of_numpy(lambda images: adaptor.predict(loaded.model, images), evaluation) - result.accuracy) < 1e-9
     block = mx.gluon.SymbolBlock.imports(str(folder / "model-symbol.json"), ["data"], str(folder / "model-0000.params"))
-    assert abs(accuracy_of(lambda images: block(mx.nd.array(images)).asnumpy(), evaluation) - result.accuracy) < 1e-9
+    assert abs(accuracy_of_numpy(lambda images: block(mx.nd.array(images)).asnumpy(), evaluation) - result.accuracy) < 1e-9
 
 
 def test_strict_criterion_through_ray_falls_back_the_outlier_layers(ray_session, outlier_net, tmp_path):
     net, calibration, evaluation = outlier_net
     adaptor, model, space, batches = build(net, calibration)
-    int8 = accuracy_of(lambda images: adaptor.predict(adaptor.quantize(model, space.model_wise_configs()[0], batches), images),
+    int8 = accuracy_of_numpy(lambda images: adaptor.predict(adaptor.quantize(model, space.model_wise_configs()[0], batches), images),
                        evaluation)
-    fp32 = accuracy_of(lambda images: adaptor.predict(model, images), evaluation)
+    fp32 = accuracy_of_numpy(lambda images: adaptor.predict(model, images), evaluation)
     assert fp32 - int8 > 0.5  # all-int8 is broken: fallback is required
 
     driver = os.getpid()
 
     def slow_eval(candidate):  # slow in the driver, so that the Ray worker joins (importing its framework) and takes trials
         time.sleep(1.5 if os.getpid() == driver else 0)
-        return accuracy_of(lambda images: candidate(images).asnumpy(), evaluation)
+        return accuracy_of_numpy(lambda images: candidate(images).asnumpy(), evaluation)
 
-    conf = mxnet_conf(tmp_path, accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 600, "max_trials": 30})
+    conf = base_conf(tmp_path, "mxnet", accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 600, "max_trials": 30})
     del conf["evaluation"]
     result = lpot_ray.tune(net, conf, q_dataloader=calibration, eval_func=slow_eval)
     assert result.passed and set(result.fp32_ops) == {CONV0, CONV1} and result.int8_ops == (DENSE0, DENSE1)
@@ -144,12 +130,12 @@ def test_strict_criterion_through_ray_falls_back_the_outlier_layers(ray_session,
     assert "worker-1" in {trial.worker for trial in History(tmp_path / "ws" / "history.db").trials()}
     loaded = lpot_ray.load(result.save(tmp_path / "saved"))
     assert loaded.fp32_ops == result.fp32_ops
-    assert abs(accuracy_of(lambda images: adaptor.predict(loaded.model, images), evaluation) - result.accuracy) < 1e-9
+    assert abs(accuracy_of_numpy(lambda images: adaptor.predict(loaded.model, images), evaluation) - result.accuracy) < 1e-9
 
 
 def test_mse_strategy_inspects_the_mxnet_model(ray_session, outlier_net, tmp_path):
     net, calibration, evaluation = outlier_net
-    conf = mxnet_conf(tmp_path, strategy={"name": "mse"}, accuracy_criterion={"absolute": 0.02},
+    conf = base_conf(tmp_path, "mxnet", strategy={"name": "mse"}, accuracy_criterion={"absolute": 0.02},
                       exit_policy={"timeout": 600, "max_trials": 20})
     conf["ray"]["workers"] = 1
     result = lpot_ray.tune(net, conf, q_dataloader=calibration, eval_dataloader=evaluation)
@@ -180,7 +166,7 @@ def test_not_a_hybrid_block_is_a_model_error(trained):
 
 def test_unknown_op_wise_name_lists_the_symbol_layer_names(trained, tmp_path):
     net, calibration, evaluation = trained
-    conf = mxnet_conf(tmp_path)
+    conf = base_conf(tmp_path, "mxnet")
     conf["quantization"] = {"op_wise": {"conv9": {"activation": {"dtype": ["fp32"]}}}}
     with pytest.raises(ConfigError, match=f"'conv9' matches no op of the model; its ops are: {CONV0}, {CONV1}"):
         lpot_ray.tune(net, conf, q_dataloader=calibration, eval_dataloader=evaluation)
@@ -190,7 +176,7 @@ def test_wrong_shape_calibration_batch_names_given_and_expected_shapes(trained, 
     net, _, evaluation = trained
     wrong = [(np.zeros((8, 3, 8, 8), np.float32), np.zeros(8, np.int64))]
     with pytest.raises(DataError, match=r"shape \(8, 3, 8, 8\) does not fit the model, which takes \(batch, 1, \.\.\.\)"):
-        lpot_ray.tune(net, mxnet_conf(tmp_path), q_dataloader=wrong, eval_dataloader=evaluation)
+        lpot_ray.tune(net, base_conf(tmp_path, "mxnet"), q_dataloader=wrong, eval_dataloader=evaluation)
 
     adaptor = MXNetAdaptor()
     model = adaptor.load(adaptor.prepare(net, np.zeros((4, 1, 8, 8), np.float32)))

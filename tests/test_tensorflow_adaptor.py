@@ -3,7 +3,6 @@
 import os
 import time
 
-import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow", reason="the tensorflow extra is not installed")
@@ -15,14 +14,7 @@ from lpot_ray.errors import DataError, ModelError  # noqa: E402
 from lpot_ray.history import History  # noqa: E402
 
 from cli_helpers import CHANNELS_LAST, assert_history_and_report, digits_conf, tune_yaml
-from conftest import base_conf  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def keras_digits():
-    from lpot_ray.digits_keras import train_digits_keras
-
-    return train_digits_keras(epochs=6)
+from conftest import accuracy_of_numpy, base_conf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +23,6 @@ def keras_outliers(keras_digits):
 
     model, calibration, evaluation = keras_digits
     return with_activation_outliers(model, calibration), calibration, evaluation
-
-
-def accuracy_of(model, loader) -> float:
-    correct = total = 0
-    for images, labels in loader:
-        correct += int((np.asarray(model(images)).argmax(1) == labels).sum())
-        total += len(labels)
-    return correct / total
-
-
-def tf_conf(tmp_path, **tuning):
-    conf = base_conf(tmp_path, **tuning)
-    conf["model"]["framework"] = "tensorflow"
-    return conf
 
 
 def build(model, calibration):
@@ -72,7 +50,7 @@ def test_fallback_ops_run_float_and_calibration_runs_once(keras_digits):
     lowered = adaptor.lower(quantized, space.ops, full, batches[0])
     assert lowered.int8_ops == ("conv1", "conv2", "fc1", "fc2") and lowered.fp32_ops == ()
     assert len(quantized.content) < 0.4 * len(fp32.content)  # int8 weights
-    assert abs(accuracy_of(quantized, evaluation) - accuracy_of(model, evaluation)) < 0.02
+    assert abs(accuracy_of_numpy(quantized, evaluation) - accuracy_of_numpy(model, evaluation)) < 0.02
 
     config = full.with_fallback(["fc1"])
     lowered = adaptor.lower(adaptor.quantize(fp32, config, batches), space.ops, config, batches[0])
@@ -96,9 +74,9 @@ def test_strict_criterion_forces_a_fallback_through_ray_and_the_saved_tflite_rel
 
     def slow_eval(candidate):  # slow in the driver, so that the Ray worker joins (importing its framework) and takes trials
         time.sleep(1.5 if os.getpid() == driver else 0)
-        return accuracy_of(candidate, evaluation)
+        return accuracy_of_numpy(candidate, evaluation)
 
-    conf = tf_conf(tmp_path, accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 600, "max_trials": 30})
+    conf = base_conf(tmp_path, "tensorflow", accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 600, "max_trials": 30})
     del conf["evaluation"]
     result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=slow_eval)
     assert result.passed and result.framework == "tensorflow"
@@ -114,14 +92,14 @@ def test_strict_criterion_forces_a_fallback_through_ray_and_the_saved_tflite_rel
     Interpreter(model_path=str(folder / "model.tflite")).allocate_tensors()
     loaded = lpot_ray.load(folder)
     assert loaded.int8_ops == result.int8_ops
-    assert accuracy_of(loaded.model, evaluation) == pytest.approx(result.accuracy)
+    assert accuracy_of_numpy(loaded.model, evaluation) == pytest.approx(result.accuracy)
 
 
 def test_builtin_metric_and_mse_strategy_on_a_saved_model_directory(ray_session, keras_outliers, tmp_path):
     model, calibration, evaluation = keras_outliers
     saved_model = tmp_path / "saved_model"
     model.export(str(saved_model), verbose=False)
-    conf = tf_conf(tmp_path, strategy={"name": "mse"}, accuracy_criterion={"absolute": 0.02},
+    conf = base_conf(tmp_path, "tensorflow", strategy={"name": "mse"}, accuracy_criterion={"absolute": 0.02},
                    exit_policy={"timeout": 600, "max_trials": 10})
     result = lpot_ray.tune(str(saved_model), conf, q_dataloader=calibration, eval_dataloader=evaluation)
     assert result.passed
@@ -165,7 +143,7 @@ def test_bad_models_and_batches_are_named(keras_digits, tmp_path):
     with pytest.raises(DataError, match=r"has shape \(32, 1, 8, 8\); the model expects \('batch', 8, 8, 1\)"):
         adaptor.prepare(model, images.transpose(0, 3, 1, 2))
 
-    conf = tf_conf(tmp_path)
+    conf = base_conf(tmp_path, "tensorflow")
     conf["quantization"] = {"op_wise": {"classifier": {"activation": {"dtype": "fp32"}}}}
     with pytest.raises(lpot_ray.ConfigError, match="matches no op of the model; its ops are: conv1, conv2, fc1, fc2"):
         lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=lambda candidate: 1.0)
@@ -177,6 +155,6 @@ def test_quantized_model_pickles_without_its_interpreters(keras_digits):
     model, calibration, evaluation = keras_digits
     adaptor, fp32, space, batches = build(model, calibration)
     quantized = adaptor.quantize(fp32, space.model_wise_configs()[0], batches)
-    before = accuracy_of(quantized, evaluation)
+    before = accuracy_of_numpy(quantized, evaluation)
     copy = pickle.loads(pickle.dumps(quantized))
-    assert isinstance(copy, TFLiteModel) and accuracy_of(copy, evaluation) == before
+    assert isinstance(copy, TFLiteModel) and accuracy_of_numpy(copy, evaluation) == before

@@ -15,24 +15,9 @@ from lpot_ray.adaptors.tensorflow import TensorFlowAdaptor, _all_tensors  # noqa
 from lpot_ray.history import History  # noqa: E402
 
 from cli_helpers import CHANNELS_LAST, digits_conf, tune_yaml
-from conftest import base_conf  # noqa: E402
+from conftest import accuracy_of_numpy, base_conf  # noqa: E402
 
 DYNAMIC = "post_training_dynamic_quant"
-
-
-@pytest.fixture(scope="module")
-def keras_digits():
-    from lpot_ray.digits_keras import train_digits_keras
-
-    return train_digits_keras(epochs=6)
-
-
-def accuracy_of(model, loader) -> float:
-    correct = total = 0
-    for images, labels in loader:
-        correct += int((np.asarray(model(images)).argmax(1) == labels).sum())
-        total += len(labels)
-    return correct / total
 
 
 def build(model, evaluation, approach=DYNAMIC):
@@ -76,7 +61,7 @@ def test_a_fallback_op_gets_its_float_weights_and_float_kernel_back(keras_digits
     images = np.asarray(batches[0], dtype=np.float32)
     np.testing.assert_allclose(_all_tensors(quantized.content, (images,), 1)[conv2.output_index],
                                _all_tensors(fp32.content, (images,), 1)[reference.output_index], rtol=1e-5, atol=1e-5)
-    assert abs(accuracy_of(quantized, evaluation) - accuracy_of(fp32, evaluation)) <= 0.02
+    assert abs(accuracy_of_numpy(quantized, evaluation) - accuracy_of_numpy(fp32, evaluation)) <= 0.02
     assert len(quantized.content) > len(adaptor.quantize(fp32, full, batches).content)  # float weights are bigger
 
 
@@ -94,7 +79,7 @@ def test_dynamic_tuning_end_to_end_through_ray(ray_session, keras_digits, tmp_pa
             deadline = time.time() + 120
             while len(calls) > 2 and not marker.exists() and time.time() < deadline:
                 time.sleep(0.2)
-        return accuracy_of(candidate, evaluation)
+        return accuracy_of_numpy(candidate, evaluation)
 
     def needs_conv2_float(candidate):  # a criterion only met with conv2 in float
         tensors = candidate.tensor_details()
@@ -114,7 +99,7 @@ def test_dynamic_tuning_end_to_end_through_ray(ray_session, keras_digits, tmp_pa
     assert all(scheme.activation.algorithm == "dynamic" for trial in trials for scheme in dict(trial.config.op_schemes).values()
                if not scheme.is_fp32)
     loaded = lpot_ray.load(result.save(tmp_path / "saved"))
-    assert accuracy_of(loaded.model, evaluation) == pytest.approx(result.accuracy)
+    assert accuracy_of_numpy(loaded.model, evaluation) == pytest.approx(result.accuracy)
 
 
 def test_dynamic_tuning_from_a_yaml_alone(keras_digits, tmp_path):

@@ -286,8 +286,8 @@ class PyTorchAdaptor(Adaptor):
             warnings.simplefilter("ignore")  # inductor's own tensor-copy warning while lowering
             _, code = run_and_get_code(compiled, *as_args(example_inputs))
         op_types = {op.name: op.op_type for op in ops}
-        int8_ops = _int8_ops_from_code("\n".join(code), op_types, config)
-        bf16_ops = _bf16_ops_from_code("\n".join(code), op_types, config)
+        int8_ops = _ops_from_code("\n".join(code), op_types, config, "int8")
+        bf16_ops = _ops_from_code("\n".join(code), op_types, config, "bf16")
         fp32_ops = tuple(name for name, _ in config.op_schemes if name not in int8_ops + bf16_ops)
         return Lowered(compiled, int8_ops, fp32_ops, bf16_ops)
 
@@ -456,35 +456,16 @@ def _bf16_constant(module: Any, graph: Any, node: Any) -> Any:
     return graph.get_attr(name)
 
 
-def _int8_ops_from_code(code: str, op_types: dict[str, str], config: TuneConfig) -> tuple[str, ...]:
-    """Which configured ops inductor really lowered to int8 kernels.
+def _ops_from_code(code: str, op_types: dict[str, str], config: TuneConfig, dtype: str) -> tuple[str, ...]:
+    """Which ops the config puts in ``dtype`` ("int8" or "bf16") inductor really lowered so.
 
+    An int8 op is an int8 kernel call; a bf16 op a float kernel call with a bfloat16 operand.
     Kernels of one op type are called in graph order, so when the code has one call per op of
-    that type, the i-th call is the i-th op. Otherwise an op type counts as int8 only if the
-    number of int8 calls covers every op the config quantizes.
+    that type, the i-th call is the i-th op. Otherwise an op type counts only if the number of
+    matching calls covers every op the config puts in ``dtype``.
     """
-    int8: list[str] = []
-    ops_by_type: dict[str, list[tuple[str, OpScheme]]] = {}
-    for name, scheme in config.op_schemes:
-        ops_by_type.setdefault(op_types[name], []).append((name, scheme))
-    for op_type, ops in ops_by_type.items():
-        int8_pattern, any_pattern = _KERNELS[op_type]
-        calls = [bool(re.match(int8_pattern, m.group(0))) for m in re.finditer(any_pattern, _call_lines(code))]
-        if len(calls) == len(ops):
-            int8 += [name for (name, scheme), is_int8 in zip(ops, calls, strict=True) if is_int8 and scheme.dtype == "int8"]
-        else:
-            wanted = [name for name, scheme in ops if scheme.dtype == "int8"]
-            if sum(calls) >= len(wanted):
-                int8 += wanted
-    return tuple(name for name, _ in config.op_schemes if name in int8)
-
-
-def _bf16_ops_from_code(code: str, op_types: dict[str, str], config: TuneConfig) -> tuple[str, ...]:
-    """Which configured bf16 ops inductor really lowered to bf16 kernels: float kernel calls
-    (not int8) with a bfloat16 operand, matched to ops as ``_int8_ops_from_code`` does."""
     lines = _call_lines(code)
-    bf16_names = set(re.findall(r"^\s*(\w+) = empty_strided_cpu\(.*torch\.bfloat16\)\s*$", code, re.M))
-    bf16_names |= set(re.findall(r"^(\w+) = None\s+# device\(type='cpu'\) torch\.bfloat16", code, re.M))
+    bf16_buffers = _bf16_buffers(code) if dtype == "bf16" else set()
     found: list[str] = []
     ops_by_type: dict[str, list[tuple[str, OpScheme]]] = {}
     for name, scheme in config.op_schemes:
@@ -493,14 +474,24 @@ def _bf16_ops_from_code(code: str, op_types: dict[str, str], config: TuneConfig)
         int8_pattern, any_pattern = _KERNELS[op_type]
         calls = []
         for match in re.finditer(any_pattern, lines):
-            operands = set(re.findall(r"\w+", lines[match.end():].split("\n", 1)[0]))
-            calls.append(not re.match(int8_pattern, match.group(0)) and bool(operands & bf16_names))
-        wanted = [name for name, scheme in ops if scheme.dtype == "bf16"]
+            is_int8 = bool(re.match(int8_pattern, match.group(0)))
+            if dtype == "int8":
+                calls.append(is_int8)
+            else:
+                operands = set(re.findall(r"\w+", lines[match.end():].split("\n", 1)[0]))
+                calls.append(not is_int8 and bool(operands & bf16_buffers))
+        wanted = [name for name, scheme in ops if scheme.dtype == dtype]
         if len(calls) == len(ops):
-            found += [name for (name, scheme), is_bf16 in zip(ops, calls, strict=True) if is_bf16 and scheme.dtype == "bf16"]
+            found += [name for (name, scheme), hit in zip(ops, calls, strict=True) if hit and scheme.dtype == dtype]
         elif sum(calls) >= len(wanted):
             found += wanted
     return tuple(name for name, _ in config.op_schemes if name in found)
+
+
+def _bf16_buffers(code: str) -> set[str]:
+    """Names of the bfloat16 buffers in inductor's generated code."""
+    names = set(re.findall(r"^\s*(\w+) = empty_strided_cpu\(.*torch\.bfloat16\)\s*$", code, re.M))
+    return names | set(re.findall(r"^(\w+) = None\s+# device\(type='cpu'\) torch\.bfloat16", code, re.M))
 
 
 def _call_lines(code: str) -> str:
