@@ -161,12 +161,14 @@ class WorkerPool:
                 log.warning("Ray could not start (%s); trials run in the driver alone", self.session.error)
             else:
                 with self.lock:
-                    self._start_workers()
-        while not self._closed.is_set():
+                    if not self._closed.is_set():  # every job may have ended while Ray connected
+                        self._start_workers()
+        while not self._closed.is_set():  # alive until shutdown: replacements of dead workers start any time
             with self.lock:
                 starting = [slot.ready for slot in self.starting]
             if not starting:
-                return
+                self._closed.wait(0.5)
+                continue
             concurrent.futures.wait(starting, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
             with self.lock:
                 self._admit()
@@ -223,16 +225,19 @@ class WorkerPool:
             self._dispatch()
 
     def _dispatch(self) -> None:
+        if not any(not slot.is_driver for slot in self.slots + self.starting):
+            self._fail_retries()
         while self.idle:
-            waiting = [job_id for job_id, job in self.queues.items() if job.waiting]
-            if not waiting:
+            # A retry never runs in the driver (its death would end every job), so a job whose next
+            # trial is a retry waits for a Ray worker while the others go on.
+            ray_idle = any(not slot.is_driver for slot in self.idle)
+            ready = [job_id for job_id, job in self.queues.items() if job.waiting and (ray_idle or job.waiting[0][2] == 0)]
+            if not ready:
                 return
-            job_id = min(waiting, key=lambda name: self.queues[name].running)  # ties: the job listed first
+            job_id = min(ready, key=lambda name: self.queues[name].running)  # ties: the job listed first
             job = self.queues[job_id]
             seq, config, attempt = job.waiting[0]
-            slot = next((slot for slot in self.idle if not (attempt > 0 and slot.is_driver)), None)
-            if slot is None:
-                return  # only the driver is idle and the trial is a retry: wait for a Ray worker
+            slot = next(slot for slot in self.idle if not (attempt > 0 and slot.is_driver))
             job.waiting.popleft()
             self.idle.remove(slot)
             job.running += 1
@@ -241,6 +246,14 @@ class WorkerPool:
             self.snapshots.append({name: (other.running, len(other.waiting)) for name, other in self.queues.items()
                                    if other.running or other.waiting})
             future.add_done_callback(self._finished)
+
+    def _fail_retries(self) -> None:
+        """With no Ray worker left or coming, a trial that killed one can't be retried: lost."""
+        for job_id, job in self.queues.items():
+            for item in [item for item in job.waiting if item[2] > 0]:
+                job.waiting.remove(item)
+                reason = self.lost.get((job_id, item[0]), "?")
+                job.rows.put(_lost(item[0], f"no Ray worker is left to retry it after: {reason}"))
 
     def _finished(self, future: concurrent.futures.Future) -> None:
         with self.lock:
@@ -275,9 +288,6 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 slot.close()
             self.starting.append(self._slot_factory(slot.name))
-            if not self._watcher.is_alive():
-                self._watcher = threading.Thread(target=self._watch_starting, name="lpot-ray-pool", daemon=True)
-                self._watcher.start()
 
     def cancel(self, job_id: str, seq: int) -> None:
         with self.lock:
@@ -310,7 +320,13 @@ class WorkerPool:
                     slot.drop(job_id)
 
     def finalize(self, job_id: str, config: TuneConfig, measure: bool) -> dict:
-        return self.driver.runners[job_id].finalize(config.to_dict(), measure)
+        """Lower and measure in the driver once the job's cancelled trials have wound down (they
+        share its runner, and measurements want the machine to themselves), on the driver's trial
+        thread: compiling while that thread traces another job's model is not thread-safe in torch."""
+        with self.lock:
+            own = [future for future, (running_job, *_) in self.running.items() if running_job == job_id]
+        concurrent.futures.wait(own, timeout=120)
+        return self.driver.pool.submit(self.driver.runners[job_id].finalize, config.to_dict(), measure).result()
 
     def shutdown(self) -> None:
         self._closed.set()

@@ -9,6 +9,7 @@ plus the calibration sampling size, immutable and identified by a stable ``key``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -124,8 +125,9 @@ class TuneConfig:
     op_schemes: tuple[tuple[str, OpScheme], ...]
     sampling_size: int
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        """A stable id; computed once (the engine reads it on every pass over its proposals)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -73,7 +73,7 @@ def tune_many(jobs: Sequence[Union[ZooJob, dict]], address: Optional[str] = None
             results[name] = _failed(name, error, started[name])
     if prepared:
         plan = _plan([config for _, config in prepared.values()], address, workers, verbose)
-        planned = (plan.workers or os.cpu_count() or 1) if plan is not None else 1
+        planned = (plan.workers or max(1, int((os.cpu_count() or 1) // plan.cpus_per_worker))) if plan is not None else 1
         parallelism = max(1, math.ceil(planned / len(prepared)))  # each job's share: its strategy's batch size
         pool = WorkerPool({name: job.worker_job for name, (job, _) in prepared.items()}, plan)
         try:
@@ -191,14 +191,24 @@ def read_zoo(path: Union[str, os.PathLike]) -> tuple[list[ZooEntry], dict]:
     unknown = set(raw) - {"jobs", "workspace", "workers", "address"}
     if unknown:
         raise ConfigError(f"{zoo_path}: unknown key(s) {', '.join(sorted(unknown))}; known: jobs, workspace, workers, address")
+    workers = raw.get("workers")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise ConfigError(f"{zoo_path}: `workers`: {workers!r} must be a whole number >= 1")
+    if raw.get("address") is not None and not isinstance(raw["address"], str):
+        raise ConfigError(f"{zoo_path}: `address`: {raw['address']!r} must be a Ray address such as HOST:6379")
     root = Path(raw.get("workspace") or "lpot_ray_workspace/zoo")
-    entries = []
+    entries: list[ZooEntry] = []
     for index, item in enumerate(raw["jobs"]):
         name = item.get("name") if isinstance(item, dict) else None
         name = str(name or f"job{index}")
+        if name in [entry.name for entry in entries]:
+            raise ConfigError(f"{zoo_path}: `jobs[{index}].name`: {name!r} is already the name of another job; "
+                              "names must be unique (each job's workspace is named after it)")
         try:
-            if not isinstance(item, dict) or "config" not in item or set(item) - {"name", "config"}:
-                raise ConfigError(f"jobs[{index}]: expected {{name, config}}, where config is a tuning YAML path or mapping")
+            if not isinstance(item, dict) or "config" not in item:
+                raise ConfigError("expected {name, config}, where config is a tuning YAML path or mapping")
+            if set(item) - {"name", "config"}:
+                raise ConfigError(f"unknown key(s) {', '.join(sorted(set(item) - {'name', 'config'}))}; known: name, config")
             entries.append(ZooEntry(name, _entry_config(item["config"], zoo_path.parent, root / name)))
         except Exception as error:
             entries.append(ZooEntry(name, error=f"{zoo_path}: jobs[{index}] ({name}): {error}"))

@@ -11,7 +11,7 @@ pytest.importorskip("tensorflow", reason="the tensorflow extra is not installed"
 pytest.importorskip("ai_edge_litert", reason="the tensorflow extra is not installed")
 
 import lpot_ray  # noqa: E402
-from lpot_ray.adaptors.tensorflow import TensorFlowAdaptor, _all_tensors  # noqa: E402
+from lpot_ray.adaptors.tensorflow import TensorFlowAdaptor, _tensors  # noqa: E402
 from lpot_ray.history import History  # noqa: E402
 
 from cli_helpers import CHANNELS_LAST, digits_conf, tune_yaml
@@ -59,8 +59,9 @@ def test_a_fallback_op_gets_its_float_weights_and_float_kernel_back(keras_digits
     # conv2 now computes exactly what the float model's conv2 does (conv1 is float in both).
     conv2, reference = (next(op for op in graph.ops() if op.name == "conv2") for graph in (quantized, fp32))
     images = np.asarray(batches[0], dtype=np.float32)
-    np.testing.assert_allclose(_all_tensors(quantized.content, (images,), 1)[conv2.output_index],
-                               _all_tensors(fp32.content, (images,), 1)[reference.output_index], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_tensors(quantized.content, [(images,)], 1, [conv2.output_index])[0][conv2.output_index],
+                               _tensors(fp32.content, [(images,)], 1, [reference.output_index])[0][reference.output_index],
+                               rtol=1e-5, atol=1e-5)
     assert abs(accuracy_of_numpy(quantized, evaluation) - accuracy_of_numpy(fp32, evaluation)) <= 0.02
     assert len(quantized.content) > len(adaptor.quantize(fp32, full, batches).content)  # float weights are bigger
 

@@ -314,10 +314,8 @@ class MXNetAdaptor(Adaptor):
 
     def _fp32_block(self, model: Any) -> Any:
         """The fp32 model's SymbolBlock, built once per model."""
-        if isinstance(model, tuple):  # the user's (symbol, arg_params, aux_params)
-            model = MXNetModel(*model)
         if not isinstance(model, MXNetModel):
-            return model  # already a block: the user's HybridBlock or a lowered fp32 model
+            return model  # already a block: a lowered fp32 model
         if model.block is None:
             model.block = symbol_block(self.mx, model.symbol, model.arg_params, model.aux_params, model.input_names)
         return model.block
@@ -557,11 +555,8 @@ def symbol_block(mx: Any, symbol: Any, arg_params: dict, aux_params: dict, names
     names = names or input_names(symbol, arg_params, aux_params)
     with _quiet():
         block = mx.gluon.SymbolBlock(symbol, [mx.sym.var(name) for name in names])
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, PARAMS_FILE)
-        mx.nd.save(path, _params_dict(arg_params, aux_params))
-        block.collect_params().load(path, ctx=mx.cpu(), cast_dtype=True, dtype_source="saved",
-                                    allow_missing=False, ignore_extra=True)
+    block.collect_params().load_dict(_params_dict(arg_params, aux_params), ctx=mx.cpu(), cast_dtype=True,
+                                     dtype_source="saved", allow_missing=False, ignore_extra=True)
     block.hybridize(static_alloc=static, static_shape=static)
     return block
 

@@ -164,15 +164,15 @@ class TFLiteModel:
             self._interpreters[key] = _interpreter(self.content, self.threads, shapes)
         return self._interpreters[key]
 
-    def check_input_shapes(self, shapes: tuple) -> None:
+    def check_input_shapes(self, shapes: tuple, source: str = "batch") -> None:
         """A batch the model can't take is a DataError naming the shapes given and expected."""
         details = _interpreter(self.content).get_input_details()
         if len(details) != len(shapes):
-            raise DataError(f"batch: the model takes {len(details)} input(s), the batch has {len(shapes)}")
+            raise DataError(f"{source}: the model takes {len(details)} input(s), the batch has {len(shapes)}")
         for detail, shape in zip(details, shapes, strict=True):
             expected = tuple(int(dim) for dim in detail["shape_signature"])
             if len(expected) != len(shape) or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True)):
-                raise DataError(f"batch: input {detail['name']!r} has shape {shape}; the model expects "
+                raise DataError(f"{source}: input {detail['name']!r} has shape {shape}; the model expects "
                                 f"{tuple('batch' if e == -1 else e for e in expected)}")
 
     def ops(self) -> list[GraphOp]:
@@ -313,9 +313,6 @@ class TensorFlowAdaptor(Adaptor):
 
     def _dynamic(self, model: TFLiteModel, config: TuneConfig) -> TFLiteModel:
         """The dynamic-range flatbuffer with the config's fp32 ops given their float weights back."""
-        if not model.dynamic:
-            raise ModelError("model: this payload has no dynamic-range model; prepare it with "
-                             "`quantization.approach: post_training_dynamic_quant`")
         hybrid = TFLiteModel(model.dynamic, model.op_names)
         fp32 = set(config.fp32_ops)
         weights = {graph_op.weight_name for graph_op in hybrid.ops() if graph_op.name in fp32}
@@ -330,7 +327,7 @@ class TensorFlowAdaptor(Adaptor):
         if sampling_size not in cache:
             batches = [list(_as_inputs(inputs)) for inputs in take_samples(calibration, sampling_size)]
             for batch in batches:
-                model.check_input_shapes(tuple(array.shape for array in batch))
+                model.check_input_shapes(tuple(array.shape for array in batch), "q_dataloader")
             with _native_stderr_silenced():
                 with_intermediates = calibrator.add_intermediate_tensors(model.content)
                 content = calibrator.Calibrator(with_intermediates).calibrate(lambda: iter(batches))
@@ -341,16 +338,17 @@ class TensorFlowAdaptor(Adaptor):
     def inspect_tensors(self, model: TFLiteModel, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
         """Each int8 op quantized alone; its output against the fp32 op's, as noise/signal energy."""
         batches = [_as_inputs(inputs) for inputs in take_samples(calibration, config.sampling_size)]
-        fp32_outputs = {graph_op.name: graph_op.output_index for graph_op in model.ops()}
-        reference = [_all_tensors(model.content, batch, self.threads) for batch in batches]
+        fp32_outputs = {graph_op.name: graph_op.output_index for graph_op in model.ops() if graph_op.name in config.int8_ops}
+        reference = _tensors(model.content, batches, self.threads, list(fp32_outputs.values()))
         errors = {}
         for name in config.int8_ops:
             alone = self.quantize(model, config.with_fallback(set(config.int8_ops) - {name}), calibration)
             graph_op = next(graph_op for graph_op in alone.ops() if graph_op.name == name)
             detail = alone.tensor_details()[graph_op.output_index]
+            outputs = _tensors(alone.content, batches, self.threads, [graph_op.output_index])
             signal = noise = 0.0
-            for batch, fp32_tensors in zip(batches, reference, strict=True):
-                quantized = _dequantized(_all_tensors(alone.content, batch, self.threads)[graph_op.output_index], detail)
+            for output, fp32_tensors in zip(outputs, reference, strict=True):
+                quantized = _dequantized(output[graph_op.output_index], detail)
                 expected = fp32_tensors[fp32_outputs[name]]
                 signal += float((expected ** 2).mean())
                 noise += float(((quantized - expected) ** 2).mean())
@@ -473,17 +471,21 @@ def _as_inputs(inputs: Any) -> tuple[np.ndarray, ...]:
     return tuple(np.ascontiguousarray(np.asarray(array, dtype=np.float32)) for array in arrays)
 
 
-def _all_tensors(content: bytes, inputs: tuple[np.ndarray, ...], threads: int) -> dict[int, np.ndarray]:
-    """Every tensor of one run, by index (the interpreter keeps them all for this)."""
-    interpreter = _interpreter(content, threads, [array.shape for array in inputs], preserve_all_tensors=True)
-    for detail, array in zip(interpreter.get_input_details(), inputs, strict=True):
-        interpreter.set_tensor(detail["index"], array)
-    interpreter.invoke()
-    tensors = {}
-    for detail in interpreter.get_tensor_details():
-        with contextlib.suppress(ValueError):  # tensors with no data (e.g. optional inputs)
-            tensors[detail["index"]] = interpreter.get_tensor(detail["index"]).copy()
-    return tensors
+def _tensors(content: bytes, batches: list[tuple[np.ndarray, ...]], threads: int, indices: list[int]) -> list[dict[int, np.ndarray]]:
+    """The tensors ``indices`` (intermediate ones included) of a run on each batch; one
+    interpreter per input shape, and only the wanted tensors copied out."""
+    interpreters: dict[tuple, Any] = {}
+    runs = []
+    for inputs in batches:
+        shapes = tuple(array.shape for array in inputs)
+        if shapes not in interpreters:
+            interpreters[shapes] = _interpreter(content, threads, shapes, preserve_all_tensors=True)
+        interpreter = interpreters[shapes]
+        for detail, array in zip(interpreter.get_input_details(), inputs, strict=True):
+            interpreter.set_tensor(detail["index"], array)
+        interpreter.invoke()
+        runs.append({index: interpreter.get_tensor(index).copy() for index in indices})
+    return runs
 
 
 def _dequantized(values: np.ndarray, detail: dict) -> np.ndarray:

@@ -22,6 +22,7 @@ Outcomes are told in proposal order, so the result does not depend on the number
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from ..space import FP32, TuneConfig, TuningSpace
@@ -101,10 +102,10 @@ class BasicStrategy(Strategy):
 
     def _fall_back(self, names) -> TuneConfig:
         """The base with ``names`` one step down: bf16 where it is a choice, else fp32."""
-        config = self.base
-        for name in names:
-            config = config.with_fallback([name], FP32 if self.to_fp32 else self.space.fallback_for(name))
-        return config
+        names = set(names)
+        return replace(self.base, op_schemes=tuple(
+            (name, (FP32 if self.to_fp32 else self.space.fallback_for(name)) if name in names else scheme)
+            for name, scheme in self.base.op_schemes))
 
     def _accumulated(self, first: int) -> list[TuneConfig]:
         return [self._fall_back(self.ranking[:size]) for size in range(first, len(self.ranking) + 1)]
