@@ -8,6 +8,7 @@ does not implement yet are reported as such, so an LPOT user knows the key is no
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import typing
@@ -23,7 +24,23 @@ DTYPES = ("int8", "uint8", "fp32", "bf16")
 SCHEMES = ("sym", "asym")
 GRANULARITIES = ("per_channel", "per_tensor")
 ALGORITHMS = ("minmax", "kl", "percentile", "dynamic")  # dynamic: activation ranges computed per batch at run time
-APPROACHES = ("post_training_static_quant", "post_training_dynamic_quant", "quant_aware_training")
+
+
+class Approach(str, enum.Enum):
+    """How activation ranges are found: the quantization mode a tuning runs in."""
+
+    STATIC = "post_training_static_quant"  # calibrated once on sample batches
+    DYNAMIC = "post_training_dynamic_quant"  # computed per batch at run time: no calibration
+    QAT = "quant_aware_training"  # learnt while the user's q_func trains the fake-quantized model
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the approach needs calibration batches, not only an example batch."""
+        return self is Approach.STATIC
+
+    def __str__(self) -> str:
+        return self.value
+
 
 # Dotted key paths LPOT 1.x accepts that lpot_ray does not implement yet.
 LPOT_ONLY_KEYS = frozenset(
@@ -192,7 +209,7 @@ class TrainSection(_Section):
 
 
 class QuantizationSection(_Section):
-    approach: Literal[APPROACHES] = "post_training_static_quant"
+    approach: Approach = Approach.STATIC
     # bf16 as a per-op choice between int8 and fp32, where the CPU computes bf16 natively. Off by
     # default: on small models the casts around a bf16 op cost more than its faster kernel saves.
     use_bf16: bool = False

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from .config import AccuracyCriterion, ExitPolicy
-from .executor import Executor
 from .history import History
 from .space import TuneConfig
-from .strategies.base import InspectRequest, Proposal, Strategy
-from .trial import CANCELLED, FAILED, OK, TRIAL, WORKER_LOST, Trial
+from .strategies.base import Strategy
+from .trial import Kind, Outcome, Request, Status, Trial, TrialExecutor, as_request
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class Engine:
     def __init__(
         self,
         strategy: Strategy,
-        executor: Executor,
+        executor: TrialExecutor,
         history: History,
         criterion: Criterion,
         exit_policy: ExitPolicy,
@@ -88,9 +87,9 @@ class Engine:
         self.on_progress = on_progress
         # Outcomes to replay instead of re-running; a trial lost to dying workers is run again.
         self.known: dict[str, Trial] = {trial.key: trial for trial in history.trials()
-                                        if not (trial.status == FAILED and trial.reason.startswith(WORKER_LOST))}
-        self.proposals: dict[int, Proposal] = {}  # configs to try and requests for data
-        self.in_flight: dict[int, Proposal] = {}
+                                        if trial.status != Status.WORKER_LOST}
+        self.proposals: dict[int, Request] = {}  # configs to try and requests for data
+        self.in_flight: dict[int, Request] = {}
         self.finished: dict[int, Trial] = {}  # outcomes not yet told
         self.told: list[Trial] = []
         self.n_evaluated = 0
@@ -107,31 +106,29 @@ class Engine:
             self._cancel_obsolete()
             stopped_by = stopped_by or self._limit_reached()
             if stopped_by:
-                self._collect(self.executor.wait(timeout=0))  # keep what finished meanwhile
+                self._collect(self.executor.results(timeout=0))  # keep what finished meanwhile
                 for seq in list(self.in_flight):
                     self._cancel(seq)
                 stopped_by = self._tell_in_order() or stopped_by
             else:
                 self._propose()
-                if self.told and not self.strategy.finished:
-                    self.executor.want_more()  # more work than the driver alone: bring in Ray
             self.on_progress(self)
             if not self.in_flight and not self.finished:
                 if stopped_by or self.strategy.finished:
                     break
                 if self._propose():
                     continue
-                if not self.executor.busy():
+                if not self.executor.status().pending:
                     break  # the strategy has nothing more to propose and nothing is running
             if len(self.told) in self.finished:
                 continue  # outcomes to tell now (e.g. replayed from the history): no waiting
-            self._collect(self.executor.wait(timeout=0.5))
+            self._collect(self.executor.results(timeout=0.5))
         return EngineOutcome(self.told, self.n_evaluated, stopped_by or "strategy finished", self.passing())
 
     def passing(self) -> list[Trial]:
         """Passing trials, best first: the first in proposal order when timeout is 0, else the
         lowest objective, then the highest accuracy, then the config key."""
-        passing = [trial for trial in self.told if trial.passed and trial.kind == TRIAL]
+        passing = [trial for trial in self.told if trial.passed and trial.kind == Kind.TRIAL]
         if self.exit_policy.timeout == 0:
             return passing
         return sorted(passing, key=lambda trial: (trial.objective, -self.criterion.margin(trial.accuracy), trial.key))
@@ -142,17 +139,17 @@ class Engine:
         since declared moot, however far they got, so the count is the same for any number of
         workers."""
         obsolete = self.strategy.obsolete()
-        return sum(isinstance(item, TuneConfig) and item.key not in obsolete for item in self.proposals.values())
+        return sum(item.kind == Kind.TRIAL and item.key not in obsolete for item in self.proposals.values())
 
     # --- proposing ---------------------------------------------------------------------------
     def _propose(self) -> bool:
         budget = self.exit_policy.max_trials - self.counted
-        wanted = min(self.executor.free_slots(), budget)
+        wanted = min(self.executor.status().free, budget)
         if wanted <= 0:
             return False
-        configs = self.strategy.ask(wanted)
-        for item in configs:
-            self.strategy.space.check(item.config if isinstance(item, InspectRequest) else item)
+        proposals = self.strategy.ask(wanted)
+        for item in map(as_request, proposals):
+            self.strategy.space.check(item.config)
             seq = len(self.proposals)
             self.proposals[seq] = item
             if item.key in self.known:
@@ -162,48 +159,36 @@ class Engine:
             else:
                 self.in_flight[seq] = item
                 self.executor.submit(seq, item)
-        return bool(configs)
+        return bool(proposals)
 
     # --- outcomes ----------------------------------------------------------------------------
-    def _collect(self, rows: list[dict]) -> None:
-        for row in rows:
-            seq = row["seq"]
-            item = self.in_flight.pop(seq, None)
+    def _collect(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            item = self.in_flight.pop(outcome.seq, None)
             if item is None:
                 continue
-            trial = self._trial_from_row(seq, item, row)
+            trial = self._trial(item, outcome)
             self.history.record(trial)  # committed before the strategy hears of it
             self.n_evaluated += 1
             self.known[trial.key] = trial
-            self.finished[seq] = trial
+            self.finished[outcome.seq] = trial
             for other_seq in self._waiting_on(trial.key):
                 self.finished[other_seq] = replace(trial, seq=other_seq)
 
-    def _trial_from_row(self, seq: int, item: Proposal, row: dict) -> Trial:
-        accuracy = row.get("accuracy")
-        status = row.get("status", FAILED)
-        if isinstance(item, InspectRequest):
-            return Trial(seq=seq, config=item.config, status=status, reason=row.get("reason", ""),
-                         worker=row.get("worker", ""), started=row.get("started", 0.0),
-                         duration=row.get("duration", 0.0), figures=row.get("figures", {}), kind=item.kind)
-        return Trial(
-            seq=seq,
-            config=item,
-            status=status,
-            accuracy=accuracy,
-            passed=status == OK and self.criterion.passes(accuracy),
-            objective=self.objective(item),
-            reason=row.get("reason", ""),
-            worker=row.get("worker", ""),
-            started=row.get("started", 0.0),
-            duration=row.get("duration", 0.0),
-            figures=row.get("figures", {}),
-        )
+    def _trial(self, request: Request, outcome: Outcome) -> Trial:
+        trial = Trial(seq=outcome.seq, config=request.config, status=outcome.status, reason=outcome.reason,
+                      worker=outcome.worker, started=outcome.started, duration=outcome.duration,
+                      figures=outcome.figures, kind=request.kind)
+        if request.kind == Kind.TRIAL:
+            trial.accuracy = outcome.accuracy
+            trial.passed = outcome.status == Status.OK and self.criterion.passes(outcome.accuracy)
+            trial.objective = self.objective(request.config)
+        return trial
 
     def _tell_in_order(self) -> str:
         while len(self.told) in self.finished:
             trial = self.finished.pop(len(self.told))
-            trial.margin = self.criterion.margin(trial.accuracy) if trial.status == OK else None
+            trial.margin = self.criterion.margin(trial.accuracy) if trial.status == Status.OK else None
             self.told.append(trial)
             self.strategy.tell(trial)
             if trial.passed and self.exit_policy.timeout == 0:
@@ -242,7 +227,5 @@ class Engine:
                 if item.key == key and seq >= len(self.told) and seq not in self.finished and seq not in self.in_flight]
 
 
-def _cancelled(seq: int, item: Proposal) -> Trial:
-    if isinstance(item, InspectRequest):
-        return Trial(seq, item.config, status=CANCELLED, kind=item.kind)
-    return Trial(seq, item, status=CANCELLED)
+def _cancelled(seq: int, request: Request) -> Trial:
+    return Trial(seq, request.config, status=Status.CANCELLED, kind=request.kind)

@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 from .errors import HistoryError
 from .space import TuneConfig
-from .trial import Trial
+from .trial import Status, Trial
 
 DB_NAME = "history.db"
 
@@ -104,9 +104,9 @@ class History:
     # --- trials ------------------------------------------------------------------------------
     def record(self, trial: Trial) -> None:
         row = (
-            trial.key, trial.seq, json.dumps(trial.config.to_dict(), sort_keys=True), trial.status, trial.accuracy,
+            trial.key, trial.seq, json.dumps(trial.config.to_dict(), sort_keys=True), trial.status.value, trial.accuracy,
             int(trial.passed), trial.objective, trial.reason, trial.worker, trial.started, trial.duration,
-            json.dumps(trial.figures, sort_keys=True), time.time(), trial.kind,
+            json.dumps(trial.figures, sort_keys=True), time.time(), trial.kind.value,
         )
         with self.connection:
             self.connection.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
@@ -118,7 +118,7 @@ class History:
         ).fetchall()
         return [
             Trial(
-                seq=seq, config=TuneConfig.from_dict(json.loads(config)), status=status, accuracy=accuracy,
+                seq=seq, config=TuneConfig.from_dict(json.loads(config)), status=_status(status, reason), accuracy=accuracy,
                 passed=bool(passed), objective=objective, reason=reason, worker=worker, started=started,
                 duration=duration, figures=json.loads(figures), kind=kind,
             )
@@ -145,6 +145,14 @@ def _keep_aside(path: Path) -> None:
         raise HistoryError(f"{path}: an earlier history is there and can't be kept aside ({error}); "
                            "is another tuning using this workspace?") from None
     path.rename(path.with_name(f"history-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.db"))
+
+
+def _status(stored: str, reason: str) -> Status:
+    """A stored status; histories written before ``worker_lost`` existed marked such trials
+    failed with a reason beginning "worker lost:"."""
+    if stored == Status.FAILED.value and reason.startswith("worker lost:"):
+        return Status.WORKER_LOST
+    return Status(stored)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,18 +1,32 @@
-"""One set of workers shared fairly by several tunings (``tune_many``).
+"""The workers of every tuning: the driver's own thread and Ray actors, shared by any number of jobs.
 
-Each worker (the driver's own thread, then Ray ``SharedWorker`` actors) can run trials of every
-job: it builds a job's ``TrialRunner`` (adaptor, model, data) the first time it gets a trial of
-that job, from one object-store copy of the job, and keeps it. So a worker that finishes a trial
-of one job can take the next trial of any other at once, without restarting.
+``tune()`` is a pool with one job, ``tune_many()`` a pool with several; the code is the same.
+
+Workers. The driver is always worker 0: it holds every job's fp32 model already, so it runs
+requests from the first second while Ray starts and the Ray workers import their framework. Each
+Ray worker is a ``TrialWorker`` actor holding a ``TrialRunner`` per job (adaptor, model, data),
+built from one object-store copy of the job; it joins once it has loaded the jobs. A request
+sends a config and gets back an ``Outcome``. On a cluster the workers are spread across nodes
+(Ray's SPREAD scheduling), so losing a node costs as few workers as possible.
+
+When Ray starts (one place, ``_want_ray``): at once where it is cheap to reach (a cluster, a
+Ray this process already runs) or where several jobs share the pool; otherwise a private local
+Ray starts only when a job submits its second request, i.e. when its first one did not end it.
+A tuning never waits for Ray to start or stop.
 
 Fairness: every job has its own queue; a free worker goes to the job with the fewest running
-trials among the jobs that have a trial waiting (ties: the job listed first). So while two jobs
-both have trials waiting, their running counts differ by at most one. A job asks for as many
-proposals as its share of the workers (workers / unfinished jobs, rounded up) minus what it
-already has running or queued.
+requests among the jobs with one waiting (ties: the job listed first), and a job may have at
+most its share of the ready workers (workers / unfinished jobs, rounded up) running or queued.
 
-``JobExecutor`` gives each job's engine the interface of ``Executor``; the pool does the rest
-under one lock, as trials finish (Ray's callbacks) or engines call in.
+Failures: a worker that dies costs only its running request, which is retried elsewhere up to
+``MAX_RETRIES`` times, on Ray workers only: never in the driver, whose death would end every
+job. A worker that waits longer than ``ray.worker_start_timeout`` for a node is dropped with a
+log line, so that no request waits for it forever.
+
+Concurrency: one lock guards the pool's state. Requests are dispatched as they are submitted
+(in the engine's thread) and as workers finish; the pool's own thread takes finished requests,
+starts workers once Ray is up and admits them; each job's engine waits on a condition for its
+outcomes.
 """
 
 from __future__ import annotations
@@ -22,39 +36,92 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import os
 import queue
+import sys
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from .executor import MAX_RETRIES, _lost, _ship_user_code_by_value, close_slots, load_runner, start_failure
+from .errors import ClusterError
 from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
-from .strategies.base import Proposal
-from .trial import CANCELLED
+from .trial import ExecutorStatus, Finalized, Outcome, Request, Status
 from .worker import TrialRunner, WorkerJob
 
+MAX_RETRIES = 2
 log = logging.getLogger("lpot_ray")
 
 
-class SharedWorker:
-    """The Ray actor: one TrialRunner per job, built on the job's first trial here."""
+# --- workers -----------------------------------------------------------------------------------
+class DriverSlot:
+    """Worker 0: one thread of the driver running each job's requests on the driver's own runner."""
+
+    name = "driver"
+    is_driver = True
+
+    def __init__(self, runners: dict[str, TrialRunner]):
+        self.runners = runners
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lpot-ray-trial")
+        self.cancelled: set[tuple[str, int]] = set()
+
+    def run(self, job_id: str, seq: int, request: Request) -> concurrent.futures.Future:
+        should_stop = lambda: (job_id, seq) in self.cancelled  # noqa: E731
+        return self.thread.submit(self.runners[job_id].run, seq, request, should_stop)
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function`` on the trial thread: compiling while that thread traces another job's
+        model is not thread-safe in torch."""
+        return self.thread.submit(function, *args).result()
+
+    def cancel(self, job_id: str, seq: int) -> None:
+        self.cancelled.add((job_id, seq))
+
+    def drop(self, job_id: str) -> None:
+        pass  # the models are the user's own, held by the driver anyway; ``close`` restores threads in order
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=True, cancel_futures=True)
+        for runner in self.runners.values():
+            runner.close()
+
+
+class TrialWorker:
+    """The Ray actor: one TrialRunner per job, and cancellation flags checked between batches.
+
+    Creating it is cheap (jobs travel as references inside a list, which Ray does not resolve),
+    so that ``placed`` measures only the wait for a node; ``ready`` then loads the first job,
+    which may take long (importing the framework) and proves the node can run it; the others
+    load on their first request here, so that a worker joins without waiting for every model."""
 
     def __init__(self, name: str):
+        import ray
+
         self.name = name
         self.runners: dict[str, TrialRunner] = {}
         self.cancelled: set[tuple[str, int]] = set()
+        self.node = ray.get_runtime_context().get_node_id()  # recorded with each trial: where it ran
 
-    def ready(self) -> str:
-        return self.name
+    def placed(self) -> str:
+        return self.node
 
-    def run(self, job_id: str, job_ref: list, seq: int, config: dict) -> dict:
+    def ready(self, job_id: str, job_ref: list) -> str:
+        self._runner(job_id, job_ref)
+        return self.node
+
+    def run(self, job_id: str, job_ref: list, seq: int, request: Request) -> Outcome:
+        outcome = self._runner(job_id, job_ref).run(seq, request, lambda: (job_id, seq) in self.cancelled)
+        outcome.figures["node"] = self.node
+        return outcome
+
+    def _runner(self, job_id: str, job_ref: list) -> TrialRunner:
         if job_id not in self.runners:
             import ray
 
-            self.runners[job_id] = load_runner(ray.get(job_ref[0]), self.name)  # nested: not resolved by Ray
-        return self.runners[job_id].run(seq, config, lambda: (job_id, seq) in self.cancelled)
+            self.runners[job_id] = load_runner(ray.get(job_ref[0]), self.name)
+        return self.runners[job_id]
 
     def cancel(self, job_id: str, seq: int) -> None:
         self.cancelled.add((job_id, seq))
@@ -66,46 +133,22 @@ class SharedWorker:
             runner.close()
 
 
-class DriverSlot:
-    """Worker 0: a thread of the driver with each job's runner (the driver holds every model)."""
+class RaySlot:
+    """The driver's handle on one TrialWorker actor."""
 
-    name = "driver"
-    is_driver = True
-
-    def __init__(self, jobs: dict[str, WorkerJob]):
-        self.runners = {job_id: TrialRunner(job, self.name) for job_id, job in jobs.items()}
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lpot-ray-trial")
-        self.cancelled: set[tuple[str, int]] = set()
-        self.ready: Optional[concurrent.futures.Future] = None
-
-    def run(self, job_id: str, seq: int, config: Proposal) -> concurrent.futures.Future:
-        runner = self.runners[job_id]
-        return self.pool.submit(runner.run, seq, config.to_dict(), lambda: (job_id, seq) in self.cancelled)
-
-    def cancel(self, job_id: str, seq: int) -> None:
-        self.cancelled.add((job_id, seq))
-
-    def drop(self, job_id: str) -> None:
-        pass  # the driver still needs the runner to finalize the job
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        for runner in self.runners.values():
-            runner.close()
-
-
-class RaySharedSlot:
     is_driver = False
 
     def __init__(self, actor_class: Any, job_refs: dict[str, Any], name: str):
         self.name = name
         self.job_refs = job_refs
         self.actor = actor_class.remote(name)
-        self.ready: Optional[concurrent.futures.Future] = self.actor.ready.remote().future()  # done once placed
+        self.placed = self.actor.placed.remote().future()  # done once a node took it
+        first = next(iter(job_refs))
+        self.ready = self.actor.ready.remote(first, [job_refs[first]]).future()
         self.since = time.monotonic()  # when it was asked for, for the start-up timeout
 
-    def run(self, job_id: str, seq: int, config: Proposal) -> concurrent.futures.Future:
-        return self.actor.run.remote(job_id, [self.job_refs[job_id]], seq, config.to_dict()).future()
+    def run(self, job_id: str, seq: int, request: Request) -> concurrent.futures.Future:
+        return self.actor.run.remote(job_id, [self.job_refs[job_id]], seq, request).future()
 
     def cancel(self, job_id: str, seq: int) -> None:
         self.actor.cancel.remote(job_id, seq)
@@ -119,253 +162,412 @@ class RaySharedSlot:
         ray.kill(self.actor)
 
 
-@dataclass
-class JobQueue:
-    """One job's waiting trials, running count and finished rows."""
+def load_runner(job: WorkerJob, name: str) -> TrialRunner:
+    """A worker's runner; a node without the job's framework is named in the error."""
+    try:
+        return TrialRunner(job, name)
+    except ImportError as error:  # MissingFrameworkError included
+        import socket
 
-    waiting: collections.deque = field(default_factory=collections.deque)  # (seq, config, attempt)
+        raise ClusterError(f"node {socket.gethostname()}: {error}") from None
+
+
+# --- the pool ----------------------------------------------------------------------------------
+@dataclass
+class Waiting:
+    """A request waiting for a worker; ``attempt`` > 0 once a worker died running it."""
+
+    seq: int
+    request: Request
+    attempt: int = 0
+
+
+@dataclass
+class Running:
+    job_id: str
+    item: Waiting
+    slot: Any
+
+
+@dataclass
+class JobState:
+    """One job's queue, running count and outcomes not yet collected by its engine."""
+
+    waiting: collections.deque = field(default_factory=collections.deque)
     running: int = 0
     cancelled: set = field(default_factory=set)
-    rows: queue.Queue = field(default_factory=queue.Queue)  # finished trials, for the job's engine
+    outcomes: list = field(default_factory=list)
+    submitted: int = 0
     active: bool = True
 
 
 class WorkerPool:
-    """The shared workers and the fair dispatch of every job's trials onto them."""
+    """The workers of one or more jobs, keyed by job id, and the fair dispatch of their requests."""
 
-    def __init__(self, jobs: dict[str, WorkerJob], plan: Optional[RayPlan]):
-        self.jobs = jobs
-        self.lock = threading.RLock()
-        self.driver = DriverSlot(jobs)
-        self.slots: list[Any] = [self.driver]
-        self.idle: list[Any] = [self.driver]
-        self.starting: list[Any] = []
-        self.queues = {job_id: JobQueue() for job_id in jobs}
-        self.running: dict[concurrent.futures.Future, tuple[str, int, Any, Proposal, int]] = {}
-        self.lost: dict[tuple[str, int], str] = {}
-        # After each dispatch: job -> (running, waiting) of the jobs with trials in either, to check fairness.
-        self.snapshots: list[dict[str, tuple[int, int]]] = []
-        self.session: Optional[RaySession] = plan.connect() if plan is not None else None
+    def __init__(self, runners: dict[str, TrialRunner], plan: Optional[RayPlan], use_driver: bool = True):
+        self.jobs = {job_id: runner.job for job_id, runner in runners.items()}
         self.plan = plan
-        self._slot_factory: Optional[Any] = None
-        self._watcher = threading.Thread(target=self._watch_starting, name="lpot-ray-pool", daemon=True)
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)  # an outcome arrived or the workers changed
+        self.driver = DriverSlot(runners)
+        self.slots: list[Any] = [self.driver] if use_driver else []
+        self.idle: list[Any] = list(self.slots)
+        self.starting: list[Any] = []
+        self.states = {job_id: JobState() for job_id in runners}
+        self.running: dict[concurrent.futures.Future, Running] = {}
+        self.lost: dict[tuple[str, int], str] = {}  # why the last worker of a retried request died
+        # After each dispatch: job -> (running, waiting) of the jobs with requests in either, to check fairness.
+        self.snapshots: list[dict[str, tuple[int, int]]] = []
+        self.session: Optional[RaySession] = None
+        self.error: Optional[BaseException] = None  # a cluster that could not be reached
+        self.start_timeout = plan.start_timeout if plan is not None else 300.0
+        self._slot_factory: Optional[Callable[[str], RaySlot]] = None
+        self.events: queue.Queue = queue.Queue()  # finished futures (None: a worker got ready), for the pool's thread
         self._closed = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="lpot-ray-pool", daemon=True)
         self._watcher.start()
+        if plan is not None and (plan.connect_eagerly() or len(runners) > 1):
+            self._want_ray()
 
-    # --- growing -----------------------------------------------------------------------------
-    def _watch_starting(self) -> None:
-        """Connect to Ray, start the workers, and admit them as they report ready."""
-        if self.session is not None:
-            self.session.ready.wait()
-            if self.session.error is not None:
-                log.warning("Ray could not start (%s); trials run in the driver alone", self.session.error)
-            else:
+    # --- Ray workers -------------------------------------------------------------------------
+    def _want_ray(self) -> None:
+        """Start connecting to Ray (idempotent); the watcher adds workers once it is up."""
+        if self.plan is not None and self.session is None and not self._closed.is_set():
+            self.session = self.plan.connect()
+
+    def check_cluster(self, timeout: float = 60.0) -> None:
+        """Raise ClusterError unless a cluster named by an address is connected: a connection
+        that fails (say, a missing auth token) is reported before trials, not in their midst.
+        Reaching a running cluster takes well under a second, hidden behind the fp32 baseline."""
+        if self.session is not None and self.session.address:
+            self.session.wait_connected(timeout)
+
+    def _watch(self) -> None:
+        """The pool's own thread: take finished requests, start workers once Ray is up, admit
+        them as they get ready, drop those stuck. Future callbacks only hand their future over:
+        a callback runs in one of Ray's threads, which must not call into Ray itself."""
+        grown = False
+        while not self._closed.is_set():
+            session = self.session
+            if not grown and session is not None and session.ready.is_set():
+                grown = True
                 with self.lock:
-                    if not self._closed.is_set():  # every job may have ended while Ray connected
-                        self._start_workers()
-        while not self._closed.is_set():  # alive until shutdown: replacements of dead workers start any time
+                    self._grow(session)
+            connecting = session is not None and not grown
+            finished = []
+            with contextlib.suppress(queue.Empty):
+                finished.append(self.events.get(timeout=0.05 if connecting else 0.25))
+                while True:
+                    finished.append(self.events.get_nowait())
             with self.lock:
-                starting = [slot.ready for slot in self.starting]
-            if not starting:
-                self._closed.wait(0.5)
-                continue
-            concurrent.futures.wait(starting, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
-            with self.lock:
+                for future in finished:
+                    if future is not None:
+                        self._finished(future)
                 self._admit()
-                self._drop_stuck()
-                self._dispatch()
 
-    def _start_workers(self) -> None:
+    def _grow(self, session: RaySession) -> None:
+        if self._closed.is_set():
+            return
+        if session.error is not None:
+            if session.address:  # a cluster the user named: the tuning must not go on without it
+                error = session.error
+                self.error = error if isinstance(error, ClusterError) else ClusterError(f"Ray cluster {session.address!r}: {error}")
+                self.changed.notify_all()
+            else:
+                log.warning("a local Ray could not start (%s); trials run in the driver alone", session.error)
+            return
+        cluster = session.cluster_resources()
+        for name in sorted(set(self.plan.resources_per_worker) - set(cluster)):
+            log.warning("ray.resources_per_worker: no node of the cluster has resource %r (yet); workers wait for one", name)
+        count = self.plan.ray_workers(cluster)
+        if count > 0:
+            self.add_ray_workers(count, self.plan.cpus_per_worker, self.plan.resources_per_worker)
+
+    def add_ray_workers(self, count: int, cpus_per_worker: float, resources: Optional[dict[str, float]] = None) -> None:
+        """Start ``count`` Ray worker actors, spread across nodes; each becomes a slot once ready."""
         import ray
 
-        plan = self.plan
-        count = plan.ray_workers(self.session.cluster_resources())
-        if count <= 0:
-            return
-        for job in self.jobs.values():
-            _ship_user_code_by_value(job)
-        job_refs = {job_id: ray.put(job) for job_id, job in self.jobs.items()}
-        actor_class = ray.remote(SharedWorker).options(num_cpus=plan.cpus_per_worker, resources=dict(plan.resources_per_worker),
-                                                       scheduling_strategy="SPREAD", max_concurrency=2)
-        self._slot_factory = lambda name: RaySharedSlot(actor_class, job_refs, name)
-        self.starting += [self._slot_factory(f"worker-{index}") for index in range(1, count + 1)]
+        with self.lock:
+            for job in self.jobs.values():
+                ship_user_code_by_value(job)
+            actor_class = ray.remote(TrialWorker).options(num_cpus=cpus_per_worker, resources=dict(resources or {}),
+                                                          scheduling_strategy="SPREAD", max_concurrency=2)
+            job_refs = {job_id: ray.put(job) for job_id, job in self.jobs.items()}  # the model and data enter the object store once
+            self._slot_factory = lambda name: RaySlot(actor_class, job_refs, name)
+            for index in range(1, count + 1):
+                self._start(f"worker-{index}")
+
+    def _start(self, name: str) -> None:
+        slot = self._slot_factory(name)
+        slot.ready.add_done_callback(lambda _: self.events.put(None))  # wakes the pool's thread to admit it
+        self.starting.append(slot)
 
     def _admit(self) -> None:
+        """Ready workers join; those that failed to start are reported; stuck ones are dropped."""
         for slot in [slot for slot in self.starting if slot.ready.done()]:
             self.starting.remove(slot)
             try:
-                slot.ready.result()
-            except Exception as error:
+                node = slot.ready.result()
+            except Exception as error:  # a worker that can't start is reported and left out
                 log.warning("%s could not start: %s", slot.name, start_failure(error))
                 continue
+            log.info("%s ready on node %s", slot.name, node)
             self.slots.append(slot)
             self.idle.append(slot)
-
-    def _drop_stuck(self) -> None:
-        """A worker no node can take waits forever in Ray: drop it after ``worker_start_timeout``."""
-        timeout = self.plan.start_timeout if self.plan is not None else float("inf")
-        for slot in [slot for slot in self.starting if time.monotonic() - slot.since > timeout]:
+            self.changed.notify_all()
+        now = time.monotonic()
+        for slot in [slot for slot in self.starting if not slot.placed.done() and now - slot.since > self.start_timeout]:
+            # A worker no node can take (resources busy or missing, its node gone) waits forever in
+            # Ray. Only the wait for a node counts, not the loading of the jobs once placed.
             self.starting.remove(slot)
-            log.warning("%s did not start within %.0f s: no node has its resources free; dropped", slot.name, timeout)
+            log.warning("%s did not start within %.0f s: no node has its resources free; dropped", slot.name, self.start_timeout)
             with contextlib.suppress(Exception):
                 slot.close()
+        self._dispatch()
 
-    # --- fair dispatch -----------------------------------------------------------------------
+    # --- requests ----------------------------------------------------------------------------
+    def planned_share(self) -> int:
+        """Workers each job can expect, known before Ray is up: what the strategies size their
+        rounds by, so that their proposals do not depend on timing."""
+        planned = self.plan.planned_workers() if self.plan is not None else 1
+        return max(1, math.ceil(planned / max(1, len(self.states))))
+
     def share(self, job_id: str) -> int:
-        """How many trials a job may have running or waiting: its share of the workers."""
+        """How many more requests a job may submit now: its share of the ready workers, less what
+        it has running or waiting."""
         with self.lock:
-            active = sum(job.active for job in self.queues.values())
-            planned = len(self.slots) + len(self.starting)
-            job = self.queues[job_id]
-            return max(0, math.ceil(planned / max(1, active)) - job.running - len(job.waiting))
+            active = sum(state.active for state in self.states.values())
+            state = self.states[job_id]
+            return max(0, math.ceil(len(self.slots) / max(1, active)) - state.running - len(state.waiting))
 
-    def submit(self, job_id: str, seq: int, config: Proposal, attempt: int = 0) -> None:
+    def submit(self, job_id: str, seq: int, request: Request) -> None:
         with self.lock:
-            self.queues[job_id].waiting.append((seq, config, attempt))
+            state = self.states[job_id]
+            state.waiting.append(Waiting(seq, request))
+            state.submitted += 1
+            if state.submitted == 2:  # the first request did not end the job: more work than the driver alone
+                self._want_ray()
             self._dispatch()
 
     def _dispatch(self) -> None:
         if not any(not slot.is_driver for slot in self.slots + self.starting):
             self._fail_retries()
         while self.idle:
-            # A retry never runs in the driver (its death would end every job), so a job whose next
-            # trial is a retry waits for a Ray worker while the others go on.
             ray_idle = any(not slot.is_driver for slot in self.idle)
-            ready = [job_id for job_id, job in self.queues.items() if job.waiting and (ray_idle or job.waiting[0][2] == 0)]
+            ready = [job_id for job_id, state in self.states.items()
+                     if state.waiting and (ray_idle or state.waiting[0].attempt == 0)]
             if not ready:
                 return
-            job_id = min(ready, key=lambda name: self.queues[name].running)  # ties: the job listed first
-            job = self.queues[job_id]
-            seq, config, attempt = job.waiting[0]
-            slot = next(slot for slot in self.idle if not (attempt > 0 and slot.is_driver))
-            job.waiting.popleft()
+            job_id = min(ready, key=lambda name: self.states[name].running)  # ties: the job listed first
+            state = self.states[job_id]
+            item = state.waiting.popleft()
+            slot = next(slot for slot in self.idle if not (item.attempt > 0 and slot.is_driver))
             self.idle.remove(slot)
-            job.running += 1
-            future = slot.run(job_id, seq, config)
-            self.running[future] = (job_id, seq, slot, config, attempt)
-            self.snapshots.append({name: (other.running, len(other.waiting)) for name, other in self.queues.items()
+            state.running += 1
+            future = slot.run(job_id, item.seq, item.request)
+            self.running[future] = Running(job_id, item, slot)
+            self.snapshots.append({name: (other.running, len(other.waiting)) for name, other in self.states.items()
                                    if other.running or other.waiting})
-            future.add_done_callback(self._finished)
+            future.add_done_callback(self.events.put)  # handled by the pool's thread
 
     def _fail_retries(self) -> None:
-        """With no Ray worker left or coming, a trial that killed one can't be retried: lost."""
-        for job_id, job in self.queues.items():
-            for item in [item for item in job.waiting if item[2] > 0]:
-                job.waiting.remove(item)
-                reason = self.lost.get((job_id, item[0]), "?")
-                job.rows.put(_lost(item[0], f"no Ray worker is left to retry it after: {reason}"))
+        """With no Ray worker left or coming, a request that killed one can't be retried: lost."""
+        for job_id, state in self.states.items():
+            for item in [item for item in state.waiting if item.attempt > 0]:
+                state.waiting.remove(item)
+                reason = self.lost.get((job_id, item.seq), "?")
+                self._deliver(job_id, lost(item.seq, f"no Ray worker is left to retry it after: {reason}"))
 
     def _finished(self, future: concurrent.futures.Future) -> None:
         with self.lock:
-            if future not in self.running:
+            running = self.running.pop(future, None)
+            if running is None:
                 return
-            job_id, seq, slot, config, attempt = self.running.pop(future)
-            job = self.queues[job_id]
-            job.running -= 1
+            job_id, item, slot = running.job_id, running.item, running.slot
+            state = self.states[job_id]
+            state.running -= 1
             try:
-                row = future.result()
+                outcome: Optional[Outcome] = future.result()
                 self.idle.append(slot)
-            except Exception as error:  # the worker died or Ray failed to deliver
+            except Exception as error:  # the worker process died or Ray failed to deliver
                 reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-                log.warning("%s failed while running trial %d of %s: %s", slot.name, seq, job_id, reason)
+                log.warning("%s failed while running request %d of %s: %s", slot.name, item.seq, job_id, reason)
                 self._replace(slot)
-                self.lost[(job_id, seq)] = reason
-                row = None
-                if attempt < MAX_RETRIES and seq not in job.cancelled:
-                    job.waiting.appendleft((seq, config, attempt + 1))
+                self.lost[(job_id, item.seq)] = reason
+                outcome = None
+                if item.attempt < MAX_RETRIES and item.seq not in state.cancelled:
+                    state.waiting.appendleft(Waiting(item.seq, item.request, item.attempt + 1))
                 else:
-                    row = _lost(seq, f"worker failed {attempt + 1} times running this trial; last: {reason}")
-            if row is not None and seq not in job.cancelled and row.get("status") != CANCELLED:
-                job.rows.put(row)
+                    outcome = lost(item.seq, f"worker failed {item.attempt + 1} times running this trial; last: {reason}")
+            if outcome is not None:
+                self._deliver(job_id, outcome)
+            self.changed.notify_all()  # a worker is free: the engines may propose more
             self._dispatch()
+
+    def _deliver(self, job_id: str, outcome: Outcome) -> None:
+        """Hand an outcome to its job's engine; cancelled requests report nothing."""
+        state = self.states[job_id]
+        if outcome.seq not in state.cancelled and outcome.status != Status.CANCELLED:
+            state.outcomes.append(outcome)
+            self.changed.notify_all()
 
     def _replace(self, slot: Any) -> None:
         self.slots.remove(slot)
-        if slot.is_driver:
+        if slot.is_driver:  # the driver's thread survives whatever its request raised
             self.slots.append(slot)
             self.idle.append(slot)
         elif self._slot_factory is not None:
             with contextlib.suppress(Exception):
-                slot.close()
-            self.starting.append(self._slot_factory(slot.name))
+                slot.close()  # free its resources if it is only unreachable, not dead
+            self._start(slot.name)
 
     def cancel(self, job_id: str, seq: int) -> None:
         with self.lock:
-            job = self.queues[job_id]
-            job.cancelled.add(seq)
-            job.waiting = collections.deque(item for item in job.waiting if item[0] != seq)
-            for running_job, running_seq, slot, _, _ in self.running.values():
-                if running_job == job_id and running_seq == seq:
-                    slot.cancel(job_id, seq)
+            state = self.states[job_id]
+            state.cancelled.add(seq)
+            state.waiting = collections.deque(item for item in state.waiting if item.seq != seq)
+            for running in self.running.values():
+                if running.job_id == job_id and running.item.seq == seq:
+                    running.slot.cancel(job_id, seq)
 
-    def wait(self, job_id: str, timeout: float) -> list[dict]:
-        job = self.queues[job_id]
-        rows = []
-        with contextlib.suppress(queue.Empty):
-            rows.append(job.rows.get(timeout=timeout) if timeout > 0 else job.rows.get_nowait())
-        while not job.rows.empty():
-            rows.append(job.rows.get_nowait())
-        return rows
-
-    def busy(self, job_id: str) -> bool:
-        job = self.queues[job_id]
-        return bool(job.running or job.waiting or not job.rows.empty())
-
-    def finished(self, job_id: str) -> None:
-        """A job is done: its share goes to the others and workers free its model."""
+    def results(self, job_id: str, timeout: float) -> list[Outcome]:
+        """The job's outcomes so far, waiting up to ``timeout`` for one (or for a worker to free up)."""
         with self.lock:
-            self.queues[job_id].active = False
+            state = self.states[job_id]
+            if not state.outcomes and timeout > 0 and self.error is None:
+                self.changed.wait(timeout)
+            if self.error is not None:
+                raise self.error
+            outcomes, state.outcomes = state.outcomes, []
+            return outcomes
+
+    def status(self, job_id: str) -> ExecutorStatus:
+        with self.lock:
+            state = self.states[job_id]
+            return ExecutorStatus(free=self.share(job_id), pending=bool(state.running or state.waiting or state.outcomes),
+                                  workers=len(self.slots), busy=len(self.running), starting=len(self.starting))
+
+    def finalize(self, job_id: str, config: TuneConfig, measure: bool) -> Finalized:
+        """Lower and measure in the driver, which holds the model already, once the job's
+        cancelled requests have wound down: measurements want the machine to themselves."""
+        with self.lock:
+            own = [future for future, running in self.running.items() if running.job_id == job_id]
+        concurrent.futures.wait(own, timeout=120)
+        return self.driver.call(self.driver.runners[job_id].finalize, config, measure)
+
+    def job_done(self, job_id: str) -> None:
+        """A job is over: its share goes to the others and workers free its model."""
+        with self.lock:
+            state = self.states[job_id]
+            state.active = False
+            for seq in [running.item.seq for running in self.running.values() if running.job_id == job_id]:
+                self.cancel(job_id, seq)
             for slot in self.slots:
                 with contextlib.suppress(Exception):
                     slot.drop(job_id)
-
-    def finalize(self, job_id: str, config: TuneConfig, measure: bool) -> dict:
-        """Lower and measure in the driver once the job's cancelled trials have wound down (they
-        share its runner, and measurements want the machine to themselves), on the driver's trial
-        thread: compiling while that thread traces another job's model is not thread-safe in torch."""
-        with self.lock:
-            own = [future for future, (running_job, *_) in self.running.items() if running_job == job_id]
-        concurrent.futures.wait(own, timeout=120)
-        return self.driver.pool.submit(self.driver.runners[job_id].finalize, config.to_dict(), measure).result()
+            self.changed.notify_all()
 
     def shutdown(self) -> None:
+        """Stop every worker and release Ray; safe to call twice."""
         self._closed.set()
         with self.lock:
-            for job_id, seq, _, _, _ in list(self.running.values()):
-                self.cancel(job_id, seq)
+            for running in list(self.running.values()):
+                self.cancel(running.job_id, running.item.seq)  # a request in the driver stops at its next batch
             slots, self.slots, self.starting, self.idle = self.slots + self.starting, [], [], []
-        close_slots(slots, self.session)
+            if self.driver not in slots:
+                slots.append(self.driver)
+        for slot in slots:
+            with contextlib.suppress(Exception):
+                slot.close()
+        if self.session is not None:
+            self.session.release()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
 
 
 class JobExecutor:
-    """One job's view of the pool, with the interface the engine and ``tune`` use."""
+    """One job's view of the pool: the ``TrialExecutor`` its engine talks to."""
 
     def __init__(self, pool: WorkerPool, job_id: str):
         self.pool, self.job_id = pool, job_id
 
-    def grow_on(self, plan: RayPlan) -> None:
-        pass  # the pool connects once for every job
-
-    def want_more(self) -> None:
-        pass
-
-    def free_slots(self) -> int:
-        return self.pool.share(self.job_id)
-
-    def submit(self, seq: int, config: Proposal) -> None:
-        self.pool.submit(self.job_id, seq, config)
-
-    def wait(self, timeout: float) -> list[dict]:
-        return self.pool.wait(self.job_id, timeout)
-
-    def busy(self) -> bool:
-        return self.pool.busy(self.job_id)
+    def submit(self, seq: int, request: Request) -> None:
+        self.pool.submit(self.job_id, seq, request)
 
     def cancel(self, seq: int) -> None:
         self.pool.cancel(self.job_id, seq)
 
-    def finalize(self, config: TuneConfig, measure: bool) -> dict:
-        return self.pool.finalize(self.job_id, config, measure)
+    def results(self, timeout: float) -> list[Outcome]:
+        return self.pool.results(self.job_id, timeout)
 
-    def shutdown(self) -> None:
-        self.pool.finished(self.job_id)
+    def status(self) -> ExecutorStatus:
+        return self.pool.status(self.job_id)
+
+
+def lost(seq: int, why: str) -> Outcome:
+    """The outcome of a request that failed only because workers died (run again on resume)."""
+    return Outcome(seq, Status.WORKER_LOST, reason=f"worker lost: {why}")
+
+
+def start_failure(error: BaseException) -> str:
+    """Why a worker could not start, in one line: the worker's own error, not Ray's wrapper."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
+
+
+# --- user code on workers ------------------------------------------------------------------------
+def ship_user_code_by_value(job: WorkerJob) -> None:
+    """Let workers unpickle the user's eval_func, dataset and plug-in classes from a script or test.
+
+    Modules installed in site-packages are importable everywhere; a user's own module (a driver
+    script's neighbour, a test file) may not be on a worker's path, so it travels by value, and
+    so do the user's modules its functions call (``from my_helpers import accuracy``).
+    """
+    import ray.cloudpickle
+
+    paths = sysconfig.get_paths()
+    installed = {paths["purelib"], paths["platlib"], paths["stdlib"]}
+    dataset = getattr(job.evaluation.dataloader, "dataset", None)
+    for module in _modules_of((job.evaluation.eval_func, job.evaluation.dataloader, dataset, job.adaptor, job.q_func)):
+        path = getattr(module, "__file__", None)
+        if path is None or module.__name__ == "__main__":
+            continue
+        if not any(os.path.abspath(path).startswith(root) for root in installed):
+            ray.cloudpickle.register_pickle_by_value(module)
+
+
+def _modules_of(objects: tuple) -> list:
+    """The modules defining ``objects`` and the functions and classes their functions refer to
+    (by global name or closure), followed through the user's code; lpot_ray's own modules are
+    installed on every worker and left out."""
+    modules: list = []
+    seen: set[int] = set()
+    pending = list(objects)
+    while pending:
+        obj = pending.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        module = sys.modules.get(getattr(obj, "__module__", None) or type(obj).__module__)
+        if module is None or module.__name__ == "lpot_ray" or module.__name__.startswith("lpot_ray."):
+            continue
+        if module not in modules:
+            modules.append(module)
+        code = getattr(obj, "__code__", None)
+        if code is not None:  # a function: what it calls by name, and what it closes over
+            names = getattr(obj, "__globals__", {})
+            pending += [names[name] for name in code.co_names if callable(names.get(name))]
+            pending += [value for value in map(_cell_value, obj.__closure__ or ()) if callable(value)]
+    return modules
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a closure variable not assigned yet
+        return None

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .trial import CANCELLED, FAILED, TRIAL, Trial
+from .trial import CANCELLED, TRIAL, Trial
 
 log = logging.getLogger("lpot_ray")
 MIN_REDRAW_SECONDS = 0.1  # between redraws when nothing new was told (the clock still moves)
@@ -43,21 +43,20 @@ class Snapshot:
     @classmethod
     def of(cls, engine: Any) -> "Snapshot":
         told = engine.told
-        executor = engine.executor
-        slots = getattr(executor, "slots", 0)
+        workers = engine.executor.status()
         passing = engine.passing()
-        criterion = getattr(engine, "criterion", None)
+        criterion = engine.criterion
         return cls(
             done=sum(trial.status != CANCELLED for trial in told),
-            failed=sum(trial.status == FAILED for trial in told),
+            failed=sum(trial.status.is_failure for trial in told),
             cancelled=sum(trial.status == CANCELLED for trial in told),
             running=len(engine.in_flight),
-            busy=len(getattr(executor, "running", engine.in_flight)),
-            slots=slots if isinstance(slots, int) else len(slots),
-            starting=len(getattr(executor, "starting", ())),
+            busy=workers.busy,
+            slots=workers.workers,
+            starting=workers.starting,
             best=passing[0] if passing else None,
-            threshold=criterion.threshold if criterion is not None else None,
-            higher_is_better=criterion.higher_is_better if criterion is not None else True,
+            threshold=criterion.threshold,
+            higher_is_better=criterion.higher_is_better,
             elapsed=engine.elapsed,
             timeout=engine.exit_policy.timeout,
         )
@@ -151,7 +150,6 @@ class TuningProgress:
             self.live = None
 
 
-ProgressLine = TuningProgress  # the name the tuner imports
 
 
 def summary_table(result: Any, wall_seconds: Optional[float] = None) -> Table:

@@ -2,7 +2,7 @@
 
 Starting a private local Ray takes seconds; a small tuning on a laptop can be over by then.
 ``RaySession`` connects from a thread of its own while the driver already evaluates trials, and
-the executor adds Ray workers once the connection is up. The thread lives until the session is
+the worker pool adds Ray workers once the connection is up. The thread lives until the session is
 released: Ray ties the processes it starts to the thread that started them, so that thread must
 outlive them. Releasing never blocks the caller: a private Ray still starting is shut down by the
 thread once it is up, and the next session waits for that to finish first.
@@ -25,16 +25,22 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .errors import ClusterError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 _previous_shutdown = threading.Lock()  # held by a releasing session until its Ray is down
 
 
 @dataclass(frozen=True)
 class RayPlan:
-    """How many workers to run on which Ray; the driver counts as worker 0."""
+    """How many workers to run on which Ray; the driver counts as worker 0. The one place where
+    worker counts are worked out: ``resolve`` (whether Ray is wanted at all), ``planned_workers``
+    (before Ray is up, for the strategies' round sizes) and ``ray_workers`` (once the cluster's
+    resources are known)."""
 
     address: Optional[str] = None
     workers: Optional[int] = None  # None: one per cpus_per_worker of the cluster's CPUs
@@ -42,6 +48,32 @@ class RayPlan:
     verbose: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     start_timeout: float = 300.0  # seconds a worker may wait for a node before it is dropped
+
+    @classmethod
+    def resolve(cls, configs: Sequence["Config"], address: Optional[str] = None, workers: Optional[int] = None,
+                verbose: bool = False) -> Optional["RayPlan"]:
+        """One plan for the jobs of ``configs`` sharing the workers: the first address given, the
+        most workers asked for, and per worker the most CPUs and custom resources any job asks
+        for (each worker serves every job). None when the driver is to work alone: ``workers: 1``,
+        or one CPU and no cluster named."""
+        address = address or next((config.ray.address for config in configs if config.ray.address), None)
+        asked = [config.ray.workers for config in configs if config.ray.workers]
+        workers = workers or (max(asked) if asked else None)
+        if workers == 1:
+            return None
+        if not (workers or address or os.environ.get("RAY_ADDRESS") or (os.cpu_count() or 1) > 1):
+            return None
+        resources: dict[str, float] = {}
+        for config in configs:
+            for name, amount in config.ray.resources_per_worker.items():
+                resources[name] = max(amount, resources.get(name, 0.0))
+        return cls(address, workers, max(config.ray.cpus_per_worker for config in configs), verbose, resources,
+                   max(config.ray.worker_start_timeout for config in configs))
+
+    def planned_workers(self) -> int:
+        """Workers the tuning expects before Ray is up: ``workers``, else one per
+        ``cpus_per_worker`` of this machine."""
+        return self.workers or max(1, int((os.cpu_count() or 1) // self.cpus_per_worker))
 
     def cluster_address(self) -> Optional[str]:
         return self.address or os.environ.get("RAY_ADDRESS") or None

@@ -1,6 +1,6 @@
 """The quantization search space as plain data.
 
-An adaptor says what each op can do (``OpCapability``); the user's ``model_wise`` / ``op_wise``
+An adaptor says what each op can do under the tuning's approach (``OpCapability``); the user's ``model_wise`` / ``op_wise``
 restrictions narrow that down; the result is a ``TuningSpace``: for every op, the ordered list of
 ``OpScheme`` choices: int8 schemes first, then bf16 where the adaptor offers it, fp32 fallback
 always last (LPOT falls back int8 -> bf16 -> fp32). A candidate is a ``TuneConfig``: one scheme per op
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
-from .config import OpRestriction, QuantizationSection, TensorRestriction
+from .config import Approach, OpRestriction, QuantizationSection, TensorRestriction
 from .errors import ConfigError, SpaceError
 
 
@@ -172,6 +172,7 @@ class TuningSpace:
     ops: tuple[Op, ...]
     choices: dict[str, tuple[OpScheme, ...]] = field(hash=False)
     sampling_sizes: tuple[int, ...]
+    approach: Approach = Approach.STATIC  # the adaptor offered the schemes of this approach
 
     @classmethod
     def build(cls, capabilities: list[OpCapability], quantization: QuantizationSection) -> "TuningSpace":
@@ -188,10 +189,10 @@ class TuningSpace:
             for pattern, regex in patterns.items():
                 if regex.fullmatch(capability.op.name):
                     restriction = _overlay(restriction, quantization.op_wise[pattern])
-            schemes = tuple(scheme for scheme in capability.schemes if _serves(scheme, quantization.approach)
-                            and (scheme.dtype != "bf16" or quantization.use_bf16))
+            schemes = tuple(scheme for scheme in capability.schemes if scheme.dtype != "bf16" or quantization.use_bf16)
             choices[capability.op.name] = _restrict(schemes, restriction) + (FP32,)
-        return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size))
+        return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size),
+                   quantization.approach)
 
     # --- lazy enumeration: a config is a mixed-radix number over the per-op choices ----------
     @property
@@ -294,21 +295,6 @@ def describe_capabilities(capabilities: list[OpCapability]) -> str:
     """The distinct int8 (and bf16) schemes an adaptor offers, for error messages."""
     offered = sorted({scheme.describe() for capability in capabilities for scheme in capability.schemes})
     return "; ".join(offered) or "nothing"
-
-
-def _serves(scheme: OpScheme, approach: str) -> bool:
-    """Whether a scheme belongs to the approach: dynamic quantization computes activation ranges
-    per batch at run time; quantization-aware training tracks them as moving min/max while the
-    model trains; static quantization calibrates them once (minmax or kl). bf16 needs no ranges,
-    so it serves every approach."""
-    if scheme.dtype == "bf16":
-        return True
-    algorithm = scheme.activation.algorithm if scheme.activation is not None else None
-    if approach == "post_training_dynamic_quant":
-        return algorithm == "dynamic"
-    if approach == "quant_aware_training":
-        return algorithm == "minmax"
-    return algorithm != "dynamic"
 
 
 def _overlay(base: OpRestriction, override: OpRestriction) -> OpRestriction:

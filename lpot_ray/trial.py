@@ -1,15 +1,143 @@
-"""A trial: one evaluated tune config and everything measured about it."""
+"""The trial protocol: what the engine asks a worker to do, what comes back, and the Trial it makes.
+
+The engine sends a ``Request`` (evaluate a config, or inspect its per-op errors) under a
+sequence number; a worker answers with an ``Outcome``; the engine turns the pair into a
+``Trial``, commits it to the history and tells the strategy. ``Finalized`` is what a worker
+returns for the chosen config once compiled and measured. ``TrialExecutor`` is all the engine
+knows of the workers, so that it runs the same on a real pool and on a test's fake.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, ClassVar, Optional, Protocol
 
 from .space import TuneConfig
 
-OK, FAILED, CANCELLED = "ok", "failed", "cancelled"
-TRIAL, INSPECTION = "trial", "inspection"  # what was run: a candidate, or a request for per-op errors
-WORKER_LOST = "worker lost:"  # how the reason of a trial that failed only because workers died begins
+
+class Status(str, enum.Enum):
+    """How a request ended. A ``str`` enum: stored in the history as its value."""
+
+    OK = "ok"
+    FAILED = "failed"  # the config itself failed (framework error, NaN accuracy, q_func raised)
+    CANCELLED = "cancelled"  # the engine no longer needed it
+    WORKER_LOST = "worker_lost"  # only the workers running it died: it runs again on resume
+
+    @property
+    def is_failure(self) -> bool:
+        return self in (Status.FAILED, Status.WORKER_LOST)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Kind(str, enum.Enum):
+    """What a request asks for."""
+
+    TRIAL = "trial"  # quantize a candidate config and measure its accuracy
+    INSPECTION = "inspection"  # each int8 op's output error against fp32 (for the mse strategy)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+OK, FAILED, CANCELLED, WORKER_LOST = Status.OK, Status.FAILED, Status.CANCELLED, Status.WORKER_LOST
+TRIAL, INSPECTION = Kind.TRIAL, Kind.INSPECTION
+
+
+def key_of(kind: Kind, config: TuneConfig) -> str:
+    """A trial is known by its config's key; other requests by their kind and the config's key."""
+    return config.key if kind is Kind.TRIAL else f"{kind.value}-{config.key}"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One unit of work for a worker: a config and what to do with it (``kind``)."""
+
+    config: TuneConfig
+    kind: ClassVar[Kind] = Kind.TRIAL
+
+    @property
+    def key(self) -> str:
+        """Identical requests share a key: the engine runs each once, and resume replays it."""
+        return key_of(self.kind, self.config)
+
+
+@dataclass(frozen=True)
+class EvaluateRequest(Request):
+    """Quantize ``config`` and evaluate it: a trial."""
+
+    kind: ClassVar[Kind] = Kind.TRIAL
+
+
+@dataclass(frozen=True)
+class InspectRequest(Request):
+    """Each int8 op's output error against fp32 under ``config``.
+
+    A strategy returns it from ``ask`` like a config; it is recorded in the history and told
+    back as a Trial of kind ``inspection`` whose ``figures["op_errors"]`` maps op names to
+    normalised MSE.
+    """
+
+    kind: ClassVar[Kind] = Kind.INSPECTION
+
+
+def as_request(proposal: "TuneConfig | Request") -> Request:
+    """A strategy proposes configs (trials) or requests; the engine handles requests only."""
+    return proposal if isinstance(proposal, Request) else EvaluateRequest(proposal)
+
+
+@dataclass
+class Outcome:
+    """A worker's answer to request ``seq``."""
+
+    seq: int
+    status: Status
+    worker: str = ""
+    started: float = 0.0
+    duration: float = 0.0
+    accuracy: Optional[float] = None
+    reason: str = ""
+    figures: dict = field(default_factory=dict)
+
+
+@dataclass
+class Finalized:
+    """The chosen config compiled to real kernels: its accuracy there, what runs in which
+    precision (read from the compiled code), the measured figures and the model itself."""
+
+    accuracy: Optional[float]
+    int8_ops: tuple[str, ...]
+    fp32_ops: tuple[str, ...]
+    figures: dict
+    model: Any  # the quantized model, runnable in its framework
+    model_bytes: bytes  # the same model serialised, for saving
+    bf16_ops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExecutorStatus:
+    """What one job sees of the workers, for the engine and the progress display."""
+
+    free: int  # requests the job may submit now
+    pending: bool  # the job has requests running or queued, or outcomes not yet collected
+    workers: int = 1  # workers ready
+    busy: int = 0  # workers running a request
+    starting: int = 0  # workers still starting
+
+
+class TrialExecutor(Protocol):
+    """Where the engine's requests run: ``pool.JobExecutor`` (a job's view of the worker pool),
+    or a test's fake."""
+
+    def submit(self, seq: int, request: Request) -> None: ...
+
+    def cancel(self, seq: int) -> None: ...
+
+    def results(self, timeout: float) -> list[Outcome]: ...
+
+    def status(self) -> ExecutorStatus: ...
 
 
 @dataclass
@@ -18,7 +146,7 @@ class Trial:
 
     seq: int
     config: TuneConfig
-    status: str = OK
+    status: Status = Status.OK
     accuracy: Optional[float] = None
     passed: bool = False
     objective: Optional[float] = None  # share of MACs left fp32: lower is faster
@@ -30,9 +158,11 @@ class Trial:
     # Accuracy headroom against the criterion, relative to the baseline (>= 0 passes); set by
     # the engine when it tells the strategy, for strategies that model "how close to passing".
     margin: Optional[float] = None
-    kind: str = TRIAL
+    kind: Kind = Kind.TRIAL
+
+    def __post_init__(self) -> None:
+        self.status, self.kind = Status(self.status), Kind(self.kind)
 
     @property
     def key(self) -> str:
-        return self.config.key if self.kind == TRIAL else f"{self.kind}-{self.config.key}"
-
+        return key_of(self.kind, self.config)

@@ -1,7 +1,7 @@
-"""What runs on a worker: the adaptor, the fp32 model and the data, loaded once, then trials.
+"""What runs a request: the adaptor, the fp32 model and the data, loaded once, then requests.
 
-``TrialRunner`` is plain Python so the same code runs inside a Ray actor and in-process
-(``ray.workers: 1``). Per trial only a config arrives and only figures leave.
+``TrialRunner`` is plain Python so the same code runs in the driver's own thread and inside a
+Ray actor. Per request only a config arrives and only figures leave.
 """
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .config import Approach
 from .evaluation import Evaluation, TrialCancelled
 from .objectives import paired_latency_ms, peak_rss_growth
 from .space import Op, TuneConfig
-from .trial import CANCELLED, FAILED, OK
+from .trial import Finalized, Kind, Outcome, Request, Status
 
 
 @dataclass
 class WorkerJob:
-    """Everything a worker needs, sent once through the object store."""
+    """Everything a worker needs for one tuning, sent once through the object store."""
 
     adaptor: type  # the adaptor class, so a plug-in registered only in the driver works on workers
+    approach: Approach
     model_payload: bytes
     calibration: list
     evaluation: Evaluation
@@ -33,60 +35,60 @@ class WorkerJob:
 
 
 class TrialRunner:
-    def __init__(self, job: WorkerJob, name: str):
+    """One job's requests on one worker. The driver passes the adaptor and fp32 model it has
+    loaded already; a Ray worker builds both from the job."""
+
+    def __init__(self, job: WorkerJob, name: str, adaptor: Any = None, model: Any = None):
         self.name = name
         self.job = job
-        self.adaptor = job.adaptor()
+        self.adaptor = adaptor if adaptor is not None else job.adaptor.for_approach(job.approach)
         self.previous_threads = self.adaptor.set_threads(job.threads)
-        self.model = self.adaptor.load(job.model_payload)
+        self.model = model if model is not None else self.adaptor.load(job.model_payload)
         self.example = job.calibration[0]
         self._fp32_compiled: Any = None  # compiled once, for every finalist's measurements
+        self._handlers: dict[Kind, Callable[[TuneConfig, Outcome, Callable[[], bool]], None]] = {
+            Kind.TRIAL: self._evaluate, Kind.INSPECTION: self._inspect}
 
     def close(self) -> None:
         """Give the process its thread count back (it matters when the runner is the driver)."""
         self.adaptor.set_threads(self.previous_threads)
 
-    def run(self, seq: int, config_data: dict, should_stop: Callable[[], bool] = lambda: False) -> dict:
-        """Quantize and evaluate one config; any failure becomes a failed trial with its reason."""
-        started = time.time()
-        row: dict[str, Any] = {"seq": seq, "worker": self.name, "started": started}
+    def run(self, seq: int, request: Request, should_stop: Callable[[], bool] = lambda: False) -> Outcome:
+        """Answer one request; any failure becomes a failed outcome with its reason."""
+        outcome = Outcome(seq, Status.OK, worker=self.name, started=time.time())
         try:
-            if "inspect" in config_data:
-                config = TuneConfig.from_dict(config_data["inspect"])
-                errors = self.adaptor.inspect_tensors(self.model, config, self.job.calibration)
-                row.update(status=OK, figures={"op_errors": errors}, duration=time.time() - started)
-                return row
-            config = TuneConfig.from_dict(config_data)
-            passes_before = getattr(self.adaptor, "calibration_passes", 0)
-            quantized = self._quantize(config)
-            row["figures"] = {"calibration_passes": getattr(self.adaptor, "calibration_passes", 0) - passes_before}
-            row["accuracy"] = self.job.evaluation.run(self.adaptor, quantized, should_stop)
-            row["status"] = OK
+            self._handlers[request.kind](request.config, outcome, should_stop)
         except TrialCancelled:
-            row["status"] = CANCELLED
+            outcome.status = Status.CANCELLED
         except Exception as error:  # a trial's failure must not end the tuning
-            row["status"] = FAILED
-            row["reason"] = _reason(error)
-        row["duration"] = time.time() - started
-        return row
+            outcome.status, outcome.reason = Status.FAILED, _reason(error)
+        outcome.duration = time.time() - outcome.started
+        return outcome
 
-    def finalize(self, config_data: dict, measure: bool = True) -> dict:
+    def _evaluate(self, config: TuneConfig, outcome: Outcome, should_stop: Callable[[], bool]) -> None:
+        passes_before = getattr(self.adaptor, "calibration_passes", 0)
+        quantized = self._quantize(config)
+        outcome.figures["calibration_passes"] = getattr(self.adaptor, "calibration_passes", 0) - passes_before
+        outcome.accuracy = self.job.evaluation.run(self.adaptor, quantized, should_stop)
+
+    def _inspect(self, config: TuneConfig, outcome: Outcome, should_stop: Callable[[], bool]) -> None:
+        outcome.figures["op_errors"] = self.adaptor.inspect_tensors(self.model, config, self.job.calibration)
+
+    def finalize(self, config: TuneConfig, measure: bool = True) -> Finalized:
         """Lower the config to real int8 kernels, re-evaluate there, measure it against fp32."""
-        config = TuneConfig.from_dict(config_data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantized = self._quantize(config)
             lowered = self.adaptor.lower(quantized, self.job.ops, config, self.example)
             accuracy = self.job.evaluation.run(self.adaptor, lowered.model) if self.job.evaluation.given else None
-            model = self.adaptor.serialize(quantized, self.example)
-            figures = {"model_size_bytes": len(model), "fp32_model_size_bytes": len(self.job.model_payload)}
+            model_bytes = self.adaptor.serialize(quantized, self.example)
+            figures = {"model_size_bytes": len(model_bytes), "fp32_model_size_bytes": len(self.job.model_payload)}
             if measure:
-                figures.update(self._measure(lowered.model, len(model)))
-        return {"accuracy": accuracy, "int8_ops": list(lowered.int8_ops), "fp32_ops": list(lowered.fp32_ops),
-                "bf16_ops": list(lowered.bf16_ops), "figures": figures, "model": model}
+                figures.update(self._measure(lowered.model, len(model_bytes)))
+        return Finalized(accuracy, lowered.int8_ops, lowered.fp32_ops, figures, quantized, model_bytes, lowered.bf16_ops)
 
     def _quantize(self, config: TuneConfig) -> Any:
-        if self.job.q_func is not None:
+        if self.job.approach == Approach.QAT:
             return self.adaptor.quantize_aware(self.model, config, self.job.q_func, self.job.calibration)
         return self.adaptor.quantize(self.model, config, self.job.calibration)
 
@@ -112,4 +114,3 @@ def _reason(error: BaseException) -> str:
     where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
     location = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
     return f"{type(error).__name__}: {message}{location}"
-

@@ -1,17 +1,15 @@
-"""tune_many: several tunings at once on one set of workers, each with its own history and result.
+"""tune_many: several tunings at once on one worker pool, each with its own history and result.
 
-Every job is checked first (config, data, model export, space, history), one after the other, so
-a broken job is reported at once and the others go on. Then each job's engine runs in a thread
-of its own against a ``JobExecutor`` of one shared ``WorkerPool`` (see pool.py for how workers
-are shared fairly), and each job ends like ``tune`` does: its best config lowered and measured
-in the driver. Results come back in job order; a job that failed has ``error`` set.
+Every job is checked first (``session.prepare``), one after the other, so a broken job is
+reported at once and the others go on. Then each job's ``session.run`` goes in a thread of its
+own on one shared ``WorkerPool`` (pool.py: how workers are shared fairly), exactly as ``tune``
+runs its single job. Results come back in job order; a job that failed has ``error`` set.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -19,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .api import _baseline, _higher_is_better, _prepare, _PreparedJob, _result
+from . import session
 from .config import Config, load_config
-from .engine import Criterion, Engine
 from .errors import ConfigError, LpotRayError
-from .pool import JobExecutor, WorkerPool
+from .pool import WorkerPool
 from .ray_session import RayPlan
 from .result import TuneResult
 
@@ -56,7 +53,7 @@ def tune_many(jobs: Sequence[Union[ZooJob, dict]], address: Optional[str] = None
     names = _unique_names(jobs)
     started = {name: time.perf_counter() for name in names}
     results: dict[str, TuneResult] = {}
-    prepared: dict[str, tuple[_PreparedJob, Config]] = {}
+    prepared: dict[str, session.Job] = {}
     workspaces: dict[Path, str] = {}
     for name, job in zip(names, jobs, strict=True):
         try:
@@ -67,64 +64,30 @@ def tune_many(jobs: Sequence[Union[ZooJob, dict]], address: Optional[str] = None
             if workspace in workspaces:
                 raise ConfigError(f"tuning.workspace.path: {workspace} is also the workspace of job {workspaces[workspace]!r}")
             workspaces[workspace] = name
-            prepared[name] = (_prepare(config, job.model, job.q_dataloader, job.q_func, job.eval_dataloader,
-                                       job.eval_func, None), config)
+            prepared[name] = session.prepare(config, job.model, job.q_dataloader, job.q_func, job.eval_dataloader,
+                                             job.eval_func, name=name)
         except Exception as error:  # one broken job must not stop the others
             results[name] = _failed(name, error, started[name])
     if prepared:
-        plan = _plan([config for _, config in prepared.values()], address, workers, verbose)
-        planned = (plan.workers or max(1, int((os.cpu_count() or 1) // plan.cpus_per_worker))) if plan is not None else 1
-        parallelism = max(1, math.ceil(planned / len(prepared)))  # each job's share: its strategy's batch size
-        pool = WorkerPool({name: job.worker_job for name, (job, _) in prepared.items()}, plan)
-        try:
-            threads = [threading.Thread(target=_run_job, args=(name, job, config, JobExecutor(pool, name), parallelism,
-                                                               results, started),
-                                        name=f"lpot-ray-job-{name}") for name, (job, config) in prepared.items()]
+        plan = RayPlan.resolve([job.config for job in prepared.values()], address, workers, verbose)
+        with WorkerPool({name: job.driver_runner() for name, job in prepared.items()}, plan) as pool:
+            threads = [threading.Thread(target=_run_job, args=(job, pool, results, started[name]), name=f"lpot-ray-job-{name}")
+                       for name, job in prepared.items()]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
-        finally:
-            pool.shutdown()
     return [results[name] for name in names]
 
 
-def _run_job(name: str, job: _PreparedJob, config: Config, executor: JobExecutor, parallelism: int,
-             results: dict[str, TuneResult], started: dict[str, float]) -> None:
-    """One job's tuning, as ``tune`` runs it, on its view of the shared workers."""
+def _run_job(job: session.Job, pool: WorkerPool, results: dict[str, TuneResult], started: float) -> None:
+    """One job's tuning, as ``tune`` runs it, on its share of the pool."""
     try:
-        baseline = _baseline(job.history, job.worker_job.evaluation, job.adaptor, job.fp32_model)
-        criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion, _higher_is_better(config, job))
-        job.history.set_meta("criterion", dataclasses.asdict(criterion))
-        strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
-        strategy.parallelism = parallelism
-        engine = Engine(strategy, executor, job.history, criterion, config.tuning.exit_policy,
-                        lambda tune_config: job.objectives.proxy(job.space, tune_config), lambda engine: None)
-        outcome = engine.run()
-        log.info("%s: %d trials, %s", name, len(outcome.trials), outcome.stopped_by)
-        result = _result(outcome, executor, job.adaptor, criterion, job.history, config)
-        results[name] = dataclasses.replace(result, wall_time=time.perf_counter() - started[name])
+        result = session.run(job, pool)
+        log.info("%s: %d trials, %s", job.name, result.n_trials, result.stopped_by)
+        results[job.name] = dataclasses.replace(result, wall_time=time.perf_counter() - started)
     except Exception as error:
-        results[name] = _failed(name, error, started[name])
-    finally:
-        executor.shutdown()
-        job.history.close()
-
-
-def _plan(configs: list[Config], address: Optional[str], workers: Optional[int], verbose: bool) -> Optional[RayPlan]:
-    """One Ray plan for every job: the first address given, the most workers asked for."""
-    address = address or next((config.ray.address for config in configs if config.ray.address), None)
-    asked = [config.ray.workers for config in configs if config.ray.workers]
-    workers = workers or (max(asked) if asked else None)
-    if workers == 1:
-        return None
-    cpus = max(config.ray.cpus_per_worker for config in configs)
-    resources: dict[str, float] = {}
-    for config in configs:  # each worker serves every job: it holds what any job asks for
-        for name, amount in config.ray.resources_per_worker.items():
-            resources[name] = max(amount, resources.get(name, 0.0))
-    start_timeout = max(config.ray.worker_start_timeout for config in configs)
-    return RayPlan(address, workers, cpus, verbose, resources, start_timeout)
+        results[job.name] = _failed(job.name, error, started)
 
 
 def _unique_names(jobs: list[ZooJob]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from lpot_ray.strategies.base import InspectRequest
+from lpot_ray.trial import ExecutorStatus, InspectRequest, Outcome, Request, Status
 from lpot_ray.space import FP32, Op, OpCapability, OpScheme, TensorScheme, TuneConfig, TuningSpace
 from lpot_ray.config import load_config
 
@@ -23,26 +23,21 @@ class FakeExecutor:
         self.accuracy_of = accuracy_of
         self.op_errors = op_errors  # config -> {op: error}, for inspection requests
         self.slots = slots
-        self.running: list[tuple[int, TuneConfig]] = []
+        self.running: list[tuple[int, Request]] = []
         self.random = random.Random(seed)
-        self.evaluated: list[TuneConfig] = []
+        self.evaluated: list[Request] = []
         self.cancelled: list[int] = []
         self.cancelled_waits = 0
 
-    def free_slots(self) -> int:
-        return self.slots - len(self.running)
+    def status(self) -> ExecutorStatus:
+        return ExecutorStatus(free=self.slots - len(self.running), pending=bool(self.running),
+                              workers=self.slots, busy=len(self.running))
 
-    def submit(self, seq, config):
-        assert self.free_slots() > 0
-        self.running.append((seq, config))
+    def submit(self, seq, request):
+        assert self.status().free > 0
+        self.running.append((seq, request))
 
-    def want_more(self):
-        pass
-
-    def busy(self):
-        return bool(self.running)
-
-    def wait(self, timeout):
+    def results(self, timeout):
         if not self.running:
             return []
         winding_down = [item for item in self.running if item[0] in self.cancelled]
@@ -51,20 +46,17 @@ class FakeExecutor:
             if self.cancelled_waits % 2 == 0:
                 self.running.remove(winding_down[0])
             return []
-        seq, config = self.running.pop(self.random.randrange(len(self.running)))
-        self.evaluated.append(config)
-        if isinstance(config, InspectRequest):
-            return [{"seq": seq, "status": "ok", "figures": {"op_errors": self.op_errors(config.config)}}]
-        accuracy = self.accuracy_of(config)
+        seq, request = self.running.pop(self.random.randrange(len(self.running)))
+        self.evaluated.append(request)
+        if isinstance(request, InspectRequest):
+            return [Outcome(seq, Status.OK, figures={"op_errors": self.op_errors(request.config)})]
+        accuracy = self.accuracy_of(request.config)
         if accuracy is None:
-            return [{"seq": seq, "status": "failed", "reason": "boom"}]
-        return [{"seq": seq, "status": "ok", "accuracy": accuracy, "worker": "fake"}]
+            return [Outcome(seq, Status.FAILED, reason="boom")]
+        return [Outcome(seq, Status.OK, accuracy=accuracy, worker="fake")]
 
     def cancel(self, seq):
         self.cancelled.append(seq)
-
-    def finalize(self, config, measure_latency):
-        raise NotImplementedError
 
 
 def sensitive_ops_accuracy(sensitive: dict[str, float], baseline: float = 0.9):

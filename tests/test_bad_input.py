@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import lpot_ray
-from lpot_ray import api
+from lpot_ray import pool
 from lpot_ray.errors import ConfigError, DataError, EvaluationError, ModelError
 
 from conftest import base_conf
@@ -18,7 +18,7 @@ def no_workers(monkeypatch, ray_session):
     def refuse(*args, **kwargs):
         raise AssertionError("a worker was started despite bad input")
 
-    monkeypatch.setattr(api.Executor, "add_ray_workers", refuse)
+    monkeypatch.setattr(pool.WorkerPool, "add_ray_workers", refuse)
 
 
 def tune(digits, conf, **kwargs):

@@ -136,25 +136,19 @@ class CompilingExecutor:
     def __init__(self, accuracy, latency):
         self.accuracy, self.latency, self.finalized = accuracy, latency, []
 
-    def finalize(self, config, measure):
+    def finalize(self, config):
+        from lpot_ray.trial import Finalized
+
         self.finalized.append(config.key)
         figures = {"latency_ms": self.latency.get(config.key, 1.0), "fp32_latency_ms": 2.0,
                    "model_size_bytes": 10, "fp32_model_size_bytes": 40}
-        return {"accuracy": self.accuracy.get(config.key, 0.9), "int8_ops": list(config.int8_ops),
-                "fp32_ops": list(config.fp32_ops), "figures": figures, "model": b"model"}
+        return Finalized(self.accuracy.get(config.key, 0.9), config.int8_ops, config.fp32_ops, figures, b"model", b"model")
 
 
-class BytesAdaptor:
-    def deserialize(self, payload):
-        return payload
+def finalize(outcome, executor, history):
+    from lpot_ray.session import conclude
 
-
-def finalize(outcome, executor, history, timeout):
-    from lpot_ray.api import _result
-    from lpot_ray.config import load_config
-
-    config = load_config({"model": {"framework": "pytorch"}, "tuning": {"exit_policy": {"timeout": timeout}}})
-    return _result(outcome, executor, BytesAdaptor(), Criterion(0.9, absolute=0.01), history, config)
+    return conclude(outcome, Criterion(0.9, absolute=0.01), executor.finalize, history, "pytorch")
 
 
 def test_a_finalist_that_fails_once_compiled_gives_way_to_the_next(tmp_path):
@@ -162,7 +156,7 @@ def test_a_finalist_that_fails_once_compiled_gives_way_to_the_next(tmp_path):
     passing = outcome.passing
     assert len(passing) >= 3
     executor = CompilingExecutor({passing[0].key: 0.5}, {})  # the best breaks when compiled
-    result = finalize(outcome, executor, history, timeout=60)
+    result = finalize(outcome, executor, history)
     assert executor.finalized == [trial.key for trial in passing[:2]]
     assert result.passed and result.config == passing[1].config and result.accuracy == 0.9
     assert history.get_meta("result")["rejected"] == [{"key": passing[0].key, "compiled_accuracy": 0.5}]
@@ -220,7 +214,7 @@ def test_a_proposal_outside_the_space_names_the_op_and_the_choice(tmp_path):
 
 def test_mse_ranks_by_one_inspection_then_accumulates_and_prunes(tmp_path):
     from lpot_ray.strategies.mse import MseStrategy
-    from lpot_ray.strategies.base import InspectRequest
+    from lpot_ray.trial import InspectRequest
 
     sensitive = {"op1": 0.05, "op3": 0.05, "op4": 0.001}
     space = make_space()

@@ -6,13 +6,16 @@ import time
 import pytest
 
 from lpot_ray.adaptors.pytorch import PyTorchAdaptor
-from lpot_ray.config import load_config
+from lpot_ray.config import Approach, load_config
 from lpot_ray.evaluation import Evaluation
-from lpot_ray.executor import Executor
+from lpot_ray.pool import Waiting, WorkerPool
 from lpot_ray.space import TuningSpace
-from lpot_ray.worker import WorkerJob
+from lpot_ray.trial import EvaluateRequest
+from lpot_ray.worker import TrialRunner, WorkerJob
 
 from conftest import base_conf
+
+JOB = "job"
 
 
 class SlowLoader:
@@ -37,82 +40,87 @@ def job_and_space(digits):
     space = TuningSpace.build(adaptor.capabilities(adaptor.load(payload)),
                               load_config({"model": {"framework": "pytorch"}}).quantization)
     evaluation = Evaluation(dataloader=SlowLoader(evaluation, 0.5), metric={"topk": 1})
-    return WorkerJob(PyTorchAdaptor, payload, batches, evaluation, space.ops), space
+    return WorkerJob(PyTorchAdaptor, Approach.STATIC, payload, batches, evaluation, space.ops), space
 
 
-def wait_for_workers(executor, count, limit=120):
+def ray_only_pool(job):
+    """A pool for one job whose driver runs nothing: only the Ray workers added to it."""
+    return WorkerPool({JOB: TrialRunner(job, "driver")}, plan=None, use_driver=False)
+
+
+def wait_for_workers(pool, count, limit=120):
     deadline = time.monotonic() + limit
-    while executor.free_slots() < count and time.monotonic() < deadline:
-        executor.wait(timeout=1)
-    assert executor.free_slots() == count
+    while pool.share(JOB) < count and time.monotonic() < deadline:
+        pool.results(JOB, timeout=1)
+    assert pool.share(JOB) == count
 
 
-def wait_for(executor, count, limit=120):
-    rows, deadline = [], time.monotonic() + limit
-    while len(rows) < count and time.monotonic() < deadline:
-        rows += executor.wait(timeout=1)
-    return rows
+def wait_for(pool, count, limit=120):
+    outcomes, deadline = [], time.monotonic() + limit
+    while len(outcomes) < count and time.monotonic() < deadline:
+        outcomes += pool.results(JOB, timeout=1)
+    return outcomes
 
 
 @contextlib.contextmanager
 def ray_workers(job, count):
-    """An executor of ``count`` ready Ray workers and no driver slot."""
-    executor = Executor(job, in_process=False)
-    executor.add_ray_workers(count, cpus_per_worker=1)
+    """A pool of ``count`` ready Ray workers and no driver slot."""
+    pool = ray_only_pool(job)
+    pool.add_ray_workers(count, cpus_per_worker=1)
     try:
-        wait_for_workers(executor, count)
-        yield executor
+        wait_for_workers(pool, count)
+        yield pool
     finally:
-        executor.shutdown()
+        pool.shutdown()
 
 
 def test_a_cancelled_trial_stops_between_batches_and_frees_its_worker(ray_session, job_and_space):
     job, space = job_and_space
-    with ray_workers(job, 1) as executor:
-        executor.submit(0, space.model_wise_configs()[0])
+    with ray_workers(job, 1) as pool:
+        pool.submit(JOB, 0, EvaluateRequest(space.model_wise_configs()[0]))
         time.sleep(1.5)  # the trial is in its evaluation by now
         started = time.monotonic()
-        executor.cancel(0)
-        assert executor.wait(timeout=30) == []  # the cancelled trial reports nothing
+        pool.cancel(JOB, 0)
+        assert pool.results(JOB, timeout=30) == []  # the cancelled trial reports nothing
         assert time.monotonic() - started < 3  # 5 batches x 0.5 s would take longer than this
-        assert executor.free_slots() == 1
+        assert pool.share(JOB) == 1
 
 
 def test_a_worker_killed_mid_trial_costs_only_a_rerun(ray_session, job_and_space):
     job, space = job_and_space
-    with ray_workers(job, 2) as executor:
+    with ray_workers(job, 2) as pool:
         configs = space.model_wise_configs()
-        executor.submit(0, configs[0])
-        executor.submit(1, configs[1])
+        pool.submit(JOB, 0, EvaluateRequest(configs[0]))
+        pool.submit(JOB, 1, EvaluateRequest(configs[1]))
         time.sleep(1.5)
-        ray_session.kill(executor.slots[0].actor, no_restart=True)
-        rows = wait_for(executor, 2)
-        assert sorted(row["seq"] for row in rows) == [0, 1]
-        assert all(row["status"] == "ok" for row in rows)
+        ray_session.kill(pool.slots[0].actor, no_restart=True)
+        outcomes = wait_for(pool, 2)
+        assert sorted(outcome.seq for outcome in outcomes) == [0, 1]
+        assert all(outcome.status == "ok" for outcome in outcomes)
 
 
-def test_a_retry_with_no_ray_worker_left_is_reported_failed_not_left_hanging():
-    executor = Executor(job=None, in_process=False)
-    executor.queue.append((5, None, 1))  # a trial whose worker died, waiting for a retry
-    assert executor.busy()
-    (row,) = executor.wait(timeout=0.5)
-    assert row["seq"] == 5 and row["status"] == "failed" and "no Ray worker is left" in row["reason"]
-    assert not executor.busy()
+def test_a_retry_with_no_ray_worker_left_is_reported_failed_not_left_hanging(job_and_space):
+    job, space = job_and_space
+    with ray_only_pool(job) as pool:
+        with pool.lock:  # a trial whose worker died, waiting for a retry
+            pool.states[JOB].waiting.append(Waiting(5, EvaluateRequest(space.model_wise_configs()[0]), attempt=1))
+        assert pool.status(JOB).pending
+        (outcome,) = wait_for(pool, 1, limit=5)
+        assert outcome.seq == 5 and outcome.status.is_failure and "no Ray worker is left" in outcome.reason
+        assert outcome.status == "worker_lost"  # run again on resume, unlike a config that failed
+        assert not pool.status(JOB).pending
 
 
 def test_a_worker_no_node_can_take_is_dropped_after_the_start_timeout(ray_session, job_and_space, caplog):
     job, _ = job_and_space
-    executor = Executor(job, in_process=False)
-    executor.start_timeout = 2
-    try:
-        executor.add_ray_workers(1, cpus_per_worker=1, resources={"accelerator_x": 1})  # no node has one
+    with ray_only_pool(job) as pool:
+        pool.start_timeout = 2
+        pool.add_ray_workers(1, cpus_per_worker=1, resources={"accelerator_x": 1})  # no node has one
         deadline = time.monotonic() + 30
-        while executor.starting and time.monotonic() < deadline:
-            executor.wait(timeout=0.5)
-        assert not executor.starting and not executor.slots
+        while pool.starting and time.monotonic() < deadline:
+            pool.results(JOB, timeout=0.5)
+        assert not pool.starting and not pool.slots
         assert "worker-1 did not start within 2 s: no node has its resources free; dropped" in caplog.text
-    finally:
-        executor.shutdown()
 
 
 def test_a_node_without_the_framework_is_named_and_the_tuning_goes_on(ray_session, digits, tmp_path, caplog, monkeypatch):

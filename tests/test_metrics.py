@@ -129,18 +129,14 @@ def test_metric_parameters_it_does_not_take_are_a_config_error():
 
 
 def test_an_error_metric_makes_the_criterion_lower_is_better_unless_the_yaml_says():
-    from lpot_ray.api import _higher_is_better
     from lpot_ray.config import load_config
     from lpot_ray.evaluation import Evaluation
-
-    class Job:
-        class worker_job:
-            evaluation = Evaluation(dataloader=[], metric={"MSE": None})
+    from lpot_ray.session import higher_is_better
 
     def direction(criterion):
         conf = {"model": {"framework": "pytorch"}, "evaluation": {"accuracy": {"metric": {"MSE": None}}},
                 "tuning": {"accuracy_criterion": criterion}}
-        return _higher_is_better(load_config(conf), Job)
+        return higher_is_better(load_config(conf), Evaluation(dataloader=[], metric={"MSE": None}))
 
     assert direction({"relative": 0.01}) is False
     assert direction({"relative": 0.01, "higher_is_better": True}) is True

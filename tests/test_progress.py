@@ -12,7 +12,7 @@ from lpot_ray.history import History
 from lpot_ray.progress import Snapshot, TuningProgress, progress_table, summary_table
 from lpot_ray.result import TuneResult
 from lpot_ray.strategies.basic import BasicStrategy
-from lpot_ray.trial import CANCELLED, FAILED, Trial
+from lpot_ray.trial import CANCELLED, FAILED, ExecutorStatus, Trial
 
 from fakes import FakeExecutor, make_space, sensitive_ops_accuracy
 
@@ -68,7 +68,8 @@ def test_plain_log_lines_when_not_a_terminal(tmp_path, caplog):
 
 
 def fake_engine(told, in_flight=2, slots=3, starting=1, elapsed=12.0, timeout=60):
-    executor = SimpleNamespace(slots=[object()] * slots, starting=[object()] * starting, running=dict.fromkeys(range(in_flight)))
+    workers = ExecutorStatus(free=0, pending=True, workers=slots, busy=in_flight, starting=starting)
+    executor = SimpleNamespace(status=lambda: workers)
     passing = [trial for trial in told if trial.passed]
     return SimpleNamespace(told=told, in_flight=dict.fromkeys(range(in_flight)), executor=executor,
                            passing=lambda: passing, criterion=Criterion(0.95, relative=0.01), elapsed=elapsed,

@@ -31,8 +31,8 @@ def test_jobs_share_the_workers_fairly_and_a_broken_job_does_not_stop_the_others
 
     monkeypatch.setattr(zoo, "WorkerPool", RecordedPool)
 
-    def slow_eval(candidate):  # long enough for trials of both jobs to overlap on the workers
-        time.sleep(0.25)
+    def slow_eval(candidate):  # long enough for both jobs to have trials left once the Ray workers have loaded
+        time.sleep(0.6)
         return accuracy_of(candidate, evaluation)
 
     def conf(name, max_trials=12, **tuning):

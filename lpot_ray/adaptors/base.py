@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..config import Approach, TrainSection
 from ..errors import ConfigError, DataError, ModelError
 from ..space import Op, OpCapability, TuneConfig
 
@@ -35,12 +36,25 @@ class Adaptor(ABC):
 
     framework: str = ""
     model_file: str = "model.bin"  # what ``TuneResult.save`` names the quantized model's file
-    # The ``quantization.approach`` values this framework can do (for dynamic quantization, its
-    # capabilities hold schemes whose activation algorithm is "dynamic").
-    approaches: tuple[str, ...] = ("post_training_static_quant",)
-    # The tuning's approach, set by the driver before ``prepare``: an adaptor whose payload depends
-    # on it (TensorFlow converts to a dynamic-range model as well) reads it there.
-    approach: str = "post_training_static_quant"
+    # The ``quantization.approach`` values this framework can do.
+    approaches: tuple[Approach, ...] = (Approach.STATIC,)
+    # The tuning's approach (``for_approach`` sets it, in the driver and on every worker):
+    # ``capabilities`` offers the schemes of this approach, and an adaptor whose payload depends
+    # on it (TensorFlow converts to a dynamic-range model as well) reads it in ``prepare``.
+    approach: Approach = Approach.STATIC
+
+    @classmethod
+    def for_approach(cls, approach: Approach) -> "Adaptor":
+        """An adaptor working in ``approach``: how the driver and the workers make theirs."""
+        adaptor = cls()
+        adaptor.approach = Approach(approach)
+        return adaptor
+
+    @classmethod
+    def training_from_yaml(cls, section: TrainSection) -> Any:
+        """A ``q_func`` that trains as LPOT's ``quantization.train`` section says (plain data, so
+        that it travels to workers)."""
+        raise ConfigError(f"`quantization.train`: the {cls.framework} adaptor can't train from the YAML; pass q_func")
 
     def set_threads(self, threads: int) -> int:
         """Set the framework's intra-op threads for this process; return the previous count.
@@ -71,7 +85,8 @@ class Adaptor(ABC):
 
     @abstractmethod
     def capabilities(self, model: Any) -> list[OpCapability]:
-        """Quantizable ops in model order and the int8 schemes that really lower for each."""
+        """Quantizable ops in model order and the int8 schemes of ``self.approach`` that really
+        lower for each (and bf16 where the framework computes it)."""
 
     @abstractmethod
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:

@@ -22,15 +22,18 @@ import copy
 import dataclasses
 import hashlib
 import io
+import itertools
 import logging
 import re
 import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..config import Approach, TrainSection
 from ..cpu import bf16_unavailable_reason
 from ..errors import DataError, MissingFrameworkError, ModelError
 from ..space import BF16, Op, OpCapability, OpScheme, TensorScheme, TuneConfig
@@ -78,7 +81,7 @@ def as_args(inputs: Any) -> tuple:
 class PyTorchAdaptor(Adaptor):
     framework = "pytorch"
     model_file = "model.pt2"
-    approaches = ("post_training_static_quant", "post_training_dynamic_quant", "quant_aware_training")
+    approaches = (Approach.STATIC, Approach.DYNAMIC, Approach.QAT)
 
     def __init__(self) -> None:
         self.torch, self.pt2e, self.quantize_pt2e, self.x86 = import_torch()
@@ -88,6 +91,10 @@ class PyTorchAdaptor(Adaptor):
         # Per fp32 model: [(int8 op schemes trained for, trained parameters, fake-quant states)].
         self.trained_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.trainings = 0  # q_func calls, to prove trained weights are reused
+
+    @classmethod
+    def training_from_yaml(cls, section: TrainSection) -> "YamlTraining":
+        return YamlTraining(section)
 
     def set_threads(self, threads: int) -> int:
         previous = self.torch.get_num_threads()
@@ -153,9 +160,16 @@ class PyTorchAdaptor(Adaptor):
         for path, op_type, node in _quantizable_nodes(module):
             weight = params.get(f"{path}.weight")
             op = Op(path, op_type, _macs(node, weight), 0 if weight is None else weight.numel())
-            schemes = tuple(OpScheme(WEIGHT, activation) for activation in ACTIVATIONS)
-            capabilities.append(OpCapability(op, schemes + ((DYNAMIC[op_type],) if op_type in DYNAMIC else ()) + bf16))
+            capabilities.append(OpCapability(op, self._int8_schemes(op_type) + bf16))
         return capabilities
+
+    def _int8_schemes(self, op_type: str) -> tuple[OpScheme, ...]:
+        """Static: calibrated by min/max or KL; dynamic: X86's dynamic path, Linear only;
+        quantization-aware training: moving min/max while the model trains."""
+        if self.approach == Approach.DYNAMIC:
+            return (DYNAMIC[op_type],) if op_type in DYNAMIC else ()
+        activations = ACTIVATIONS[:1] if self.approach == Approach.QAT else ACTIVATIONS
+        return tuple(OpScheme(WEIGHT, activation) for activation in activations)
 
     def bf16_schemes(self) -> tuple[OpScheme, ...]:
         """``(BF16,)`` where this CPU computes bf16 natively, else nothing (``quantization.use_bf16``
@@ -223,7 +237,7 @@ class PyTorchAdaptor(Adaptor):
     def quantization_config(self, scheme: OpScheme, is_qat: bool = False):
         """torchao's QuantizationConfig for one op scheme."""
         obs = self.pt2e
-        if scheme.activation.algorithm == "dynamic":
+        if self.approach == Approach.DYNAMIC:
             return self.x86.get_default_x86_inductor_quantization_config(is_dynamic=True)
         default = self.x86.get_default_x86_inductor_quantization_config(is_qat=is_qat)
         if is_qat:  # fake-quantized while training: ranges are moving min/max (the only QAT scheme)
@@ -497,3 +511,44 @@ def _bf16_buffers(code: str) -> set[str]:
 def _call_lines(code: str) -> str:
     return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("#") and "assert_size_stride" not in line)
 
+
+
+@dataclass(frozen=True)
+class YamlTraining:
+    """LPOT's ``quantization.train`` as a ``q_func``: plain data (the YAML section), so it travels
+    to Ray workers like any q_func; called on the prepared (fake-quantized) model, it builds the
+    training loader, the optimizer and the criterion the section names, and trains in place."""
+
+    section: TrainSection
+
+    def __call__(self, model: Any) -> None:
+        import torch
+
+        from ..data import build_loader
+        from ..evaluation import split_batch
+
+        loader = build_loader(self.section.dataloader, "quantization.train.dataloader")
+        optimizer = self._optimizer(torch, model.parameters())
+        criterion = self._criterion(torch)
+        for _ in range(self.section.start_epoch, self.section.end_epoch):
+            for batch in itertools.islice(loader, self.section.iteration):
+                inputs, labels = split_batch(batch)
+                optimizer.zero_grad()
+                loss = criterion(model(torch.as_tensor(inputs)), torch.as_tensor(labels).long())
+                loss.backward()
+                optimizer.step()
+
+    def _optimizer(self, torch: Any, parameters: Any) -> Any:
+        (name, params), = self.section.optimizer.items()
+        params = dict(params)
+        learning_rate = params.pop("learning_rate", 0.01)
+        if name == "SGD":
+            return torch.optim.SGD(parameters, lr=learning_rate, **params)
+        betas = (params.pop("beta_1", 0.9), params.pop("beta_2", 0.999))
+        eps = params.pop("epsilon", 1e-8)
+        return torch.optim.Adam(parameters, lr=learning_rate, betas=betas, eps=eps, **params)
+
+    def _criterion(self, torch: Any) -> Any:
+        (_, params), = self.section.criterion.items()
+        reduction = str(params.get("reduction", "mean")).lower()
+        return torch.nn.CrossEntropyLoss(reduction="sum" if reduction == "sum" else "mean")

@@ -54,6 +54,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..config import Approach
 from ..errors import DataError, MissingFrameworkError, ModelError
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
@@ -202,7 +203,7 @@ class TFLiteModel:
 class TensorFlowAdaptor(Adaptor):
     framework = "tensorflow"
     model_file = "model.tflite"
-    approaches = ("post_training_static_quant", "post_training_dynamic_quant")
+    approaches = (Approach.STATIC, Approach.DYNAMIC)
 
     def __init__(self) -> None:
         self.tf = import_tensorflow()
@@ -229,7 +230,7 @@ class TensorFlowAdaptor(Adaptor):
         content, layer_names = self._convert(model)
         fp32 = TFLiteModel(content, _op_names(content, layer_names))
         fp32(*_as_inputs(example_inputs))  # a batch that does not fit fails here, naming the shapes
-        if self.approach == "post_training_dynamic_quant":
+        if self.approach == Approach.DYNAMIC:
             fp32.dynamic, _ = self._convert(model, dynamic_range=True)
         return pickle.dumps(fp32)
 
@@ -287,15 +288,19 @@ class TensorFlowAdaptor(Adaptor):
 
     def capabilities(self, model: TFLiteModel) -> list[OpCapability]:
         tensors = model.tensor_details()
-        hybrid = _hybrid_ops(model) if model.dynamic else set()
+        dynamic = self.approach == Approach.DYNAMIC
+        hybrid = _hybrid_ops(model) if dynamic else set()
         capabilities = []
         for graph_op in model.ops():
             weight_shape = tuple(int(dim) for dim in tensors[graph_op.weight_index]["shape"])
             output_shape = tuple(int(dim) for dim in tensors[graph_op.output_index]["shape"])
             op = Op(graph_op.name, QUANTIZABLE_OPS[graph_op.builtin], _macs(graph_op.builtin, weight_shape, output_shape),
                     int(np.prod(weight_shape)))
-            dynamic = (DYNAMIC[graph_op.builtin],) if graph_op.name in hybrid else ()
-            capabilities.append(OpCapability(op, (SCHEME,) + dynamic))
+            if dynamic:  # only the ops whose weights the converter quantized
+                schemes = (DYNAMIC[graph_op.builtin],) if graph_op.name in hybrid else ()
+            else:
+                schemes = (SCHEME,)
+            capabilities.append(OpCapability(op, schemes))
         return capabilities
 
     def quantize(self, model: TFLiteModel, config: TuneConfig, calibration: Sequence[Any]) -> TFLiteModel:

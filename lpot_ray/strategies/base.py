@@ -8,34 +8,13 @@ so it is tested with a fake evaluation and is deterministic for a seed and the s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Union
 
 from ..space import TuneConfig, TuningSpace
-from ..trial import INSPECTION, Trial
+from ..trial import InspectRequest, Trial
 
 
-@dataclass(frozen=True)
-class InspectRequest:
-    """Ask a worker for each int8 op's output error against fp32 under ``config``.
-
-    A strategy returns it from ``ask`` like a config; the engine runs it on a worker, records it
-    in the history and tells it back as a Trial of kind ``inspection`` whose
-    ``figures["op_errors"]`` maps op names to normalised MSE.
-    """
-
-    config: TuneConfig
-    kind = INSPECTION
-
-    @property
-    def key(self) -> str:
-        return f"{self.kind}-{self.config.key}"
-
-    def to_dict(self) -> dict:
-        return {"inspect": self.config.to_dict()}
-
-
-Proposal = Union[TuneConfig, InspectRequest]
+Proposal = Union[TuneConfig, InspectRequest]  # a trial of a config, or a request for data (see trial.py)
 
 
 class Strategy(ABC):

@@ -26,7 +26,7 @@ from dataclasses import replace
 from typing import Optional
 
 from ..space import FP32, TuneConfig, TuningSpace
-from ..trial import CANCELLED, FAILED, Trial
+from ..trial import CANCELLED, Trial
 from .base import Proposal, Strategy
 
 
@@ -78,7 +78,7 @@ class BasicStrategy(Strategy):
         outcomes, self.outcomes = self.outcomes, []
         passing = [trial for trial in outcomes if trial.passed]
         if self.phase == "model_wise":
-            if passing or all(trial.status == FAILED for trial in outcomes):
+            if passing or all(trial.status.is_failure for trial in outcomes):
                 return self._finish()  # done, or nothing quantized runs at all: say so, stop
             self.base = max(outcomes, key=self.score).config
             self._start("rank", self._ranking_proposals())

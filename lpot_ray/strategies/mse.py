@@ -13,8 +13,8 @@ import logging
 import math
 from typing import Optional
 
-from ..trial import OK, Trial
-from .base import InspectRequest, Proposal
+from ..trial import OK, InspectRequest, Trial
+from .base import Proposal
 from .basic import BasicStrategy
 
 log = logging.getLogger("lpot_ray")
