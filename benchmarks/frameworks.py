@@ -39,11 +39,11 @@ JOB = textwrap.dedent(
         conf["tuning"]["accuracy_criterion"] = {"absolute": 0.02}
         conf["tuning"]["exit_policy"] = {"timeout": 600, "max_trials": 40}
         if framework == "pytorch":
-            from lpot_ray.digits import with_activation_outliers
+            from lpot_ray.demo.torch_digits import with_activation_outliers
         elif framework == "tensorflow":
-            from lpot_ray.digits_keras import with_activation_outliers
+            from lpot_ray.demo.keras_digits import with_activation_outliers
         else:
-            from lpot_ray.digits_mxnet import with_activation_outliers
+            from lpot_ray.demo.gluon_digits import with_activation_outliers
         model = with_activation_outliers(model, calibration)
     tuning_started = time.perf_counter()
     result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)

@@ -93,7 +93,7 @@ def main() -> None:
         print_table(f"simulated 16-op model, {args.trial_seconds:g} s per trial, max {args.max_trials} trials", rows)
 
         if args.real:
-            from lpot_ray.digits import train_digits_cnn, with_activation_outliers
+            from lpot_ray.demo.torch_digits import train_digits_cnn, with_activation_outliers
 
             cnn, calibration, evaluation = train_digits_cnn()
             cnn = with_activation_outliers(cnn, calibration)

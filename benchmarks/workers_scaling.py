@@ -30,7 +30,7 @@ JOB = textwrap.dedent(
     started = time.perf_counter()
     import lpot_ray
     from lpot_ray.demo import demo_config, trained_torch_model
-    from lpot_ray.digits import with_activation_outliers
+    from lpot_ray.demo.torch_digits import with_activation_outliers
     from pathlib import Path
 
     job, workers, workspace = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])

@@ -110,11 +110,24 @@ def dummy_v2(input_shape: list[int], label_shape: Optional[list[int]] = None, lo
     return list(zip(inputs, labels, strict=True))
 
 
-def digits(split: str = "evaluation") -> list[Sample]:
-    from .digits import SPLITS, digits_arrays
+DIGITS_SPLITS = {"train": (0, 1300), "calibration": (1300, 1500), "evaluation": (1500, None), "all": (0, None)}
 
-    if split not in SPLITS:
-        raise ConfigError(f"split {split!r} must be one of {', '.join(SPLITS)}")
+
+def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 1, 8, 8] float32 in [0, 1], labels [N]) of one split of scikit-learn's digits,
+    shuffled once with seed 0: the demo's data, and the ``digits`` dataset's."""
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(images))
+    start, stop = DIGITS_SPLITS[split]
+    images = (images[order] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return images[start:stop], labels[order][start:stop]
+
+
+def digits(split: str = "evaluation") -> list[Sample]:
+    if split not in DIGITS_SPLITS:
+        raise ConfigError(f"split {split!r} must be one of {', '.join(DIGITS_SPLITS)}")
     return list(zip(*digits_arrays(split), strict=True))
 
 

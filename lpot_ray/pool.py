@@ -391,7 +391,7 @@ class WorkerPool:
                 self.idle.append(slot)
             except Exception as error:  # the worker process died or Ray failed to deliver
                 reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-                log.warning("%s failed while running request %d of %s: %s", slot.name, item.seq, job_id, reason)
+                log.warning("%s failed while running trial %d of %s: %s", slot.name, item.seq, job_id, reason)
                 self._replace(slot)
                 self.lost[(job_id, item.seq)] = reason
                 outcome = None

@@ -21,7 +21,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def trained_digits():
-    from lpot_ray.digits import train_digits_cnn
+    from lpot_ray.demo.torch_digits import train_digits_cnn
 
     return train_digits_cnn(epochs=6)
 
@@ -36,7 +36,7 @@ def digits(trained_digits):
 @pytest.fixture(scope="session")
 def outlier_digits(trained_digits):
     """The digits CNN with two activation outliers: conv2 and fc1 must stay fp32."""
-    from lpot_ray.digits import with_activation_outliers
+    from lpot_ray.demo.torch_digits import with_activation_outliers
 
     model, calibration, evaluation = trained_digits
     return with_activation_outliers(model, calibration), calibration, evaluation
@@ -45,7 +45,7 @@ def outlier_digits(trained_digits):
 @pytest.fixture(scope="session")
 def keras_digits():
     """The digits CNN in Keras, trained once: (model, calibration loader, evaluation loader)."""
-    from lpot_ray.digits_keras import train_digits_keras
+    from lpot_ray.demo.keras_digits import train_digits_keras
 
     return train_digits_keras(epochs=6)
 

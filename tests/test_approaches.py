@@ -6,12 +6,10 @@ import torch
 
 import lpot_ray
 from lpot_ray.adaptors.pytorch import PyTorchAdaptor
-from lpot_ray.digits import digits_loaders, fit
+from lpot_ray.demo.torch_digits import digits_loaders, fit
 from lpot_ray.history import History
 
 from conftest import base_conf
-
-TRAIN_LOADER = digits_loaders()[0]
 
 
 def accuracy_of(model, loader) -> float:
@@ -20,8 +18,9 @@ def accuracy_of(model, loader) -> float:
 
 
 def train(prepared, epochs: int = 4) -> None:
-    """A user's q_func: fine-tune the fake-quantized model on the training split."""
-    fit(prepared, TRAIN_LOADER, epochs, learning_rate=1e-3)
+    """A user's q_func: fine-tune the fake-quantized model on the training split, shuffled the
+    same way on every call (wherever it runs, after whatever ran before)."""
+    fit(prepared, digits_loaders()[0], epochs, learning_rate=1e-3)
 
 
 def approach_conf(tmp_path, approach, **tuning):

@@ -40,7 +40,7 @@ DRIVER = textwrap.dedent(
     import json, logging, sys, time
     import lpot_ray
     from lpot_ray import registry
-    from lpot_ray.digits import digits_loaders
+    from lpot_ray.demo.torch_digits import digits_loaders
 
     model_path, conf, address = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] or None
     logging.basicConfig(level=logging.INFO, format="%(message)s")

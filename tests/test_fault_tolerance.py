@@ -11,7 +11,7 @@ import time
 import torch
 
 import lpot_ray
-from lpot_ray.digits import digits_cnn
+from lpot_ray.demo.torch_digits import digits_cnn
 
 from conftest import base_conf
 
@@ -20,7 +20,7 @@ DRIVER = textwrap.dedent(
     import json, sys, time
     import torch
     import lpot_ray
-    from lpot_ray.digits import digits_cnn, digits_loaders
+    from lpot_ray.demo.torch_digits import digits_cnn, digits_loaders
 
     weights, conf = sys.argv[1], json.loads(sys.argv[2])
     model = digits_cnn()

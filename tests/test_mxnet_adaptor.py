@@ -24,7 +24,7 @@ try:
 except MissingFrameworkError as error:
     pytest.skip(f"MXNet adaptor tests need MXNet: {error}", allow_module_level=True)
 
-from lpot_ray.digits_mxnet import train_digits_gluon, with_activation_outliers  # noqa: E402
+from lpot_ray.demo.gluon_digits import train_digits_gluon, with_activation_outliers  # noqa: E402
 
 CONV0, CONV1, DENSE0, DENSE1 = OPS = ("digitscnn_conv0_fwd", "digitscnn_conv1_fwd", "digitscnn_dense0_fwd",
                                       "digitscnn_dense1_fwd")
@@ -186,13 +186,13 @@ def test_wrong_shape_calibration_batch_names_given_and_expected_shapes(trained, 
 
 
 def test_importing_lpot_ray_and_the_gluon_digits_module_imports_no_mxnet():
-    code = "import sys, lpot_ray, lpot_ray.digits_mxnet; print('mxnet' in sys.modules)"
+    code = "import sys, lpot_ray, lpot_ray.demo.gluon_digits; print('mxnet' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
 
 
 def test_tune_mxnet_checkpoint_files_from_a_yaml_alone(trained, tmp_path):
-    from lpot_ray.digits_mxnet import save_digits_gluon
+    from lpot_ray.demo.gluon_digits import save_digits_gluon
 
     conf = digits_conf(tmp_path, "mxnet", save_digits_gluon(trained[0], str(tmp_path / "digits")))
     done = tune_yaml(tmp_path, conf)

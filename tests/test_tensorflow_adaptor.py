@@ -19,7 +19,7 @@ from conftest import accuracy_of_numpy, base_conf  # noqa: E402
 
 @pytest.fixture(scope="module")
 def keras_outliers(keras_digits):
-    from lpot_ray.digits_keras import with_activation_outliers
+    from lpot_ray.demo.keras_digits import with_activation_outliers
 
     model, calibration, evaluation = keras_digits
     return with_activation_outliers(model, calibration), calibration, evaluation

@@ -107,7 +107,7 @@ def test_zoo_command_tunes_models_of_two_frameworks_and_reports_a_broken_entry(t
     (tmp_path / "pt.yaml").write_text(yaml.safe_dump(job("pytorch", pt2)))
     jobs = [{"name": "digits_pt", "config": "pt.yaml"}, {"name": "missing", "config": "nowhere.yaml"}]
     try:
-        from lpot_ray.digits_keras import train_digits_keras
+        from lpot_ray.demo.keras_digits import train_digits_keras
 
         keras_model = train_digits_keras(epochs=3)[0]
         keras_model.save(tmp_path / "digits.keras")
@@ -146,3 +146,33 @@ def test_a_shared_worker_no_node_can_take_is_dropped_and_the_jobs_go_on(ray_sess
         (result,) = lpot_ray.tune_many([dict(model=model, conf=conf, name="a", q_dataloader=calibration, eval_func=slow_eval)])
     assert result.passed and result.n_trials == 3
     assert "worker-1 did not start within 2 s: no node has its resources free; dropped" in caplog.text
+
+
+def test_tune_and_tune_many_run_a_job_through_the_same_pool(digits, tmp_path, monkeypatch):
+    from lpot_ray import pool
+
+    model, calibration, evaluation = digits
+    spied = ("__init__", "submit", "results", "finalize", "job_done", "shutdown")
+    calls: list[list[str]] = []
+    for name in spied:
+        def spy(self, *args, _name=name, _original=getattr(pool.WorkerPool, name), **kwargs):
+            calls[-1].append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(pool.WorkerPool, name, spy)
+
+    def conf(workspace):
+        job_conf = base_conf(tmp_path / workspace, strategy={"name": "exhaustive"}, exit_policy={"timeout": 600, "max_trials": 3})
+        job_conf["ray"]["workers"] = 1
+        return job_conf
+
+    calls.append([])
+    alone = lpot_ray.tune(model, conf("alone"), q_dataloader=calibration, eval_dataloader=evaluation)
+    calls.append([])
+    (together,) = lpot_ray.tune_many([dict(model=model, conf=conf("together"), name="digits", q_dataloader=calibration,
+                                           eval_dataloader=evaluation)])
+    for recorded in calls:  # the same pool, asked the same things
+        assert set(recorded) == set(spied), recorded
+    assert calls[0].count("submit") == calls[1].count("submit") == 3
+    assert calls[0].count("finalize") == calls[1].count("finalize") == 1
+    assert alone.passed and together.passed and alone.config == together.config and alone.n_trials == together.n_trials

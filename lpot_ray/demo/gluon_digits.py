@@ -10,15 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from .data import ArrayDataset, ArrayLoader
-from .digits import digits_arrays
+from ..data import ArrayDataset, ArrayLoader, digits_arrays
 
 PREFIX = "digitscnn_"  # fixed, so layer names do not depend on how many nets were built before
 
 
 def digits_gluon_cnn(width: int = 16) -> Any:
     """Two conv layers (ReLU, then 2x2 max-pooling) and two dense layers: 4 quantizable ops."""
-    from .adaptors.mxnet import import_mxnet
+    from ..adaptors.mxnet import import_mxnet
 
     mx = import_mxnet()
     nn = mx.gluon.nn
@@ -46,7 +45,7 @@ def digits_array_loader(split: str, batch_size: int) -> ArrayLoader:
 
 def train_digits_gluon(width: int = 16, epochs: int = 8, seed: int = 0) -> tuple[Any, ArrayLoader, ArrayLoader]:
     """A trained DigitsCNN (about 98% accurate) with calibration and evaluation loaders."""
-    from .adaptors.mxnet import import_mxnet
+    from ..adaptors.mxnet import import_mxnet
 
     mx = import_mxnet()
     mx.random.seed(seed)
@@ -70,7 +69,7 @@ def train_digits_gluon(width: int = 16, epochs: int = 8, seed: int = 0) -> tuple
 
 def save_digits_gluon(net: Any, prefix: str) -> str:
     """Export a trained net as ``prefix-symbol.json`` + ``prefix-0000.params``; the symbol file's path."""
-    from .adaptors.mxnet import import_mxnet
+    from ..adaptors.mxnet import import_mxnet
 
     mx = import_mxnet()
     net.hybridize()
@@ -81,7 +80,7 @@ def save_digits_gluon(net: Any, prefix: str) -> str:
 
 def load_digits_gluon(prefix: str) -> Any:
     """A SymbolBlock of what ``save_digits_gluon`` wrote: a HybridBlock, ready to tune."""
-    from .adaptors.mxnet import import_mxnet
+    from ..adaptors.mxnet import import_mxnet
 
     mx = import_mxnet()
     import warnings
@@ -96,7 +95,7 @@ def with_activation_outliers(net: Any, calibration: ArrayLoader, scale: float = 
     weights scaled down to match): per-tensor int8 activations after conv0 lose almost all
     resolution. In MXNet an int8 op requantizes its own output, so both conv0 (which produces the
     outlier) and conv1 (which reads it) must stay fp32."""
-    from .adaptors.mxnet import import_mxnet
+    from ..adaptors.mxnet import import_mxnet
 
     mx = import_mxnet()
     outlier = digits_gluon_cnn(net.conv0.weight.shape[0])

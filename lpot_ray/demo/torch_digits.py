@@ -4,20 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-SPLITS = {"train": (0, 1300), "calibration": (1300, 1500), "evaluation": (1500, None), "all": (0, None)}
-
-
-def digits_arrays(split: str) -> tuple[Any, Any]:
-    """(images [N, 1, 8, 8] float32 in [0, 1], labels [N]) of one split, shuffled once with seed 0."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(images))
-    start, stop = SPLITS[split]
-    images = (images[order] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    return images[start:stop], labels[order][start:stop]
+from ..data import digits_arrays
 
 
 def digits_loaders(batch_size: int = 64, calibration_batch_size: int = 32) -> tuple[Any, Any, Any]:

@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import ArrayDataset, ArrayLoader
-from .digits import digits_arrays
+from ..data import ArrayDataset, ArrayLoader, digits_arrays
 
 
 def digits_arrays_nhwc(split: str) -> tuple[np.ndarray, np.ndarray]:

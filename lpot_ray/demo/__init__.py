@@ -13,8 +13,8 @@ import logging
 import time
 from pathlib import Path
 
-from . import tune
-from .digits import digits_loaders, train_digits_cnn
+from .. import tune
+from .torch_digits import digits_loaders, train_digits_cnn
 
 WIDTH = 64
 
@@ -37,7 +37,7 @@ def trained_torch_model(workspace: Path):
     """The demo CNN, trained on the first run and read from the workspace afterwards."""
     import torch
 
-    from .digits import digits_cnn
+    from .torch_digits import digits_cnn
 
     path = workspace / "digits_cnn.pt"
     _, calibration, evaluation = digits_loaders()
@@ -55,7 +55,7 @@ def trained_keras_model(workspace: Path):
     """The same CNN in Keras (channels-last), trained once and cached as a .keras file."""
     import keras
 
-    from .digits_keras import digits_keras_loaders, train_digits_keras
+    from .keras_digits import digits_keras_loaders, train_digits_keras
 
     path = workspace / "digits_cnn.keras"
     if path.is_file():
@@ -68,7 +68,7 @@ def trained_keras_model(workspace: Path):
 
 def trained_gluon_model(workspace: Path):
     """The same CNN as a Gluon HybridBlock, trained once and cached as MXNet checkpoint files."""
-    from .digits_mxnet import digits_array_loader, load_digits_gluon, save_digits_gluon, train_digits_gluon
+    from .gluon_digits import digits_array_loader, load_digits_gluon, save_digits_gluon, train_digits_gluon
 
     prefix = workspace / "digits_cnn"
     if Path(f"{prefix}-symbol.json").is_file():
@@ -115,7 +115,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time          {wall:.1f} s")
     print(f"saved to           {result.save(workspace / 'int8_model')}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

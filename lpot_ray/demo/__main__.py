@@ -1,0 +1,5 @@
+"""python -m lpot_ray.demo"""
+
+from . import main
+
+raise SystemExit(main())
