@@ -468,17 +468,26 @@ class WorkerPool:
             self.changed.notify_all()
 
     def shutdown(self) -> None:
-        """Stop every worker and release Ray; safe to call twice."""
+        """Stop every worker and release Ray; safe to call twice. Every Ray handle the pool holds
+        goes before Ray is released: one freed after Ray shut down ends the process."""
         self._closed.set()
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
         with self.lock:
             for running in list(self.running.values()):
                 self.cancel(running.job_id, running.item.seq)  # a request in the driver stops at its next batch
             slots, self.slots, self.starting, self.idle = self.slots + self.starting, [], [], []
             if self.driver not in slots:
                 slots.append(self.driver)
+            self.running.clear()
+            self._slot_factory = None
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self.events.get_nowait()
         for slot in slots:
             with contextlib.suppress(Exception):
                 slot.close()
+        del slots
         if self.session is not None:
             self.session.release()
 

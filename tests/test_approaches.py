@@ -51,7 +51,8 @@ def test_training_recovers_what_static_quantization_lost(ray_session, outlier_di
 
     conf = approach_conf(tmp_path / "qat", "quant_aware_training", accuracy_criterion={"absolute": 0.1},
                          exit_policy={"max_trials": 1})
-    result = lpot_ray.tune(model, conf, q_func=train, q_dataloader=calibration, eval_dataloader=evaluation)
+    result = lpot_ray.tune(model, conf, q_func=lambda prepared: train(prepared, epochs=8), q_dataloader=calibration,
+                           eval_dataloader=evaluation)
     assert result.passed and result.fp32_ops == () and len(result.int8_ops) == 4
     assert result.accuracy > static.best_failing.accuracy + 0.4
 
