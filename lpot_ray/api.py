@@ -37,8 +37,12 @@ def tune(
     if plan is not None:
         plan.check_reachable()  # a wrong cluster address fails in seconds, before any other work
     job = session.prepare(config, model, q_dataloader, q_func, eval_dataloader, eval_func, resume_file)
-    with WorkerPool({job.name: job.driver_runner()}, plan) as pool:
-        return session.run(job, pool, TuningProgress())
+    progress = TuningProgress()
+    try:
+        with WorkerPool({job.name: job.driver_runner()}, plan) as pool:
+            return session.run(job, pool, progress)
+    finally:
+        progress.close()
 
 
 class Quantization:

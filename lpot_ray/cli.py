@@ -150,7 +150,7 @@ def model_and_data(config, source: str) -> tuple:
         raise ConfigError(f"{source}: `model.path` is required to tune from the command line")
     calibration_section = config.quantization.calibration.dataloader
     accuracy = config.evaluation.accuracy
-    if calibration_section is None and config.quantization.approach == "post_training_static_quant":
+    if calibration_section is None and config.quantization.approach.calibrates:
         raise ConfigError(f"{source}: `quantization.calibration.dataloader` is required to tune from the command line")
     if accuracy.dataloader is None and not config.tuning.exit_policy.performance_only:
         raise ConfigError(f"{source}: `evaluation.accuracy.dataloader` is required to tune from the command line")

@@ -138,13 +138,12 @@ class RaySlot:
 
     is_driver = False
 
-    def __init__(self, actor_class: Any, job_refs: dict[str, Any], name: str):
+    def __init__(self, actor_class: Any, job_refs: dict[str, Any], name: str, first_job: str):
         self.name = name
         self.job_refs = job_refs
         self.actor = actor_class.remote(name)
         self.placed = self.actor.placed.remote().future()  # done once a node took it
-        first = next(iter(job_refs))
-        self.ready = self.actor.ready.remote(first, [job_refs[first]]).future()
+        self.ready = self.actor.ready.remote(first_job, [job_refs[first_job]]).future()
         self.since = time.monotonic()  # when it was asked for, for the start-up timeout
 
     def run(self, job_id: str, seq: int, request: Request) -> concurrent.futures.Future:
@@ -221,7 +220,7 @@ class WorkerPool:
         self.session: Optional[RaySession] = None
         self.error: Optional[BaseException] = None  # a cluster that could not be reached
         self.start_timeout = plan.start_timeout if plan is not None else 300.0
-        self._slot_factory: Optional[Callable[[str], RaySlot]] = None
+        self._slot_factory: Optional[Callable[[str, str], RaySlot]] = None
         self.events: queue.Queue = queue.Queue()  # finished futures (None: a worker got ready), for the pool's thread
         self._closed = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="lpot-ray-pool", daemon=True)
@@ -287,18 +286,20 @@ class WorkerPool:
         """Start ``count`` Ray worker actors, spread across nodes; each becomes a slot once ready."""
         import ray
 
+        for job in self.jobs.values():
+            ship_user_code_by_value(job)
+        actor_class = ray.remote(TrialWorker).options(num_cpus=cpus_per_worker, resources=dict(resources or {}),
+                                                      scheduling_strategy="SPREAD", max_concurrency=2)
+        job_refs = {job_id: ray.put(job) for job_id, job in self.jobs.items()}  # the model and data enter the object store once
         with self.lock:
-            for job in self.jobs.values():
-                ship_user_code_by_value(job)
-            actor_class = ray.remote(TrialWorker).options(num_cpus=cpus_per_worker, resources=dict(resources or {}),
-                                                          scheduling_strategy="SPREAD", max_concurrency=2)
-            job_refs = {job_id: ray.put(job) for job_id, job in self.jobs.items()}  # the model and data enter the object store once
-            self._slot_factory = lambda name: RaySlot(actor_class, job_refs, name)
+            self._slot_factory = lambda name, first: RaySlot(actor_class, job_refs, name, first)
             for index in range(1, count + 1):
                 self._start(f"worker-{index}")
 
     def _start(self, name: str) -> None:
-        slot = self._slot_factory(name)
+        """A worker loads an unfinished job as it starts (a replacement needs no finished one)."""
+        first = next((job_id for job_id, state in self.states.items() if state.active), next(iter(self.states)))
+        slot = self._slot_factory(name, first)
         slot.ready.add_done_callback(lambda _: self.events.put(None))  # wakes the pool's thread to admit it
         self.starting.append(slot)
 

@@ -46,7 +46,6 @@ class Job:
 
     name: str
     config: Config
-    approach: Approach
     higher_is_better: bool  # the metric's direction, resolved once
     worker_job: WorkerJob  # what every worker gets
     adaptor: Adaptor  # the driver's, with the fp32 model loaded below
@@ -95,7 +94,7 @@ def prepare(config: Config, model: Any, q_dataloader: Any = None, q_func: Option
     history.set_meta("job", _description(config, space))
     worker_job = WorkerJob(adaptor_class, approach, payload, calibration, evaluation, space.ops,
                            threads=max(1, int(config.ray.cpus_per_worker)), q_func=q_func)
-    return Job(name or config.model.name, config, approach, higher_is_better(config, evaluation), worker_job,
+    return Job(name or config.model.name, config, higher_is_better(config, evaluation), worker_job,
                adaptor, fp32_model, adaptor.baseline_model(model, fp32_model), space, strategy_class, objectives, history)
 
 
@@ -114,12 +113,7 @@ def run(job: Job, pool: WorkerPool, on_progress: Optional[Callable[[Engine], Non
         engine = Engine(strategy, JobExecutor(pool, job.name), job.history, criterion, config.tuning.exit_policy,
                         lambda tune_config: job.objectives.proxy(job.space, tune_config),
                         on_progress or (lambda engine: None))
-        try:
-            outcome = engine.run()
-        finally:
-            close = getattr(on_progress, "close", None)
-            if close is not None:
-                close()
+        outcome = engine.run()
         return conclude(outcome, criterion, lambda tune_config: pool.finalize(job.name, tune_config, measure=True),
                         job.history, config.model.framework)
     finally:
