@@ -36,10 +36,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
-import os
 import queue
-import sys
-import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,7 +46,8 @@ from .errors import ClusterError
 from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
 from .trial import ExecutorStatus, Finalized, Outcome, Request, Status
-from .worker import TrialRunner, WorkerJob
+from .user_code import ship_user_code_by_value
+from .worker import TrialRunner, TrialWorker
 
 MAX_RETRIES = 2
 log = logging.getLogger("lpot_ray")
@@ -88,51 +86,6 @@ class DriverSlot:
             runner.close()
 
 
-class TrialWorker:
-    """The Ray actor: one TrialRunner per job, and cancellation flags checked between batches.
-
-    Creating it is cheap (jobs travel as references inside a list, which Ray does not resolve),
-    so that ``placed`` measures only the wait for a node; ``ready`` then loads the first job,
-    which may take long (importing the framework) and proves the node can run it; the others
-    load on their first request here, so that a worker joins without waiting for every model."""
-
-    def __init__(self, name: str):
-        import ray
-
-        self.name = name
-        self.runners: dict[str, TrialRunner] = {}
-        self.cancelled: set[tuple[str, int]] = set()
-        self.node = ray.get_runtime_context().get_node_id()  # recorded with each trial: where it ran
-
-    def placed(self) -> str:
-        return self.node
-
-    def ready(self, job_id: str, job_ref: list) -> str:
-        self._runner(job_id, job_ref)
-        return self.node
-
-    def run(self, job_id: str, job_ref: list, seq: int, request: Request) -> Outcome:
-        outcome = self._runner(job_id, job_ref).run(seq, request, lambda: (job_id, seq) in self.cancelled)
-        outcome.figures["node"] = self.node
-        return outcome
-
-    def _runner(self, job_id: str, job_ref: list) -> TrialRunner:
-        if job_id not in self.runners:
-            import ray
-
-            self.runners[job_id] = load_runner(ray.get(job_ref[0]), self.name)
-        return self.runners[job_id]
-
-    def cancel(self, job_id: str, seq: int) -> None:
-        self.cancelled.add((job_id, seq))
-
-    def drop(self, job_id: str) -> None:
-        """Free a finished job's model and data."""
-        runner = self.runners.pop(job_id, None)
-        if runner is not None:
-            runner.close()
-
-
 class RaySlot:
     """The driver's handle on one TrialWorker actor."""
 
@@ -159,16 +112,6 @@ class RaySlot:
         import ray
 
         ray.kill(self.actor)
-
-
-def load_runner(job: WorkerJob, name: str) -> TrialRunner:
-    """A worker's runner; a node without the job's framework is named in the error."""
-    try:
-        return TrialRunner(job, name)
-    except ImportError as error:  # MissingFrameworkError included
-        import socket
-
-        raise ClusterError(f"node {socket.gethostname()}: {error}") from None
 
 
 # --- the pool ----------------------------------------------------------------------------------
@@ -528,56 +471,3 @@ def start_failure(error: BaseException) -> str:
     cause = getattr(error, "cause", None) or error
     text = str(cause).strip()
     return text.splitlines()[0] if text else type(cause).__name__
-
-
-# --- user code on workers ------------------------------------------------------------------------
-def ship_user_code_by_value(job: WorkerJob) -> None:
-    """Let workers unpickle the user's eval_func, dataset and plug-in classes from a script or test.
-
-    Modules installed in site-packages are importable everywhere; a user's own module (a driver
-    script's neighbour, a test file) may not be on a worker's path, so it travels by value, and
-    so do the user's modules its functions call (``from my_helpers import accuracy``).
-    """
-    import ray.cloudpickle
-
-    paths = sysconfig.get_paths()
-    installed = {paths["purelib"], paths["platlib"], paths["stdlib"]}
-    dataset = getattr(job.evaluation.dataloader, "dataset", None)
-    for module in _modules_of((job.evaluation.eval_func, job.evaluation.dataloader, dataset, job.adaptor, job.q_func)):
-        path = getattr(module, "__file__", None)
-        if path is None or module.__name__ == "__main__":
-            continue
-        if not any(os.path.abspath(path).startswith(root) for root in installed):
-            ray.cloudpickle.register_pickle_by_value(module)
-
-
-def _modules_of(objects: tuple) -> list:
-    """The modules defining ``objects`` and the functions and classes their functions refer to
-    (by global name or closure), followed through the user's code; lpot_ray's own modules are
-    installed on every worker and left out."""
-    modules: list = []
-    seen: set[int] = set()
-    pending = list(objects)
-    while pending:
-        obj = pending.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        module = sys.modules.get(getattr(obj, "__module__", None) or type(obj).__module__)
-        if module is None or module.__name__ == "lpot_ray" or module.__name__.startswith("lpot_ray."):
-            continue
-        if module not in modules:
-            modules.append(module)
-        code = getattr(obj, "__code__", None)
-        if code is not None:  # a function: what it calls by name, and what it closes over
-            names = getattr(obj, "__globals__", {})
-            pending += [names[name] for name in code.co_names if callable(names.get(name))]
-            pending += [value for value in map(_cell_value, obj.__closure__ or ()) if callable(value)]
-    return modules
-
-
-def _cell_value(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # a closure variable not assigned yet
-        return None

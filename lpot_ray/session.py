@@ -15,20 +15,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from . import registry
+from . import inputs, registry
 from .adaptors.base import Adaptor
-from .config import Approach, Config
+from .config import Config
 from .cpu import bf16_unavailable_reason
 from .engine import Criterion, Engine, EngineOutcome
-from .errors import ConfigError, DataError, EvaluationError, ModelError
-from .evaluation import Evaluation, split_batch
+from .errors import ConfigError, EvaluationError, ModelError
 from .history import History
-from .metrics import make_metric
 from .objectives import WeightedObjectives
 from .pool import JobExecutor, WorkerPool
 from .result import TuneResult
@@ -65,18 +61,16 @@ def prepare(config: Config, model: Any, q_dataloader: Any = None, q_func: Option
             eval_dataloader: Any = None, eval_func: Optional[Callable] = None,
             resume_file: Optional[Union[str, os.PathLike]] = None, name: str = "") -> Job:
     """Every check that needs no worker: plug-in names, approach, data, model export, space, history."""
-    evaluation = _evaluation(config, eval_dataloader, eval_func)
+    evaluation = inputs.evaluation_from(config, eval_dataloader, eval_func)
     strategy_class = registry.strategies.get(config.tuning.strategy.name)
-    objectives = _objectives(config)
     adaptor_class = registry.adaptors.get(config.model.framework)
+    inputs.check_strategy(config, strategy_class, adaptor_class)
+    objectives = inputs.objectives_from(config)
+    q_func = inputs.training_function(config, adaptor_class, q_func)
     approach = config.quantization.approach
-    q_func = _training(config, adaptor_class, q_func)
-    if getattr(strategy_class, "inspects_tensors", False) and not adaptor_class.can_inspect_tensors():
-        raise ConfigError(f"`tuning.strategy.name`: {config.tuning.strategy.name!r} ranks ops by inspecting tensors, "
-                          f"which the {config.model.framework} adaptor can't do; choose basic or bayesian")
     adaptor = adaptor_class.for_approach(approach)
 
-    calibration = _calibration_batches(config, q_dataloader, eval_dataloader)
+    calibration = inputs.calibration_batches(config, q_dataloader, eval_dataloader)
     payload = adaptor.prepare(model, calibration[0])
     fp32_model = adaptor.load(payload)
     capabilities = adaptor.capabilities(fp32_model)
@@ -90,11 +84,11 @@ def prepare(config: Config, model: Any, q_dataloader: Any = None, q_func: Option
         raise ConfigError(f"quantization: model_wise/op_wise leave no int8 (or bf16) scheme for any op; "
                           f"{config.model.framework} offers {describe_capabilities(capabilities)}")
     history = History.start(config.tuning.workspace.path, resume_file or config.tuning.workspace.resume,
-                            _fingerprint(config, adaptor.weights_digest(fp32_model), space))
-    history.set_meta("job", _description(config, space))
+                            inputs.fingerprint(config, adaptor.weights_digest(fp32_model), space))
+    history.set_meta("job", inputs.description(config, space))
     worker_job = WorkerJob(adaptor_class, approach, payload, calibration, evaluation, space.ops,
                            threads=max(1, int(config.ray.cpus_per_worker)), q_func=q_func)
-    return Job(name or config.model.name, config, higher_is_better(config, evaluation), worker_job,
+    return Job(name or config.model.name, config, inputs.higher_is_better(config, evaluation), worker_job,
                adaptor, fp32_model, adaptor.baseline_model(model, fp32_model), space, strategy_class, objectives, history)
 
 
@@ -181,123 +175,3 @@ def _baseline(job: Job) -> float:
         raise EvaluationError(f"fp32 baseline: evaluating the original model failed: {type(error).__name__}: {error}") from error
     job.history.set_meta("baseline", baseline)
     return baseline
-
-
-# --- checks that need no worker --------------------------------------------------------------
-def _evaluation(config: Config, eval_dataloader: Any, eval_func: Optional[Callable]) -> Evaluation:
-    if config.tuning.exit_policy.performance_only and eval_func is None and eval_dataloader is None:
-        return Evaluation()  # no accuracy tuning, so no evaluation needed
-    if eval_func is not None:
-        if not callable(eval_func):
-            raise ConfigError(f"eval_func: expected a function model -> accuracy, got {type(eval_func).__name__}")
-        return Evaluation(eval_func=eval_func)
-    metric = config.evaluation.accuracy.metric
-    if eval_dataloader is None or metric is None:
-        raise ConfigError("evaluation: pass eval_func, or eval_dataloader together with "
-                          "`evaluation.accuracy.metric` in the configuration (e.g. {topk: 1})")
-    make_metric(metric)  # an unknown name or bad parameter fails here, not on a worker
-    return Evaluation(dataloader=eval_dataloader, metric=metric)
-
-
-def higher_is_better(config: Config, evaluation: Evaluation) -> bool:
-    """The YAML's ``higher_is_better`` if given, else the built-in metric's own direction (an
-    error such as MSE is better lower), else True as in LPOT."""
-    criterion = config.tuning.accuracy_criterion
-    if "higher_is_better" in criterion.model_fields_set or evaluation.eval_func is not None:
-        return criterion.higher_is_better
-    metric = config.evaluation.accuracy.metric
-    return getattr(registry.metrics.get(next(iter(metric))), "higher_is_better", True) if metric else True
-
-
-def _training(config: Config, adaptor_class: type, q_func: Optional[Callable]) -> Optional[Callable]:
-    """The approach must be one the framework can do; quantization-aware training needs a
-    ``q_func`` (or LPOT's ``quantization.train``, its data checked now rather than on a worker),
-    and only it takes one."""
-    approach, framework, train = config.quantization.approach, config.model.framework, config.quantization.train
-    if approach not in adaptor_class.approaches:
-        raise ConfigError(f"`quantization.approach`: {approach.value!r} is not supported by the {framework} adaptor; "
-                          f"it supports {', '.join(str(known) for known in adaptor_class.approaches)}")
-    if train is not None and approach != Approach.QAT:
-        raise ConfigError(f"`quantization.train`: only used with `quantization.approach: quant_aware_training`; "
-                          f"the approach is {approach.value!r}")
-    if approach != Approach.QAT:
-        if q_func is not None:
-            raise ConfigError(f"q_func: only used with `quantization.approach: quant_aware_training`; "
-                              f"the approach is {approach.value!r}")
-        return None
-    if q_func is None and train is not None:
-        from .data import build_loader
-
-        build_loader(train.dataloader, "quantization.train.dataloader")
-        q_func = adaptor_class.training_from_yaml(train)
-    if q_func is None:
-        raise ConfigError("q_func: quant_aware_training needs q_func(model), the function that trains the "
-                          "prepared (fake-quantized) model, or `quantization.train` in the YAML")
-    if not callable(q_func):
-        raise ConfigError(f"q_func: expected a function model -> None, got {type(q_func).__name__}")
-    return q_func
-
-
-def _calibration_batches(config: Config, q_dataloader: Any, eval_dataloader: Any) -> list:
-    """The calibration batches; dynamic quantization and training need only an example batch,
-    which the evaluation loader gives when there is no calibration loader."""
-    approach = config.quantization.approach
-    if q_dataloader is None and not approach.calibrates:
-        if eval_dataloader is None:
-            raise DataError(f"q_dataloader: {approach.value} needs an example batch of inputs: "
-                            "pass q_dataloader or eval_dataloader")
-        return _batches(eval_dataloader, 1, "eval_dataloader")
-    return _batches(q_dataloader, max(config.quantization.calibration.sampling_size), "q_dataloader")
-
-
-def _batches(loader: Any, samples: int, name: str) -> list:
-    if loader is None:
-        raise DataError(f"{name}: post-training static quantization needs a calibration loader")
-    batches, seen = [], 0
-    try:
-        for batch in loader:
-            inputs, _ = split_batch(batch)
-            batches.append(inputs)
-            seen += Adaptor.batch_size(inputs)
-            if seen >= samples:
-                break
-    except TypeError as error:
-        raise DataError(f"{name}: can't iterate over {type(loader).__name__}: {error}") from None
-    if not batches:
-        raise DataError(f"{name}: yielded no batches")
-    return batches
-
-
-def _objectives(config: Config) -> WeightedObjectives:
-    """``tuning.multi_objectives`` if given, else the single ``tuning.objective``."""
-    several = config.tuning.multi_objectives
-    names = several.objective if several else (config.tuning.objective,)
-    weights = several.weight if several and several.weight else (1.0,) * len(names)
-    return WeightedObjectives(tuple(registry.objectives.get(name)() for name in names), tuple(weights))
-
-
-def _fingerprint(config: Config, weights: str, space: TuningSpace) -> dict:
-    """What must match for a resume: not exit_policy or ray, which a user may change."""
-    return {
-        "model": weights,
-        "approach": config.quantization.approach.value,
-        "space": space.fingerprint(),
-        "criterion": config.tuning.accuracy_criterion.model_dump(),
-        "strategy": config.tuning.strategy.name,
-        "seed": config.tuning.random_seed,
-        "metric": config.evaluation.accuracy.metric,
-        "objective": config.tuning.multi_objectives.model_dump() if config.tuning.multi_objectives else config.tuning.objective,
-    }
-
-
-def _description(config: Config, space: TuningSpace) -> dict:
-    """What the report shows of the job: the configuration, the ops and the environment."""
-    from . import __version__
-
-    versions = {name: getattr(sys.modules[name], "__version__", "?") for name in ("torch", "torchao", "tensorflow", "keras", "mxnet", "ray") if name in sys.modules}
-    return {
-        "config": config.model_dump(mode="json"),
-        "ops": [{"name": op.name, "op_type": op.op_type, "macs": op.macs, "weights": op.weights} for op in space.ops],
-        "environment": {"lpot_ray": __version__, "python": platform.python_version(), "platform": platform.platform(),
-                        "cpus": os.cpu_count(), **versions},
-    }

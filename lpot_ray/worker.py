@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .config import Approach
+from .errors import ClusterError
 from .evaluation import Evaluation, TrialCancelled
 from .objectives import paired_latency_ms, peak_rss_growth
 from .space import Op, TuneConfig
@@ -107,6 +108,61 @@ class TrialRunner:
             figures.update(footprint_bytes=int8_bytes + int8_peak,
                            fp32_footprint_bytes=len(self.job.model_payload) + fp32_peak)
         return figures
+
+
+class TrialWorker:
+    """The Ray actor: one TrialRunner per job, and cancellation flags checked between batches.
+
+    Creating it is cheap (jobs travel as references inside a list, which Ray does not resolve),
+    so that ``placed`` measures only the wait for a node; ``ready`` then loads the first job,
+    which may take long (importing the framework) and proves the node can run it; the others
+    load on their first request here, so that a worker joins without waiting for every model."""
+
+    def __init__(self, name: str):
+        import ray
+
+        self.name = name
+        self.runners: dict[str, TrialRunner] = {}
+        self.cancelled: set[tuple[str, int]] = set()
+        self.node = ray.get_runtime_context().get_node_id()  # recorded with each trial: where it ran
+
+    def placed(self) -> str:
+        return self.node
+
+    def ready(self, job_id: str, job_ref: list) -> str:
+        self._runner(job_id, job_ref)
+        return self.node
+
+    def run(self, job_id: str, job_ref: list, seq: int, request: Request) -> Outcome:
+        outcome = self._runner(job_id, job_ref).run(seq, request, lambda: (job_id, seq) in self.cancelled)
+        outcome.figures["node"] = self.node
+        return outcome
+
+    def _runner(self, job_id: str, job_ref: list) -> TrialRunner:
+        if job_id not in self.runners:
+            import ray
+
+            self.runners[job_id] = load_runner(ray.get(job_ref[0]), self.name)
+        return self.runners[job_id]
+
+    def cancel(self, job_id: str, seq: int) -> None:
+        self.cancelled.add((job_id, seq))
+
+    def drop(self, job_id: str) -> None:
+        """Free a finished job's model and data."""
+        runner = self.runners.pop(job_id, None)
+        if runner is not None:
+            runner.close()
+
+
+def load_runner(job: WorkerJob, name: str) -> TrialRunner:
+    """A worker's runner; a node without the job's framework is named in the error."""
+    try:
+        return TrialRunner(job, name)
+    except ImportError as error:  # MissingFrameworkError included
+        import socket
+
+        raise ClusterError(f"node {socket.gethostname()}: {error}") from None
 
 
 def _reason(error: BaseException) -> str:

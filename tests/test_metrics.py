@@ -131,7 +131,7 @@ def test_metric_parameters_it_does_not_take_are_a_config_error():
 def test_an_error_metric_makes_the_criterion_lower_is_better_unless_the_yaml_says():
     from lpot_ray.config import load_config
     from lpot_ray.evaluation import Evaluation
-    from lpot_ray.session import higher_is_better
+    from lpot_ray.inputs import higher_is_better
 
     def direction(criterion):
         conf = {"model": {"framework": "pytorch"}, "evaluation": {"accuracy": {"metric": {"MSE": None}}},
