@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .trial import CANCELLED, TRIAL, Trial
+from .trial import Kind, Status, Trial
 
 log = logging.getLogger("lpot_ray")
 MIN_REDRAW_SECONDS = 0.1  # between redraws when nothing new was told (the clock still moves)
@@ -47,9 +47,9 @@ class Snapshot:
         passing = engine.passing()
         criterion = engine.criterion
         return cls(
-            done=sum(trial.status != CANCELLED for trial in told),
+            done=sum(trial.status != Status.CANCELLED for trial in told),
             failed=sum(trial.status.is_failure for trial in told),
-            cancelled=sum(trial.status == CANCELLED for trial in told),
+            cancelled=sum(trial.status == Status.CANCELLED for trial in told),
             running=len(engine.in_flight),
             busy=workers.busy,
             slots=workers.workers,
@@ -100,7 +100,7 @@ def _seconds(value: float) -> str:
 
 def describe_trial(trial: Trial) -> str:
     """One plain line per finished trial."""
-    if trial.kind != TRIAL:
+    if trial.kind != Kind.TRIAL:
         return f"{trial.kind} {trial.seq} {trial.status} {trial.reason}".rstrip()
     accuracy = "-" if trial.accuracy is None else f"{trial.accuracy:.4f}"
     outcome = "passed" if trial.passed else trial.reason
@@ -119,7 +119,7 @@ class TuningProgress:
         self.drawn = 0.0
 
     def __call__(self, engine: Any) -> None:
-        new_trials = [trial for trial in engine.told[self.reported:] if trial.status != CANCELLED]
+        new_trials = [trial for trial in engine.told[self.reported:] if trial.status != Status.CANCELLED]
         self.reported = len(engine.told)
         for trial in new_trials:
             self._report(trial)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from .errors import HistoryError
 from .history import History, resolve_db_path
-from .trial import OK, TRIAL, Trial
+from .trial import Kind, Status, Trial
 
 
 def write_report(workspace: str, output: Optional[str] = None) -> Path:
@@ -27,7 +27,7 @@ def write_report(workspace: str, output: Optional[str] = None) -> Path:
         raise HistoryError(f"{path}: no tuning history there")
     history = History(path, read_only=True)
     try:
-        trials = [trial for trial in history.trials() if trial.kind == TRIAL]
+        trials = [trial for trial in history.trials() if trial.kind == Kind.TRIAL]
         meta = {key: history.get_meta(key) for key in ("result", "baseline", "criterion", "job")}
     finally:
         history.close()
@@ -69,7 +69,7 @@ def _png(figure: Any) -> bytes:
 
 def _accuracy_plot(trials: list[Trial], meta: dict, chosen: Optional[str]) -> bytes:
     figure, axes = _figure()
-    evaluated = [trial for trial in trials if trial.status == OK and trial.accuracy is not None]
+    evaluated = [trial for trial in trials if trial.status == Status.OK and trial.accuracy is not None]
     for passed, colour, label in ((True, "tab:green", "passed"), (False, "tab:red", "failed the criterion")):
         group = [trial for trial in evaluated if trial.passed == passed]
         axes.scatter([trial.objective for trial in group], [trial.accuracy for trial in group], c=colour, label=label, s=25)
@@ -121,7 +121,7 @@ def _timeline_plot(trials: list[Trial], chosen: Optional[str]) -> bytes:
     start = min((trial.started for trial in timed), default=0.0)
     workers = sorted({trial.worker for trial in timed})
     for trial in timed:
-        colour = "black" if trial.key == chosen else "tab:green" if trial.passed else "tab:red" if trial.status != OK else "tab:grey"
+        colour = "black" if trial.key == chosen else "tab:green" if trial.passed else "tab:red" if trial.status != Status.OK else "tab:grey"
         axes.barh(workers.index(trial.worker), trial.duration, left=trial.started - start, color=colour, edgecolor="white")
     axes.set_yticks(range(len(workers)), workers)
     axes.set_xlabel("seconds since the first trial (green passed, grey failed the criterion, red errored, black chosen)")

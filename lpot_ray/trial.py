@@ -42,10 +42,6 @@ class Kind(str, enum.Enum):
         return self.value
 
 
-OK, FAILED, CANCELLED, WORKER_LOST = Status.OK, Status.FAILED, Status.CANCELLED, Status.WORKER_LOST
-TRIAL, INSPECTION = Kind.TRIAL, Kind.INSPECTION
-
-
 def key_of(kind: Kind, config: TuneConfig) -> str:
     """A trial is known by its config's key; other requests by their kind and the config's key."""
     return config.key if kind is Kind.TRIAL else f"{kind.value}-{config.key}"

@@ -12,7 +12,7 @@ from lpot_ray.history import History
 from lpot_ray.progress import Snapshot, TuningProgress, progress_table, summary_table
 from lpot_ray.result import TuneResult
 from lpot_ray.strategies.basic import BasicStrategy
-from lpot_ray.trial import CANCELLED, FAILED, ExecutorStatus, Trial
+from lpot_ray.trial import ExecutorStatus, Status, Trial
 
 from fakes import FakeExecutor, make_space, sensitive_ops_accuracy
 
@@ -46,7 +46,7 @@ def test_live_table_on_a_terminal_shows_trials_workers_best_and_time(tmp_path):
     assert progress.live_enabled
     outcome = run_engine(tmp_path, progress)
     text = console.file.getvalue()
-    done = sum(trial.status != CANCELLED for trial in outcome.trials)
+    done = sum(trial.status != Status.CANCELLED for trial in outcome.trials)
     best = outcome.passing[0]
     assert f"{done} done (0 failed" in text
     assert "workers busy" in text and "/ 2" in text
@@ -63,7 +63,7 @@ def test_plain_log_lines_when_not_a_terminal(tmp_path, caplog):
         outcome = run_engine(tmp_path, progress)
     assert console.file.getvalue() == ""
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("trial ")]
-    assert len(lines) == sum(trial.status != CANCELLED for trial in outcome.trials)
+    assert len(lines) == sum(trial.status != Status.CANCELLED for trial in outcome.trials)
     assert any(line.endswith("passed") for line in lines)
 
 
@@ -78,7 +78,7 @@ def fake_engine(told, in_flight=2, slots=3, starting=1, elapsed=12.0, timeout=60
 
 def test_snapshot_counts_and_the_time_out_left():
     config = make_space().model_wise_configs()[0]
-    told = [Trial(0, config, accuracy=0.5), Trial(1, config, status=FAILED), Trial(2, config, status=CANCELLED),
+    told = [Trial(0, config, accuracy=0.5), Trial(1, config, status=Status.FAILED), Trial(2, config, status=Status.CANCELLED),
             Trial(3, config.with_fallback(["op1"]), accuracy=0.949, passed=True, objective=0.125)]
     snapshot = Snapshot.of(fake_engine(told))
     assert (snapshot.done, snapshot.failed, snapshot.cancelled, snapshot.running) == (3, 1, 1, 2)

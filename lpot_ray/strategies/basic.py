@@ -26,7 +26,7 @@ from dataclasses import replace
 from typing import Optional
 
 from ..space import FP32, TuneConfig, TuningSpace
-from ..trial import CANCELLED, Trial
+from ..trial import Status, Trial
 from .base import Proposal, Strategy
 
 
@@ -64,7 +64,7 @@ class BasicStrategy(Strategy):
         return proposals
 
     def tell(self, trial: Trial) -> None:
-        if self.waiting.pop(trial.key, None) is None or trial.status == CANCELLED:
+        if self.waiting.pop(trial.key, None) is None or trial.status == Status.CANCELLED:
             return
         self.outcomes.append(trial)
         if self.phase == "accumulate" and trial.passed:

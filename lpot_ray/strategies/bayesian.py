@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 
 from ..space import TuneConfig, TuningSpace
-from ..trial import CANCELLED, Trial
+from ..trial import Status, Trial
 from .base import Strategy
 
 PENALTY = 20.0
@@ -64,7 +64,7 @@ class BayesianStrategy(Strategy):
 
     def tell(self, trial: Trial) -> None:
         self.waiting.discard(trial.key)
-        if trial.status != CANCELLED:
+        if trial.status != Status.CANCELLED:
             self.observed.append((trial.config, self.score_of(trial)))
 
     def score_of(self, trial: Trial) -> float:

@@ -13,7 +13,7 @@ import logging
 import math
 from typing import Optional
 
-from ..trial import OK, InspectRequest, Trial
+from ..trial import InspectRequest, Status, Trial
 from .base import Proposal
 from .basic import BasicStrategy
 
@@ -28,7 +28,7 @@ class MseStrategy(BasicStrategy):
         return [InspectRequest(self.base)]
 
     def _rank(self, outcomes: list[Trial]) -> Optional[list[str]]:
-        if not outcomes or outcomes[0].status != OK:
+        if not outcomes or outcomes[0].status != Status.OK:
             log.warning("mse: no per-op errors (%s); falling back in model order",
                         outcomes[0].reason if outcomes else "inspection cancelled")
             return list(self.base.int8_ops)
