@@ -62,9 +62,13 @@ class Criterion:
 @dataclass
 class EngineOutcome:
     trials: list[Trial]  # every trial told to the strategy, in proposal order
-    n_evaluated: int
+    evaluated: list[Trial]  # those a worker ran in this run (not replayed from the history)
     stopped_by: str
     passing: list[Trial] = field(default_factory=list)  # best first
+
+    @property
+    def n_evaluated(self) -> int:
+        return len(self.evaluated)
 
 
 class Engine:
@@ -92,7 +96,7 @@ class Engine:
         self.in_flight: dict[int, Request] = {}
         self.finished: dict[int, Trial] = {}  # outcomes not yet told
         self.told: list[Trial] = []
-        self.n_evaluated = 0
+        self.evaluated: list[Trial] = []
         self.started = time.monotonic()
 
     @property
@@ -123,7 +127,7 @@ class Engine:
             if len(self.told) in self.finished:
                 continue  # outcomes to tell now (e.g. replayed from the history): no waiting
             self._collect(self.executor.results(timeout=0.5))
-        return EngineOutcome(self.told, self.n_evaluated, stopped_by or "strategy finished", self.passing())
+        return EngineOutcome(self.told, self.evaluated, stopped_by or "strategy finished", self.passing())
 
     def passing(self) -> list[Trial]:
         """Passing trials, best first: the first in proposal order when timeout is 0, else the
@@ -169,7 +173,7 @@ class Engine:
                 continue
             trial = self._trial(item, outcome)
             self.history.record(trial)  # committed before the strategy hears of it
-            self.n_evaluated += 1
+            self.evaluated.append(trial)
             self.known[trial.key] = trial
             self.finished[outcome.seq] = trial
             for other_seq in self._waiting_on(trial.key):

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from . import timings
 from .trial import Kind, Status, Trial
 
 log = logging.getLogger("lpot_ray")
@@ -175,5 +176,7 @@ def summary_table(result: Any, wall_seconds: Optional[float] = None) -> Table:
     if wall_seconds is not None:
         table.add_row("wall time", f"{wall_seconds:.1f} s")
     table.add_row("stopped by", result.stopped_by or "-")
+    if result.timings:
+        table.add_row("time per phase", timings.table(result.timings))
     table.add_row("workspace", f"{result.workspace} (history.db" + (", int8_model)" if result.passed else ")"))
     return table

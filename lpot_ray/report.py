@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from . import timings
 from .errors import HistoryError
 from .history import History, resolve_db_path
 from .trial import Kind, Status, Trial
@@ -28,7 +29,7 @@ def write_report(workspace: str, output: Optional[str] = None) -> Path:
     history = History(path, read_only=True)
     try:
         trials = [trial for trial in history.trials() if trial.kind == Kind.TRIAL]
-        meta = {key: history.get_meta(key) for key in ("result", "baseline", "criterion", "job")}
+        meta = {key: history.get_meta(key) for key in ("result", "baseline", "criterion", "job", "timings")}
     finally:
         history.close()
     page = Path(output) if output else path.parent / "report.html"
@@ -150,6 +151,7 @@ def _page(trials: list[Trial], meta: dict, chosen: Optional[str], plots: dict[st
     return TEMPLATE.format(
         summary=summary, baseline=_number(meta.get("baseline")), count=len(trials), figures=figures, rows=rows,
         result=html.escape(json.dumps(result, indent=2, sort_keys=True)),
+        timings=html.escape(timings.table(meta.get("timings") or {}) or "not recorded"),
         config=html.escape(json.dumps(job.get("config", {}), indent=2, sort_keys=True)),
         environment=html.escape(json.dumps(job.get("environment", {}), indent=2, sort_keys=True)),
     )
@@ -180,6 +182,7 @@ tr.chosen {{ background: #ffe9a8; font-weight: bold; }} pre {{ background: #f5f5
 <table><tr><th>seq</th><th>status</th><th>accuracy</th><th>passed</th><th>objective</th><th>fp32 (bf16) ops</th>
 <th>worker</th><th>seconds</th></tr>{rows}</table>
 <h2>Result</h2><pre>{result}</pre>
+<h2>Where the time went</h2><pre>{timings}</pre>
 <h2>Configuration</h2><pre>{config}</pre>
 <h2>Environment</h2><pre>{environment}</pre>
 </body></html>

@@ -38,6 +38,7 @@ class TuneResult:
     model_bytes: bytes = field(default=b"", repr=False)
     error: str = ""  # why the job could not run (tune_many reports it and goes on with the others)
     wall_time: float = 0.0  # seconds, as tune_many measured them
+    timings: dict = field(default_factory=dict)  # seconds per phase (timings.py says which)
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the quantized model and its config into the folder ``path``."""

@@ -29,6 +29,7 @@ from .objectives import WeightedObjectives
 from .pool import JobExecutor, WorkerPool
 from .result import TuneResult
 from .space import BF16, TuneConfig, TuningSpace, describe_capabilities
+from .timings import Stopwatch
 from .trial import Finalized, Status
 from .worker import TrialRunner, WorkerJob
 
@@ -51,6 +52,7 @@ class Job:
     strategy_class: type
     objectives: WeightedObjectives
     history: History
+    clock: Stopwatch  # where the time went: preparing here, then the run's phases
 
     def driver_runner(self) -> TrialRunner:
         """The driver's worker for this job, on the model the driver has loaded already."""
@@ -61,6 +63,14 @@ def prepare(config: Config, model: Any, q_dataloader: Any = None, q_func: Option
             eval_dataloader: Any = None, eval_func: Optional[Callable] = None,
             resume_file: Optional[Union[str, os.PathLike]] = None, name: str = "") -> Job:
     """Every check that needs no worker: plug-in names, approach, data, model export, space, history."""
+    clock = Stopwatch()
+    with clock.time("prepare"):
+        return _prepare(config, model, q_dataloader, q_func, eval_dataloader, eval_func, resume_file, name, clock)
+
+
+def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Callable], eval_dataloader: Any,
+             eval_func: Optional[Callable], resume_file: Optional[Union[str, os.PathLike]], name: str,
+             clock: Stopwatch) -> Job:
     evaluation = inputs.evaluation_from(config, eval_dataloader, eval_func)
     strategy_class = registry.strategies.get(config.tuning.strategy.name)
     adaptor_class = registry.adaptors.get(config.model.framework)
@@ -71,8 +81,9 @@ def prepare(config: Config, model: Any, q_dataloader: Any = None, q_func: Option
     adaptor = adaptor_class.for_approach(approach)
 
     calibration = inputs.calibration_batches(config, q_dataloader, eval_dataloader)
-    payload = adaptor.prepare(model, calibration[0])
-    fp32_model = adaptor.load(payload)
+    with clock.time("prepare.export"):
+        payload = adaptor.prepare(model, calibration[0])
+        fp32_model = adaptor.load(payload)
     capabilities = adaptor.capabilities(fp32_model)
     space = TuningSpace.build(capabilities, config.quantization)
     if config.quantization.use_bf16 and not any(BF16 in capability.schemes for capability in capabilities):
@@ -89,7 +100,8 @@ def prepare(config: Config, model: Any, q_dataloader: Any = None, q_func: Option
     worker_job = WorkerJob(adaptor_class, approach, payload, calibration, evaluation, space.ops,
                            threads=max(1, int(config.ray.cpus_per_worker)), q_func=q_func)
     return Job(name or config.model.name, config, inputs.higher_is_better(config, evaluation), worker_job,
-               adaptor, fp32_model, adaptor.baseline_model(model, fp32_model), space, strategy_class, objectives, history)
+               adaptor, fp32_model, adaptor.baseline_model(model, fp32_model), space, strategy_class, objectives, history,
+               clock)
 
 
 def run(job: Job, pool: WorkerPool, on_progress: Optional[Callable[[Engine], None]] = None) -> TuneResult:
@@ -98,7 +110,8 @@ def run(job: Job, pool: WorkerPool, on_progress: Optional[Callable[[Engine], Non
     try:
         if config.tuning.exit_policy.performance_only:
             return _default_config_only(job, pool)
-        baseline = _baseline(job)
+        with job.clock.time("baseline"):
+            baseline = _baseline(job)
         pool.check_cluster()  # a cluster refusing the connection fails before any trial
         criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion, job.higher_is_better)
         job.history.set_meta("criterion", dataclasses.asdict(criterion))
@@ -107,9 +120,10 @@ def run(job: Job, pool: WorkerPool, on_progress: Optional[Callable[[Engine], Non
         engine = Engine(strategy, JobExecutor(pool, job.name), job.history, criterion, config.tuning.exit_policy,
                         lambda tune_config: job.objectives.proxy(job.space, tune_config),
                         on_progress or (lambda engine: None))
-        outcome = engine.run()
+        with job.clock.time("search"):
+            outcome = engine.run()
         return conclude(outcome, criterion, lambda tune_config: pool.finalize(job.name, tune_config, measure=True),
-                        job.history, config.model.framework)
+                        job.history, config.model.framework, job.clock)
     finally:
         pool.job_done(job.name)
         job.history.close()
@@ -117,16 +131,21 @@ def run(job: Job, pool: WorkerPool, on_progress: Optional[Callable[[Engine], Non
 
 # --- the result ------------------------------------------------------------------------------
 def conclude(outcome: EngineOutcome, criterion: Criterion, finalize: Callable[[TuneConfig], Finalized],
-             history: History, framework: str) -> TuneResult:
+             history: History, framework: str, clock: Optional[Stopwatch] = None) -> TuneResult:
     """Compile the best passing config to real int8 kernels and measure it there; if it no longer
     passes compiled (or fails to compile), fall to the next finalist. The choice stays the
     proxy's, which is deterministic; the measured figures are reported."""
+    clock = clock or Stopwatch()
+    clock.add_trials(trial.figures.get("seconds", {}) for trial in outcome.evaluated)
     common = dict(baseline=criterion.baseline, n_trials=len(history), n_evaluated=outcome.n_evaluated,
-                  framework=framework, stopped_by=outcome.stopped_by, workspace=str(history.path.parent))
+                  framework=framework, stopped_by=outcome.stopped_by, workspace=str(history.path.parent),
+                  timings=clock.seconds)
     rejected = []
     for trial in outcome.passing[:FINALISTS]:
         try:
-            final = finalize(trial.config)
+            with clock.time("finalize"):
+                final = finalize(trial.config)
+            clock.merge("finalize", final.timings)
         except Exception as error:  # e.g. the compiler fails on this config: try the next finalist
             rejected.append({"key": trial.key, "error": f"{type(error).__name__}: {error}"[:500]})
             continue
@@ -137,6 +156,7 @@ def conclude(outcome: EngineOutcome, criterion: Criterion, finalize: Callable[[T
     evaluated = [trial for trial in outcome.trials if trial.status == Status.OK and trial.accuracy is not None]
     best_failing = min(evaluated, key=lambda trial: (criterion.loss(trial.accuracy), trial.key), default=None)
     history.set_meta("result", {"key": None, "rejected": rejected})
+    history.set_meta("timings", clock.seconds)
     return TuneResult(model=None, config=None, accuracy=None, objectives={}, int8_ops=(), fp32_ops=(),
                       passed=False, best_failing=best_failing, **common)
 
@@ -147,6 +167,7 @@ def _passed(config: TuneConfig, proxy: float, final: Finalized, history: History
     figures = {**final.figures, "fp32_macs_fraction": proxy}
     history.set_meta("result", {"key": config.key, "accuracy": final.accuracy, "objectives": figures,
                                 "int8_ops": list(final.int8_ops), "bf16_ops": list(final.bf16_ops), "rejected": rejected})
+    history.set_meta("timings", common["timings"])
     return TuneResult(model=final.model, config=config, accuracy=final.accuracy, objectives=figures,
                       int8_ops=tuple(final.int8_ops), fp32_ops=tuple(final.fp32_ops), bf16_ops=tuple(final.bf16_ops),
                       passed=True, model_bytes=final.model_bytes, **common)
@@ -155,11 +176,14 @@ def _passed(config: TuneConfig, proxy: float, final: Finalized, history: History
 def _default_config_only(job: Job, pool: WorkerPool) -> TuneResult:
     """LPOT's ``performance_only``: quantize with the default config, no accuracy tuning; measure
     it (and its accuracy, when an evaluation was given)."""
-    baseline = _baseline(job) if job.worker_job.evaluation.given else None
+    with job.clock.time("baseline"):
+        baseline = _baseline(job) if job.worker_job.evaluation.given else None
     default = job.space.model_wise_configs()[0]
-    final = pool.finalize(job.name, default, measure=True)
+    with job.clock.time("finalize"):
+        final = pool.finalize(job.name, default, measure=True)
+    job.clock.merge("finalize", final.timings)
     common = dict(baseline=baseline, n_trials=0, n_evaluated=0, framework=job.config.model.framework,
-                  stopped_by="performance_only", workspace=str(job.history.path.parent))
+                  stopped_by="performance_only", workspace=str(job.history.path.parent), timings=job.clock.seconds)
     return _passed(default, job.space.fp32_macs_fraction(default), final, job.history, [], common)
 
 

@@ -110,6 +110,7 @@ class Finalized:
     model: Any  # the quantized model, runnable in its framework
     model_bytes: bytes  # the same model serialised, for saving
     bf16_ops: tuple[str, ...] = ()
+    timings: dict = field(default_factory=dict)  # seconds per finalize phase
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from .errors import ClusterError
 from .evaluation import Evaluation, TrialCancelled
 from .objectives import paired_latency_ms, peak_rss_growth
 from .space import Op, TuneConfig
+from .timings import Stopwatch
 from .trial import Finalized, Kind, Outcome, Request, Status
 
 
@@ -67,42 +68,55 @@ class TrialRunner:
         return outcome
 
     def _evaluate(self, config: TuneConfig, outcome: Outcome, should_stop: Callable[[], bool]) -> None:
-        passes_before = getattr(self.adaptor, "calibration_passes", 0)
+        passes, calibrating = self.adaptor.calibration_passes, self.adaptor.calibration_seconds
+        started = time.perf_counter()
         quantized = self._quantize(config)
-        outcome.figures["calibration_passes"] = getattr(self.adaptor, "calibration_passes", 0) - passes_before
+        quantized_at = time.perf_counter()
+        calibrate = self.adaptor.calibration_seconds - calibrating
+        outcome.figures["calibration_passes"] = self.adaptor.calibration_passes - passes
         outcome.accuracy = self.job.evaluation.run(self.adaptor, quantized, should_stop)
+        outcome.figures["seconds"] = {"quantize": quantized_at - started - calibrate, "calibrate": calibrate,
+                                      "evaluate": time.perf_counter() - quantized_at}
 
     def _inspect(self, config: TuneConfig, outcome: Outcome, should_stop: Callable[[], bool]) -> None:
         outcome.figures["op_errors"] = self.adaptor.inspect_tensors(self.model, config, self.job.calibration)
 
     def finalize(self, config: TuneConfig, measure: bool = True) -> Finalized:
         """Lower the config to real int8 kernels, re-evaluate there, measure it against fp32."""
+        clock = Stopwatch()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantized = self._quantize(config)
-            lowered = self.adaptor.lower(quantized, self.job.ops, config, self.example)
-            accuracy = self.job.evaluation.run(self.adaptor, lowered.model) if self.job.evaluation.given else None
-            model_bytes = self.adaptor.serialize(quantized, self.example)
+            with clock.time("lower_int8"):
+                quantized = self._quantize(config)
+                lowered = self.adaptor.lower(quantized, self.job.ops, config, self.example)
+            with clock.time("validate"):
+                accuracy = self.job.evaluation.run(self.adaptor, lowered.model) if self.job.evaluation.given else None
+            with clock.time("serialize"):
+                model_bytes = self.adaptor.serialize(quantized, self.example)
             figures = {"model_size_bytes": len(model_bytes), "fp32_model_size_bytes": len(self.job.model_payload)}
             if measure:
-                figures.update(self._measure(lowered.model, len(model_bytes)))
-        return Finalized(accuracy, lowered.int8_ops, lowered.fp32_ops, figures, quantized, model_bytes, lowered.bf16_ops)
+                figures.update(self._measure(lowered.model, len(model_bytes), clock))
+        return Finalized(accuracy, lowered.int8_ops, lowered.fp32_ops, figures, quantized, model_bytes, lowered.bf16_ops,
+                         timings=clock.seconds)
 
     def _quantize(self, config: TuneConfig) -> Any:
         if self.job.approach == Approach.QAT:
             return self.adaptor.quantize_aware(self.model, config, self.job.q_func, self.job.calibration)
         return self.adaptor.quantize(self.model, config, self.job.calibration)
 
-    def _measure(self, int8_model: Any, int8_bytes: int) -> dict:
+    def _measure(self, int8_model: Any, int8_bytes: int, clock: Stopwatch) -> dict:
         """Latency per batch and memory footprint, int8 against fp32 compiled the same way."""
         if self._fp32_compiled is None:
-            self._fp32_compiled = self.adaptor.lower_fp32(self.model, self.example)
+            with clock.time("lower_fp32"):
+                self._fp32_compiled = self.adaptor.lower_fp32(self.model, self.example)
         fp32_model = self._fp32_compiled
         run_int8 = lambda: self.adaptor.predict(int8_model, self.example)  # noqa: E731
         run_fp32 = lambda: self.adaptor.predict(fp32_model, self.example)  # noqa: E731
         # Memory first, before hundreds of timed runs have warmed the allocator's free lists.
-        int8_peak, fp32_peak = peak_rss_growth(run_int8), peak_rss_growth(run_fp32)
-        int8_ms, fp32_ms = paired_latency_ms(run_int8, run_fp32)
+        with clock.time("footprint"):
+            int8_peak, fp32_peak = peak_rss_growth(run_int8), peak_rss_growth(run_fp32)
+        with clock.time("latency"):
+            int8_ms, fp32_ms = paired_latency_ms(run_int8, run_fp32)
         figures = {"latency_ms": int8_ms, "fp32_latency_ms": fp32_ms, "latency_ratio": fp32_ms / int8_ms}
         if int8_peak is not None and fp32_peak is not None:
             figures.update(footprint_bytes=int8_bytes + int8_peak,

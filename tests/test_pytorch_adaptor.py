@@ -55,6 +55,25 @@ def test_lowering_runs_int8_kernels_and_reports_fallback_ops(digits):
     assert lowered.fp32_ops == ("fc1",)
 
 
+def test_compiled_model_runs_other_batch_sizes_without_compiling_again(digits):
+    from torch._dynamo.utils import counters
+
+    model, calibration, evaluation = digits
+    adaptor, exported, space, batches = build(model, calibration)
+    config = space.model_wise_configs()[0]
+    lowered = adaptor.lower(adaptor.quantize(exported, config, batches), space.ops, config, batches[0])
+    compiled_once = counters["stats"]["unique_graphs"]
+    images = torch.cat([images for images, _ in evaluation])[:2 * len(batches[0]) + 5]  # two chunks and a padded one
+    chunked = lowered.model(images)
+    assert counters["stats"]["unique_graphs"] == compiled_once
+    one_by_one = torch.cat([lowered.model(images[index:index + len(batches[0])])
+                            for index in range(0, len(images) - 5, len(batches[0]))])
+    assert chunked.shape[0] == len(images)
+    assert torch.equal(chunked[:len(one_by_one)], one_by_one)
+    reference = adaptor.quantize(exported, config, batches)(images)  # the q/dq model, uncompiled
+    assert (chunked.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
+
+
 def test_per_tensor_weights_do_not_lower_to_int8_so_they_are_not_offered(digits):
     model, calibration, _ = digits
     adaptor, exported, space, batches = build(model, calibration)

@@ -32,6 +32,12 @@ def test_two_workers_tune_to_an_int8_model_that_saves_and_reloads(ray_session, d
     assert result.objectives["footprint_bytes"] >= result.objectives["model_size_bytes"]
     workers = {trial.worker for trial in History(tmp_path / "ws" / "history.db").trials()}
     assert workers <= {"driver", "worker-1"} and workers
+    timings = result.timings  # where the time went, phase by phase
+    assert {"prepare", "prepare.export", "baseline", "search", "trials.quantize", "trials.calibrate", "trials.evaluate",
+            "finalize", "finalize.lower_int8", "finalize.validate", "finalize.lower_fp32", "finalize.latency"} <= set(timings)
+    assert all(seconds >= 0 for seconds in timings.values()) and timings["trials.evaluate"] > 0
+    assert timings["finalize"] >= timings["finalize.lower_int8"] + timings["finalize.lower_fp32"]
+    assert list(timings)[:4] == ["prepare", "prepare.export", "baseline", "search"]  # in the order they ran
 
     loaded = lpot_ray.load(result.save(tmp_path / "saved"))
     assert loaded.config == result.config and loaded.int8_ops == result.int8_ops

@@ -42,6 +42,10 @@ class Adaptor(ABC):
     # ``capabilities`` offers the schemes of this approach, and an adaptor whose payload depends
     # on it (TensorFlow converts to a dynamic-range model as well) reads it in ``prepare``.
     approach: Approach = Approach.STATIC
+    # Forward passes and seconds spent calibrating, summed over this adaptor's life: a trial's
+    # share is the difference across it (and proves that cached statistics are reused).
+    calibration_passes: int = 0
+    calibration_seconds: float = 0.0
 
     @classmethod
     def for_approach(cls, approach: Approach) -> "Adaptor":

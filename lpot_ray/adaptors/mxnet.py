@@ -42,6 +42,7 @@ import io
 import json
 import os
 import tempfile
+import time
 import warnings
 import weakref
 import zipfile
@@ -118,7 +119,6 @@ class MXNetAdaptor(Adaptor):
         self.mx = import_mxnet()
         # Per fp32 model: {(tensor, "minmax" | "kl", sampling size): (low, high)}.
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.calibration_passes = 0  # forward passes spent calibrating, to prove the cache works
         self.fused_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per fp32 model
 
     def set_threads(self, threads: int) -> int:
@@ -266,6 +266,7 @@ class MXNetAdaptor(Adaptor):
         low = dict.fromkeys(tensors, np.inf)
         high = dict.fromkeys(tensors, -np.inf)
         hist: dict[str, Any] = {}
+        started = time.perf_counter()
         for inputs in take_samples(calibration, sampling_size):
             arrays = as_arrays(inputs)
             check_shapes(model, arrays)
@@ -277,6 +278,7 @@ class MXNetAdaptor(Adaptor):
                 low[name], high[name] = min(low[name], batch_low), max(high[name], batch_high)
                 if histograms:
                     hist[name] = _add_histogram(mx, hist.get(name), values, batch_low, batch_high)
+        self.calibration_seconds += time.perf_counter() - started
         return {name: (low[name], high[name], hist.get(name)) for name in tensors}
 
     def inspect_tensors(self, model: MXNetModel, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:

@@ -24,12 +24,14 @@ import hashlib
 import io
 import itertools
 import logging
+import os
 import re
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -41,11 +43,19 @@ from .base import Adaptor, Lowered, take_samples
 
 
 
+def inductor_cache_dir() -> Path:
+    """Where inductor keeps compiled kernels unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise:
+    the user's cache folder, not torch's default under /tmp (gone at reboot, often in memory), so
+    that a resumed or repeated tuning of a model compiles in a fraction of the time."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lpot_ray" / "torchinductor"
+
+
 def import_torch():
     """torch and the torchao PT2E pieces, with a one-line error when they are missing."""
     # torchao logs about CUDA-only kernels and a deprecated pytree call on import: noise on a CPU.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
     try:
         import torch
         from torchao.quantization import pt2e
@@ -87,7 +97,6 @@ class PyTorchAdaptor(Adaptor):
         self.torch, self.pt2e, self.quantize_pt2e, self.x86 = import_torch()
         # Per fp32 model: observer states keyed by (observed node, observer kind, sampling size).
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.calibration_passes = 0  # forward passes spent calibrating, to prove the cache works
         # Per fp32 model: [(int8 op schemes trained for, trained parameters, fake-quant states)].
         self.trained_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.trainings = 0  # q_func calls, to prove trained weights are reused
@@ -263,10 +272,12 @@ class PyTorchAdaptor(Adaptor):
             for key, observer in observers.items():
                 observer.load_state_dict(cache[key])
             return
+        started = time.perf_counter()
         with self.torch.no_grad():
             for inputs in take_samples(calibration, sampling_size):
                 prepared(*as_args(inputs))
                 self.calibration_passes += 1
+        self.calibration_seconds += time.perf_counter() - started
         for key, observer in observers.items():
             cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
 
@@ -331,23 +342,73 @@ class PyTorchAdaptor(Adaptor):
 
 
 class CompiledModel:
-    """A compiled model callable like the module it came from; eval()/train() are no-ops."""
+    """A compiled model callable like the module it came from; eval()/train() are no-ops.
+
+    Inductor compiles for static shapes (see ``_compile``), so every new batch size would cost a
+    compile of seconds: a batch of another size runs as chunks of the size compiled first, the
+    last chunk padded with copies of its last sample and the padding's outputs dropped. Each
+    sample's output is its own in inference, so the outputs are those of one call on the batch.
+    """
 
     def __init__(self, compiled: Any, settings: Any):
         self.compiled = compiled
         self.settings = settings
+        self.batch_size: Optional[int] = None  # fixed by the first call
 
     def __call__(self, *args: Any) -> Any:
         import torch
 
+        size = _common_batch_size(args)
         with torch.no_grad(), self.settings():
-            return self.compiled(*args)
+            if self.batch_size is None or size is None or size == self.batch_size:
+                self.batch_size = self.batch_size or size
+                return self.compiled(*args)
+            return _concatenated([self.compiled(*chunk) for chunk in _chunks(args, self.batch_size)], size)
 
     def eval(self) -> "CompiledModel":
         return self
 
     def train(self, mode: bool = True) -> "CompiledModel":
         return self
+
+
+def _common_batch_size(args: tuple) -> Optional[int]:
+    """The first dimension shared by every tensor argument, or None if they disagree."""
+    import torch
+
+    sizes = {arg.shape[0] for arg in args if isinstance(arg, torch.Tensor) and arg.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _chunks(args: tuple, size: int) -> Iterator[tuple]:
+    """``args`` in chunks of ``size`` samples, the last padded with copies of its last sample."""
+    import torch
+
+    total = _common_batch_size(args)
+    for start in range(0, total, size):
+        chunk = []
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+                part = arg[start:start + size]
+                if len(part) < size:
+                    part = torch.cat([part, part[-1:].expand(size - len(part), *part.shape[1:])])
+                arg = part.contiguous()
+            chunk.append(arg)
+        yield tuple(chunk)
+
+
+def _concatenated(outputs: list, size: int) -> Any:
+    """The chunks' outputs joined into one batch of ``size`` samples (tensors in any nesting;
+    anything without a batch dimension is taken from the first chunk)."""
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat = [tree_flatten(output)[0] for output in outputs]
+    leaves = []
+    for index, first in enumerate(flat[0]):
+        batched = isinstance(first, torch.Tensor) and first.dim() > 0
+        leaves.append(torch.cat([chunk[index] for chunk in flat])[:size] if batched else first)
+    return tree_unflatten(leaves, tree_flatten(outputs[0])[1])
 
 
 def _drop_unreferenced_tensors(module: Any) -> None:

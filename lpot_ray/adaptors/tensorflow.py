@@ -46,6 +46,7 @@ import os
 import pickle
 import re
 import threading
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -210,7 +211,6 @@ class TensorFlowAdaptor(Adaptor):
         self.threads = 1
         # Per fp32 model: calibrated flatbuffers keyed by sampling size.
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.calibration_passes = 0  # calibrations run, to prove the cache works
 
     def set_threads(self, threads: int) -> int:
         previous, self.threads = self.threads, max(1, int(threads))
@@ -330,6 +330,7 @@ class TensorFlowAdaptor(Adaptor):
 
         cache = self.calibration_cache.setdefault(model, {})
         if sampling_size not in cache:
+            started = time.perf_counter()
             batches = [list(_as_inputs(inputs)) for inputs in take_samples(calibration, sampling_size)]
             for batch in batches:
                 model.check_input_shapes(tuple(array.shape for array in batch), "q_dataloader")
@@ -337,6 +338,7 @@ class TensorFlowAdaptor(Adaptor):
                 with_intermediates = calibrator.add_intermediate_tensors(model.content)
                 content = calibrator.Calibrator(with_intermediates).calibrate(lambda: iter(batches))
             self.calibration_passes += 1
+            self.calibration_seconds += time.perf_counter() - started
             cache[sampling_size] = TFLiteModel(content, model.op_names, self.threads)
         return cache[sampling_size]
 
