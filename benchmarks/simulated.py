@@ -4,7 +4,7 @@
 as a third-party adaptor would be. A ``SimulatedModel`` lists ops with their MACs and the accuracy
 each loses when it runs int8 (half of that with ``kl`` calibration); quantizing sleeps for
 ``trial_seconds``, standing in for calibration and evaluation, so strategies and scaling can be
-measured on many workers of a small machine. Evaluate with ``simulated_eval``.
+measured on many workers of a small machine (or, ``busy``, spends that much CPU time). Evaluate with ``simulated_eval``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class SimulatedModel:
     baseline: float = 0.9
     trial_seconds: float = 0.2
     config: Any = None  # the TuneConfig of a "quantized" model, None for fp32
+    busy: bool = False  # spend ``trial_seconds`` of CPU time per trial instead of sleeping
 
     @property
     def op_names(self) -> list[str]:
@@ -51,6 +52,15 @@ class SimulatedModel:
     def __call__(self, *inputs: Any) -> None:
         return None
 
+    def spend(self) -> None:
+        """A trial's cost: a sleep, or with ``busy`` this much CPU time (longer on a busy machine)."""
+        if not self.busy:
+            time.sleep(self.trial_seconds)
+            return
+        until = time.thread_time() + self.trial_seconds
+        while time.thread_time() < until:
+            pass
+
     def to_json(self) -> bytes:
         data = asdict(self)
         data["config"] = None if self.config is None else self.config.to_dict()
@@ -60,7 +70,7 @@ class SimulatedModel:
     def from_json(cls, payload: bytes) -> "SimulatedModel":
         data = json.loads(payload)
         config = None if data["config"] is None else TuneConfig.from_dict(data["config"])
-        return cls(tuple(data["sensitivity"]), data["baseline"], data["trial_seconds"], config)
+        return cls(tuple(data["sensitivity"]), data["baseline"], data["trial_seconds"], config, data.get("busy", False))
 
 
 def simulated_eval(model: SimulatedModel) -> float:
@@ -85,12 +95,12 @@ class SimulatedAdaptor(Adaptor):
         return [OpCapability(Op(name, "Linear", macs=1000 * (index + 1)), SCHEMES) for index, name in enumerate(model.op_names)]
 
     def quantize(self, model: SimulatedModel, config: TuneConfig, calibration: Sequence[Any]) -> SimulatedModel:
-        time.sleep(model.trial_seconds)
-        return SimulatedModel(model.sensitivity, model.baseline, model.trial_seconds, config)
+        model.spend()
+        return SimulatedModel(model.sensitivity, model.baseline, model.trial_seconds, config, model.busy)
 
     def inspect_tensors(self, model: SimulatedModel, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
         """Each int8 op's error is its known sensitivity (the mse strategy's ranking input)."""
-        time.sleep(model.trial_seconds)
+        model.spend()
         sensitivity = dict(zip(model.op_names, model.sensitivity, strict=True))
         return {name: sensitivity[name] for name in config.int8_ops}
 

@@ -342,3 +342,24 @@ def test_kuberay_job_runs_lpot_ray():
     assert "lpot-ray tune" in job["spec"]["entrypoint"] or "tune_on_cluster.py" in job["spec"]["entrypoint"]
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert any(package.startswith("lpot_ray[") for package in runtime_env["pip"])
+
+
+def test_a_private_rays_workers_run_at_the_drivers_priority():
+    """Ray starts its workers at niceness 15; a private Ray of lpot_ray's runs them at the driver's."""
+    script = textwrap.dedent("""
+        import os, ray
+        from lpot_ray.ray_session import RaySession
+
+        os.nice(2)
+        session = RaySession()
+        session.ready.wait()
+        assert session.error is None, session.error
+        reports = ray.remote(lambda: os.nice(0)).options(num_cpus=0)
+        print("niceness", os.nice(0), ray.get(reports.remote()))
+        session.release()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["niceness", "2", "2"]
+
