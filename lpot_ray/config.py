@@ -1,7 +1,7 @@
 """LPOT's YAML schema, validated with precise errors.
 
-A configuration is loaded with ``yaml.safe_load`` (or given as a dict) and validated by pydantic
-models that forbid unknown keys. Errors are rewritten into one ``ConfigError`` whose lines each
+A configuration is read from a YAML file (``yaml_file.read_yaml``: safe and bounded) or given
+as a dict, and validated by pydantic models that forbid unknown keys. Errors are rewritten into one ``ConfigError`` whose lines each
 name the key path, the value found and what is allowed. Keys that LPOT 1.x knows but lpot_ray
 does not implement yet are reported as such, so an LPOT user knows the key is not a typo.
 """
@@ -15,10 +15,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
+from .yaml_file import read_yaml
 
 DTYPES = ("int8", "uint8", "fp32", "bf16")
 SCHEMES = ("sym", "asym")
@@ -85,7 +85,7 @@ LPOT_ONLY_VALUES = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN passes no comparison
 
 
 class ModelSection(_Section):
@@ -393,10 +393,7 @@ def load_config(source: Union[Config, dict, str, os.PathLike]) -> Config:
         origin = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: configuration file not found")
-        try:
-            source = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: malformed YAML: {error}") from None
+        source = read_yaml(path)
     if not isinstance(source, dict):
         raise ConfigError(f"{origin}: must be a mapping of sections, got {type(source).__name__}")
     _reject_lpot_only(source, origin)

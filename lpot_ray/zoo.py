@@ -23,6 +23,7 @@ from .errors import ConfigError, LpotRayError
 from .pool import WorkerPool
 from .ray_session import RayPlan
 from .result import TuneResult
+from .yaml_file import read_yaml
 
 log = logging.getLogger("lpot_ray")
 
@@ -142,13 +143,8 @@ def read_zoo(path: Union[str, os.PathLike]) -> tuple[list[ZooEntry], dict]:
     A broken entry (a missing or invalid tuning YAML) becomes an entry with ``error`` set, so the
     others still run; a zoo file that is not a zoo is a ConfigError naming the file and key.
     """
-    import yaml
-
     zoo_path = Path(path)
-    try:
-        raw = yaml.safe_load(zoo_path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{zoo_path}: can't read the zoo file ({type(error).__name__}: {error})") from None
+    raw = read_yaml(zoo_path)
     if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
         raise ConfigError(f"{zoo_path}: expected a mapping with `jobs:`, a list of {{name, config}} entries")
     unknown = set(raw) - {"jobs", "workspace", "workers", "address"}

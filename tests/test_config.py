@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from lpot_ray.config import load_config
@@ -68,6 +70,9 @@ def test_yaml_file_is_read(tmp_path):
         (with_section(tuning={"multi_objectives": {"objective": ["performance", "modelsize"], "weight": [1]}}),
          "weight has 1 values for 2 objectives"),
         (with_section(tuning={"objective": "accuracy"}), "`tuning.objective: accuracy` is an LPOT option"),
+        (with_section(tuning={"accuracy_criterion": {"absolute": math.nan}}),
+         "`tuning.accuracy_criterion.absolute`: nan input should be a finite number"),
+        (with_section(tuning={"exit_policy": {"timeout": math.inf}}), "`tuning.exit_policy.timeout`: inf input should be a finite number"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, expected):
@@ -90,3 +95,28 @@ def test_missing_file_and_non_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(path)
+
+
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, name in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (LAUGHS, "its aliases (*name) expand to more than 100000 values: refused as an alias bomb"),
+        ("model: &m\n  name: x\n  framework: pytorch\n  again: *m\n", "alias *m refers to a node that contains it (line 4)"),
+        ("model: " + "[" * 200 + "]" * 200 + "\n", "nested more than 64 levels deep"),
+        ("model: {name: x, framework: pytorch}\ntuning: {random_seed: 1}\ntuning: {random_seed: 2}\n",
+         "key 'tuning' is given twice in one mapping (line 3)"),
+        (bytes(range(256)) * 4, "not a text (UTF-8) YAML file"),
+    ],
+    ids=["alias-bomb", "recursive-anchor", "deep-nesting", "duplicate-section", "binary"],
+)
+def test_hostile_or_broken_yaml_files_fail_fast_naming_the_file(tmp_path, content, expected):
+    path = tmp_path / "conf.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: {expected}")
+
