@@ -9,18 +9,23 @@ resume measures nothing again.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from .errors import HistoryError
 from .space import TuneConfig
 from .trial import Status, Trial
 
 DB_NAME = "history.db"
+_COLUMNS = ("seq", "config", "status", "accuracy", "passed", "objective", "reason", "worker", "started", "duration",
+            "figures", "kind")
+log = logging.getLogger("lpot_ray")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,18 +57,31 @@ def resolve_db_path(location: Union[str, os.PathLike]) -> Path:
 class History:
     def __init__(self, path: Union[str, os.PathLike], read_only: bool = False):
         self.path = Path(path)
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise HistoryError(f"tuning.workspace.path: {self.path.parent} is a file; it must be a folder "
+                               f"(it will hold {DB_NAME})")
         try:
             if read_only:
                 self.connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-                self.connection.execute("SELECT COUNT(*) FROM trials")
+                self._check_ours()
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._check_ours()  # before writing anything into someone else's database
             self.connection.execute("PRAGMA journal_mode=WAL")
             self.connection.execute("PRAGMA synchronous=NORMAL")
             self.connection.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as error:
             raise HistoryError(f"{self.path}: can't open as a tuning history: {error}") from None
+
+    def _check_ours(self) -> None:
+        """A database that holds tables but not ours (another program's SQLite file) is refused."""
+        tables = {name for (name,) in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return
+        columns = {row[1] for row in self.connection.execute("PRAGMA table_info(trials)")}
+        if "meta" not in tables or not set(_COLUMNS) <= columns:
+            raise HistoryError(f"{self.path}: not an lpot_ray tuning history (its tables are {', '.join(sorted(tables))})")
 
     @classmethod
     def start(cls, workspace: Union[str, os.PathLike], resume: Optional[Union[str, os.PathLike]], fingerprint: dict) -> "History":
@@ -88,8 +106,17 @@ class History:
             self.connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
     def get_meta(self, key: str) -> Any:
-        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        with self._reading(f"meta {key!r}"):
+            row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return None if row is None else json.loads(row[0])
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """A damaged database or row becomes an error naming the file and what was being read."""
+        try:
+            yield
+        except (sqlite3.Error, ValueError, KeyError, TypeError) as error:
+            raise HistoryError(f"{self.path}: {what} is damaged and can't be read ({type(error).__name__}: {error})") from None
 
     def check_fingerprint(self, fingerprint: dict) -> None:
         stored = self.get_meta("fingerprint")
@@ -112,18 +139,17 @@ class History:
             self.connection.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
 
     def trials(self) -> list[Trial]:
-        rows = self.connection.execute(
-            "SELECT seq, config, status, accuracy, passed, objective, reason, worker, started, duration, figures, kind "
-            "FROM trials ORDER BY seq"
-        ).fetchall()
-        return [
-            Trial(
-                seq=seq, config=TuneConfig.from_dict(json.loads(config)), status=_status(status, reason), accuracy=accuracy,
-                passed=bool(passed), objective=objective, reason=reason, worker=worker, started=started,
-                duration=duration, figures=json.loads(figures), kind=kind,
-            )
-            for seq, config, status, accuracy, passed, objective, reason, worker, started, duration, figures, kind in rows
-        ]
+        with self._reading("the trials table"):
+            rows = self.connection.execute(f"SELECT {', '.join(_COLUMNS)} FROM trials ORDER BY seq").fetchall()
+        trials = []
+        for seq, config, status, accuracy, passed, objective, reason, worker, started, duration, figures, kind in rows:
+            with self._reading(f"trial {seq}"):
+                trials.append(Trial(
+                    seq=seq, config=TuneConfig.from_dict(json.loads(config)), status=_status(status, reason),
+                    accuracy=accuracy, passed=bool(passed), objective=objective, reason=reason, worker=worker,
+                    started=started, duration=duration, figures=json.loads(figures), kind=kind,
+                ))
+        return trials
 
     def __len__(self) -> int:
         """Trials of candidate configs (requests such as per-op inspections not counted)."""
@@ -136,14 +162,17 @@ class History:
 def _keep_aside(path: Path) -> None:
     """Rename an earlier history out of the way, its write-ahead log folded in first: a driver
     that was killed leaves its latest trials in ``history.db-wal``, not in the database file."""
+    connection = sqlite3.connect(path)
     try:
-        connection = sqlite3.connect(path)
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         connection.execute("PRAGMA journal_mode=DELETE")
-        connection.close()
-    except sqlite3.Error as error:
+    except sqlite3.OperationalError as error:  # locked, typically
         raise HistoryError(f"{path}: an earlier history is there and can't be kept aside ({error}); "
                            "is another tuning using this workspace?") from None
+    except sqlite3.DatabaseError as error:  # not a database, or a damaged one: kept aside as it is
+        log.warning("%s: the earlier history there is damaged (%s); kept aside, a new one starts", path, error)
+    finally:
+        connection.close()
     path.rename(path.with_name(f"history-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.db"))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import timings
-from .errors import HistoryError
+from .errors import ConfigError, HistoryError
 from .history import History, resolve_db_path
 from .trial import Kind, Status, Trial
 
@@ -33,16 +33,19 @@ def write_report(workspace: str, output: Optional[str] = None) -> Path:
     finally:
         history.close()
     page = Path(output) if output else path.parent / "report.html"
-    page.parent.mkdir(parents=True, exist_ok=True)
     chosen = (meta["result"] or {}).get("key")
     plots = {
         "accuracy_vs_objective": _accuracy_plot(trials, meta, chosen),
         "fp32_ops": _ops_plot(trials, meta, chosen),
         "timeline": _timeline_plot(trials, chosen),
     }
-    for name, png in plots.items():
-        (page.parent / f"{page.stem}_{name}.png").write_bytes(png)
-    page.write_text(_page(trials, meta, chosen, plots))
+    try:
+        page.parent.mkdir(parents=True, exist_ok=True)
+        for name, png in plots.items():
+            (page.parent / f"{page.stem}_{name}.png").write_bytes(png)
+        page.write_text(_page(trials, meta, chosen, plots))
+    except OSError as error:
+        raise ConfigError(f"{page}: can't write the report there ({error.strerror or error}); choose another -o") from None
     return page
 
 

@@ -60,3 +60,48 @@ def test_what_is_not_a_history_is_refused(tmp_path):
     sqlite3.connect(other).execute("CREATE TABLE x (y)")
     with pytest.raises(HistoryError, match="not an lpot_ray tuning history"):
         History.start(tmp_path, other, FINGERPRINT)
+
+
+def test_another_programs_database_is_refused_and_left_untouched(tmp_path):
+    foreign = tmp_path / "history.db"
+    with sqlite3.connect(foreign) as connection:
+        connection.execute("CREATE TABLE trials (x INTEGER)")
+    for open_it in (lambda: History(foreign, read_only=True), lambda: History.start(tmp_path / "ws", foreign, FINGERPRINT)):
+        with pytest.raises(HistoryError, match=r"history.db: not an lpot_ray tuning history \(its tables are trials\)"):
+            open_it()
+    tables = sqlite3.connect(foreign).execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == [("trials",)]  # nothing written into it
+
+
+def test_a_damaged_history_is_named_and_a_new_tuning_keeps_it_aside(tmp_path):
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "history.db").write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 20)
+    with pytest.raises(HistoryError, match="history.db: can't open as a tuning history: file is not a database"):
+        History.start(tmp_path / "elsewhere", workspace, FINGERPRINT)
+    History.start(workspace, None, FINGERPRINT).close()  # a fresh tuning in that workspace starts
+    assert len(list(workspace.glob("history-*.db"))) == 1
+
+
+def test_a_garbled_trial_row_is_named(tmp_path):
+    history = History.start(tmp_path, None, FINGERPRINT)
+    record_some(history, count=2)
+    history.connection.execute("UPDATE trials SET config = '{broken' WHERE seq = 1")
+    with pytest.raises(HistoryError, match=r"history.db: trial 1 is damaged and can't be read \(JSONDecodeError"):
+        history.trials()
+
+
+def test_a_workspace_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "ws").write_text("not a folder")
+    with pytest.raises(HistoryError, match="tuning.workspace.path: .*ws is a file; it must be a folder"):
+        History.start(tmp_path / "ws", None, FINGERPRINT)
+
+
+def test_a_report_that_cannot_be_written_names_the_path(tmp_path):
+    from lpot_ray.errors import ConfigError
+    from lpot_ray.report import write_report
+
+    record_some(History.start(tmp_path, None, FINGERPRINT))
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(ConfigError, match="blocker/report.html: can't write the report there"):
+        write_report(str(tmp_path), str(tmp_path / "blocker" / "report.html"))
