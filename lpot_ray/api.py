@@ -43,6 +43,7 @@ def tune(
             return session.run(job, pool, progress)
     finally:
         progress.close()
+        job.history.close()  # run closes it too; this frees the workspace if the pool never started
 
 
 class Quantization:

@@ -19,6 +19,8 @@ from .space import TuneConfig
 from .strategies.base import Strategy
 from .trial import Kind, Outcome, Request, Status, Trial, TrialExecutor, as_request
 
+SAME_FAILURES = 3  # the first trials failing alike that stop a tuning
+
 
 @dataclass(frozen=True)
 class Criterion:
@@ -197,7 +199,15 @@ class Engine:
             self.strategy.tell(trial)
             if trial.passed and self.exit_policy.timeout == 0:
                 return "first passing config (timeout 0)"
+            if same_failure := self._same_failure():
+                return same_failure
         return ""
+
+    def _same_failure(self) -> str:
+        """The first trials all failed for one reason (the data, the eval_func, the framework):
+        the others would too, so the tuning stops saying why instead of running them all."""
+        tried = [trial for trial in self.told if trial.kind == Kind.TRIAL and trial.status != Status.CANCELLED]
+        return common_failure(tried) if len(tried) >= SAME_FAILURES else ""
 
     def _limit_reached(self) -> str:
         if self.strategy.finished:
@@ -229,6 +239,15 @@ class Engine:
         """Untold proposals of ``key`` that wait for an identical in-flight proposal."""
         return [seq for seq, item in self.proposals.items()
                 if item.key == key and seq >= len(self.told) and seq not in self.finished and seq not in self.in_flight]
+
+
+def common_failure(trials: list[Trial]) -> str:
+    """"every trial failed: <reason>" when every trial (cancelled ones aside) failed for one reason."""
+    tried = [trial for trial in trials if trial.kind == Kind.TRIAL and trial.status != Status.CANCELLED]
+    reasons = {trial.reason for trial in tried}
+    if not tried or any(trial.status != Status.FAILED for trial in tried) or len(reasons) != 1:
+        return ""
+    return f"every trial failed: {reasons.pop()}"
 
 
 def _cancelled(seq: int, request: Request) -> Trial:

@@ -23,6 +23,11 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
+def as_numpy(values: Any) -> np.ndarray:
+    """Labels or outputs of any framework as a numpy array (an MXNet NDArray has no __array__)."""
+    return values.asnumpy() if hasattr(values, "asnumpy") else np.asarray(values)
+
+
 @dataclass
 class Evaluation:
     """Either ``eval_func(model) -> float`` or ``metric`` ({name: params}) over ``dataloader``."""
@@ -50,7 +55,7 @@ class Evaluation:
             inputs, labels = split_batch(batch)
             if labels is None:
                 raise EvaluationError("eval_dataloader: batches must be (inputs, labels) for a built-in metric")
-            metric.update(adaptor.predict(model, inputs), np.asarray(labels))
+            metric.update(adaptor.predict(model, inputs), as_numpy(labels))
         return metric.result()
 
 

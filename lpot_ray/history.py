@@ -10,9 +10,11 @@ resume measures nothing again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from .space import TuneConfig
 from .trial import Status, Trial
 
 DB_NAME = "history.db"
+LOCK_NAME = ".lock"
 _COLUMNS = ("seq", "config", "status", "accuracy", "passed", "objective", "reason", "worker", "started", "duration",
             "figures", "kind")
 log = logging.getLogger("lpot_ray")
@@ -57,15 +60,13 @@ def resolve_db_path(location: Union[str, os.PathLike]) -> Path:
 class History:
     def __init__(self, path: Union[str, os.PathLike], read_only: bool = False):
         self.path = Path(path)
-        if self.path.parent.exists() and not self.path.parent.is_dir():
-            raise HistoryError(f"tuning.workspace.path: {self.path.parent} is a file; it must be a folder "
-                               f"(it will hold {DB_NAME})")
+        self.lock: Optional[WorkspaceLock] = None  # held by a tuning writing here, until ``close``
         try:
             if read_only:
                 self.connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
                 self._check_ours()
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_workspace(self.path.parent)
             self.connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._check_ours()  # before writing anything into someone else's database
             self.connection.execute("PRAGMA journal_mode=WAL")
@@ -85,20 +86,28 @@ class History:
 
     @classmethod
     def start(cls, workspace: Union[str, os.PathLike], resume: Optional[Union[str, os.PathLike]], fingerprint: dict) -> "History":
-        """Open the history to resume, or a fresh one in the workspace (an old one is kept aside)."""
-        if resume is not None:
-            path = resolve_db_path(resume)
-            if not path.is_file():
-                raise HistoryError(f"{path}: no tuning history to resume there")
+        """Open the history to resume, or a fresh one in the workspace (an old one is kept aside).
+        The workspace is the tuning's own until ``close``: a second tuning there is refused."""
+        path = resolve_db_path(resume) if resume is not None else Path(workspace) / DB_NAME
+        if resume is not None and not path.is_file():
+            raise HistoryError(f"{path}: no tuning history to resume there")
+        lock = WorkspaceLock(path.parent)
+        history = None
+        try:
+            if resume is None and path.exists():
+                _keep_aside(path)
             history = cls(path)
-            history.check_fingerprint(fingerprint)
+            history.lock = lock
+            if resume is not None:
+                history.check_fingerprint(fingerprint)
+            else:
+                history.set_meta("fingerprint", fingerprint)
             return history
-        path = Path(workspace) / DB_NAME
-        if path.exists():
-            _keep_aside(path)
-        history = cls(path)
-        history.set_meta("fingerprint", fingerprint)
-        return history
+        except BaseException:
+            if history is not None:
+                history.close()
+            lock.release()
+            raise
 
     # --- meta --------------------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:
@@ -157,6 +166,42 @@ class History:
 
     def close(self) -> None:
         self.connection.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def make_workspace(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise HistoryError(f"tuning.workspace.path: {folder} is a file; it must be a folder (it will hold {DB_NAME})")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+class WorkspaceLock:
+    """One tuning per workspace at a time: an exclusive ``flock`` on ``<workspace>/.lock``, which
+    the system drops when the holding process ends however it ends, so a killed driver never
+    holds a workspace. The file says who holds it, for the error that a second tuning gets."""
+
+    def __init__(self, folder: Path):
+        make_workspace(folder)
+        self.file = open(folder / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise HistoryError(f"{folder}: another tuning is using this workspace ({holder}); let it finish, or "
+                               "give this one another tuning.workspace.path") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
 
 
 def _keep_aside(path: Path) -> None:

@@ -6,6 +6,7 @@ input fails in seconds on the driver rather than on every worker.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
@@ -19,6 +20,8 @@ from .evaluation import Evaluation, split_batch
 from .metrics import make_metric
 from .objectives import WeightedObjectives
 from .space import TuningSpace
+
+log = logging.getLogger("lpot_ray")
 
 
 def check_strategy(config: Config, strategy_class: type, adaptor_class: type) -> None:
@@ -91,22 +94,34 @@ def calibration_batches(config: Config, q_dataloader: Any, eval_dataloader: Any)
             raise DataError(f"q_dataloader: {approach.value} needs an example batch of inputs: "
                             "pass q_dataloader or eval_dataloader")
         return _batches(eval_dataloader, 1, "eval_dataloader")
-    return _batches(q_dataloader, max(config.quantization.calibration.sampling_size), "q_dataloader")
+    wanted = max(config.quantization.calibration.sampling_size)
+    batches = _batches(q_dataloader, wanted, "q_dataloader")
+    held = sum(Adaptor.batch_size(inputs) for inputs in batches)
+    if approach.calibrates and held < wanted:
+        log.warning("quantization.calibration.sampling_size: %d samples asked, q_dataloader holds %d; calibrating on %d",
+                    wanted, held, held)
+    return batches
 
 
 def _batches(loader: Any, samples: int, name: str) -> list:
     if loader is None:
         raise DataError(f"{name}: post-training static quantization needs a calibration loader")
-    batches, seen = [], 0
     try:
-        for batch in loader:
-            inputs, _ = split_batch(batch)
-            batches.append(inputs)
-            seen += Adaptor.batch_size(inputs)
-            if seen >= samples:
-                break
+        iterator = iter(loader)
     except TypeError as error:
         raise DataError(f"{name}: can't iterate over {type(loader).__name__}: {error}") from None
+    batches: list = []
+    seen = 0
+    while seen < samples:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        except Exception as error:  # the user's loader: name it and the batch
+            raise DataError(f"{name}: reading batch {len(batches) + 1} failed: {type(error).__name__}: {error}") from error
+        inputs, _ = split_batch(batch)
+        batches.append(inputs)
+        seen += Adaptor.batch_size(inputs)
     if not batches:
         raise DataError(f"{name}: yielded no batches")
     return batches

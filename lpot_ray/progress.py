@@ -164,6 +164,8 @@ def summary_table(result: Any, wall_seconds: Optional[float] = None) -> Table:
     else:
         closest = result.best_failing
         table.add_row("result", "no config met the criterion" + (f"; closest accuracy {closest.accuracy:.4f}" if closest else ""))
+        if result.reason:
+            table.add_row("why", result.reason)
     table.add_row("fp32 accuracy", "-" if result.baseline is None else f"{result.baseline:.4f} (baseline)")
     if result.passed:
         table.add_row("int8 ops", f"{len(result.int8_ops)}: {', '.join(result.int8_ops) or '-'}")

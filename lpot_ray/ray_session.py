@@ -29,6 +29,9 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from .errors import ClusterError
 
+MAX_WORKERS_PER_CPU = 4  # worker processes per CPU, each holding the model: more only thrash
+log = logging.getLogger("lpot_ray")
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -72,8 +75,16 @@ class RayPlan:
 
     def planned_workers(self) -> int:
         """Workers the tuning expects before Ray is up: ``workers``, else one per
-        ``cpus_per_worker`` of this machine."""
-        return self.workers or max(1, int((os.cpu_count() or 1) // self.cpus_per_worker))
+        ``cpus_per_worker`` of this machine; on this machine, no more than it holds."""
+        capacity = self.capacity(os.cpu_count() or 1)
+        if not self.workers:
+            return capacity
+        return self.workers if self.cluster_address() else min(self.workers, capacity)
+
+    def capacity(self, cpus: float) -> int:
+        """Workers (the driver included) that ``cpus`` CPUs hold: one per ``cpus_per_worker``,
+        and never more than ``MAX_WORKERS_PER_CPU`` per CPU, each being a process with the model."""
+        return max(1, min(int(cpus // self.cpus_per_worker), int(cpus * MAX_WORKERS_PER_CPU)))
 
     def cluster_address(self) -> Optional[str]:
         return self.address or os.environ.get("RAY_ADDRESS") or None
@@ -93,9 +104,17 @@ class RayPlan:
         """Worker actors to start next to the driver: ``workers - 1`` if given, else one per
         ``cpus_per_worker`` of the cluster's CPUs less the driver's, and no more than its custom
         resources can hold (the driver needs none of them)."""
+        capacity = self.capacity(cluster.get("CPU", 1))
+        if int(cluster.get("CPU", 1) // self.cpus_per_worker) > capacity and not self.workers:
+            log.warning("ray.cpus_per_worker: %g would start %d workers; capped at %d (%d per CPU)", self.cpus_per_worker,
+                        int(cluster.get("CPU", 1) // self.cpus_per_worker), capacity, MAX_WORKERS_PER_CPU)
+        if self.workers and (self.cluster_address() or self.workers <= capacity):
+            return self.workers - 1  # a cluster may grow (an autoscaler) to take them
         if self.workers:
-            return self.workers - 1
-        count = max(1, int(cluster.get("CPU", 1) // self.cpus_per_worker)) - 1
+            log.warning("ray.workers: %d asked, but this machine's %g CPUs hold %d of cpus_per_worker %g; running %d "
+                        "(the driver and %d Ray workers)", self.workers, cluster.get("CPU", 1), capacity,
+                        self.cpus_per_worker, capacity, capacity - 1)
+        count = capacity - 1
         for name, amount in self.resources_per_worker.items():
             count = min(count, int(cluster.get(name, 0) // amount))
         return max(0, count)

@@ -37,6 +37,7 @@ class TuneResult:
     workspace: str = ""
     model_bytes: bytes = field(default=b"", repr=False)
     error: str = ""  # why the job could not run (tune_many reports it and goes on with the others)
+    reason: str = ""  # why no config passed, in one line (the log says it too)
     wall_time: float = 0.0  # seconds, as tune_many measured them
     timings: dict = field(default_factory=dict)  # seconds per phase (timings.py says which)
 

@@ -22,7 +22,7 @@ from . import inputs, registry
 from .adaptors.base import Adaptor
 from .config import Config
 from .cpu import bf16_unavailable_reason
-from .engine import Criterion, Engine, EngineOutcome
+from .engine import Criterion, Engine, EngineOutcome, common_failure
 from .errors import ConfigError, EvaluationError, ModelError
 from .history import History
 from .objectives import WeightedObjectives
@@ -157,8 +157,22 @@ def conclude(outcome: EngineOutcome, criterion: Criterion, finalize: Callable[[T
     best_failing = min(evaluated, key=lambda trial: (criterion.loss(trial.accuracy), trial.key), default=None)
     history.set_meta("result", {"key": None, "rejected": rejected})
     history.set_meta("timings", clock.seconds)
+    why = _why_nothing_passed(outcome, rejected)
+    log.warning("no config met the criterion: %s", why)
     return TuneResult(model=None, config=None, accuracy=None, objectives={}, int8_ops=(), fp32_ops=(),
-                      passed=False, best_failing=best_failing, **common)
+                      passed=False, best_failing=best_failing, reason=why, **common)
+
+
+def _why_nothing_passed(outcome: EngineOutcome, rejected: list) -> str:
+    """One line for the result and the log: what the history says of a tuning that found nothing."""
+    if rejected:
+        return "; ".join(f"finalist {item['key']} " + (f"failed to compile: {item['error']}" if "error" in item
+                                                       else f"scored {item['compiled_accuracy']} compiled")
+                         for item in rejected)
+    if common := common_failure(outcome.trials):
+        return common
+    failed = sum(trial.status.is_failure for trial in outcome.trials)
+    return f"{outcome.stopped_by}; {len(outcome.trials)} trials, {failed} of them failed (see the history for why)"
 
 
 def _passed(config: TuneConfig, proxy: float, final: Finalized, history: History, rejected: list,
@@ -197,5 +211,9 @@ def _baseline(job: Job) -> float:
         raise EvaluationError(f"fp32 baseline: {error}") from None
     except Exception as error:  # the user's code or data: say so before any worker starts
         raise EvaluationError(f"fp32 baseline: evaluating the original model failed: {type(error).__name__}: {error}") from error
+    if job.higher_is_better and baseline <= 0:
+        raise EvaluationError(f"fp32 baseline: the original model scores {baseline} on the evaluation, so any int8 "
+                              "model would meet a criterion relative to it; check the labels, the metric and "
+                              "that the model is the trained one")
     job.history.set_meta("baseline", baseline)
     return baseline

@@ -69,15 +69,19 @@ def tune_many(jobs: Sequence[Union[ZooJob, dict]], address: Optional[str] = None
                                              job.eval_func, name=name)
         except Exception as error:  # one broken job must not stop the others
             results[name] = _failed(name, error, started[name])
-    if prepared:
-        plan = RayPlan.resolve([job.config for job in prepared.values()], address, workers, verbose)
-        with WorkerPool({name: job.driver_runner() for name, job in prepared.items()}, plan) as pool:
-            threads = [threading.Thread(target=_run_job, args=(job, pool, results, started[name]), name=f"lpot-ray-job-{name}")
-                       for name, job in prepared.items()]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+    try:
+        if prepared:
+            plan = RayPlan.resolve([job.config for job in prepared.values()], address, workers, verbose)
+            with WorkerPool({name: job.driver_runner() for name, job in prepared.items()}, plan) as pool:
+                threads = [threading.Thread(target=_run_job, args=(job, pool, results, started[name]),
+                                            name=f"lpot-ray-job-{name}") for name, job in prepared.items()]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+    finally:
+        for job in prepared.values():
+            job.history.close()  # run closes it too; this frees the workspace if the pool never started
     return [results[name] for name in names]
 
 
@@ -117,7 +121,8 @@ def results_table(names: Sequence[str], results: Sequence[TuneResult]) -> str:
     lines = [f"{'model':<20}{'fp32 acc':>10}{'int8 acc':>10}{'fp32/int8 latency':>19}{'trials':>8}{'wall s':>8}  status"]
     for name, result in zip(names, results, strict=True):
         ratio = result.objectives.get("latency_ratio")
-        status = "passed" if result.passed else f"error: {result.error}" if result.error else "no config passed"
+        status = ("passed" if result.passed else f"error: {result.error}" if result.error
+                  else f"no config passed: {result.reason}" if result.reason else "no config passed")
         lines.append(f"{name:<20}{_figure(result.baseline):>10}{_figure(result.accuracy):>10}"
                      f"{(f'{ratio:.2f}x' if ratio else '-'):>19}{result.n_trials:>8}{result.wall_time:>8.1f}  {status}")
     return "\n".join(lines)

@@ -78,6 +78,16 @@ def test_eval_func_that_returns_no_number(digits, tmp_path, value):
         tune(digits, base_conf(tmp_path), eval_func=lambda model: value)
 
 
+def test_eval_func_returning_several_values_is_named(digits, tmp_path):
+    with pytest.raises(EvaluationError, match=r"fp32 baseline: evaluation returned tensor\(\[0.5000, 0.7000\]\); expected a number"):
+        tune(digits, base_conf(tmp_path), eval_func=lambda model: torch.tensor([0.5, 0.7]))
+
+
+def test_a_baseline_of_zero_stops_the_tuning_saying_why(digits, tmp_path):
+    with pytest.raises(EvaluationError, match="fp32 baseline: the original model scores 0.0 on the evaluation"):
+        tune(digits, base_conf(tmp_path), eval_func=lambda model: 0.0)
+
+
 def test_empty_loaders(digits, tmp_path):
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
     with pytest.raises(DataError, match="q_dataloader: yielded no batches"):
@@ -115,3 +125,36 @@ def test_restrictions_that_leave_nothing_to_quantize(digits, tmp_path):
     conf["quantization"] = {"model_wise": {"activation": {"algorithm": "percentile"}}}
     with pytest.raises(ConfigError, match="leave no int8 .*scheme for any op; pytorch offers .*w:int8/sym/per_channel/minmax a:uint8/asym/per_tensor/kl"):
         tune(digits, conf)
+
+
+def test_a_workspace_in_use_by_another_tuning_is_refused(digits, tmp_path):
+    from lpot_ray.errors import HistoryError
+    from lpot_ray.history import History
+
+    holder = History.start(tmp_path / "ws", None, {})
+    try:
+        with pytest.raises(HistoryError, match="ws: another tuning is using this workspace"):
+            tune(digits, base_conf(tmp_path))
+    finally:
+        holder.close()
+
+
+def test_a_calibration_loader_that_breaks_midway_is_named(digits, tmp_path):
+    calibration = digits[1]
+
+    def breaking():
+        yield next(iter(calibration))
+        raise OSError("disk gone")
+
+    with pytest.raises(DataError, match="q_dataloader: reading batch 2 failed: OSError: disk gone"):
+        tune(digits, base_conf(tmp_path), q_dataloader=breaking())
+
+
+def test_more_calibration_samples_asked_than_given_says_how_many_are_used(digits, caplog):
+    from lpot_ray.config import load_config
+    from lpot_ray.inputs import calibration_batches
+
+    config = load_config({"model": {"framework": "pytorch"}, "quantization": {"calibration": {"sampling_size": 100000}}})
+    held = sum(len(images) for images, _ in digits[1])
+    assert sum(len(batch) for batch in calibration_batches(config, digits[1], None)) == held
+    assert f"sampling_size: 100000 samples asked, q_dataloader holds {held}; calibrating on {held}" in caplog.text

@@ -313,6 +313,18 @@ def test_workers_per_cluster_cpus_and_custom_resources():
     assert RayPlan(workers=4, resources_per_worker={"accelerator_x": 1}).ray_workers(cluster) == 3
 
 
+def test_worker_counts_a_machine_cannot_hold_are_capped_with_a_warning(caplog):
+    from lpot_ray.ray_session import RayPlan
+
+    machine = {"CPU": 2.0}
+    assert RayPlan(workers=10000).ray_workers(machine) == 1  # a private Ray: the driver and one worker
+    assert "ray.workers: 10000 asked, but this machine's 2 CPUs hold 2 of cpus_per_worker 1; running 2" in caplog.text
+    assert RayPlan(cpus_per_worker=0.0001).ray_workers(machine) == 7  # not 20,000 processes
+    assert "ray.cpus_per_worker: 0.0001 would start 19999 workers; capped at 8 (4 per CPU)" in caplog.text
+    assert RayPlan(workers=10000, address="10.0.0.5:6379").ray_workers(machine) == 9999  # a cluster may grow
+    assert RayPlan(workers=10000).planned_workers() <= 4 * os.cpu_count()
+
+
 def test_resources_per_worker_is_validated():
     from lpot_ray.config import load_config
     from lpot_ray.errors import ConfigError

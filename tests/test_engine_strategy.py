@@ -1,11 +1,14 @@
 """The ask/tell loop and the basic strategy, with a fake evaluation: pure logic, no model."""
 
+import dataclasses
+
 import pytest
 
 from lpot_ray.config import ExitPolicy
 from lpot_ray.engine import Criterion, Engine
 from lpot_ray.history import History
 from lpot_ray.strategies.basic import BasicStrategy
+from lpot_ray.trial import Status
 
 from fakes import FakeExecutor, make_space, sensitive_ops_accuracy
 
@@ -243,3 +246,32 @@ def test_basic_resumed_mid_way_ends_with_the_uninterrupted_choice(tmp_path, stop
                      ExitPolicy(timeout=60), space.fp32_macs_fraction).run()
     assert resumed.passing[0].key == whole.passing[0].key
     assert not {config.key for config in executor.evaluated} & done_before
+
+
+def test_trials_all_failing_for_one_reason_stop_the_tuning_saying_it(tmp_path):
+    from lpot_ray.strategies.exhaustive import ExhaustiveStrategy
+
+    space = make_space()
+    executor = FakeExecutor(lambda config: None, 1)
+    engine = Engine(ExhaustiveStrategy(space), executor, History(tmp_path / "h.db"), Criterion(0.9, absolute=0.01),
+                    ExitPolicy(timeout=60, max_trials=100), space.fp32_macs_fraction)
+    outcome = engine.run()
+    assert outcome.stopped_by == "every trial failed: boom"
+    assert len(outcome.trials) == 3 and len(executor.evaluated) == 3
+
+
+def test_failures_for_different_reasons_or_after_a_success_do_not_stop_it(tmp_path):
+    reasons = iter(["boom", "bang"] * 50)
+
+    class Varied(FakeExecutor):
+        def results(self, timeout):
+            return [dataclasses.replace(outcome, reason=next(reasons)) if outcome.status == Status.FAILED else outcome
+                    for outcome in super().results(timeout)]
+
+    space = make_space()
+    engine = Engine(BasicStrategy(space), Varied(lambda config: None, 1), History(tmp_path / "v.db"),
+                    Criterion(0.9, absolute=0.01), ExitPolicy(timeout=60, max_trials=8), space.fp32_macs_fraction)
+    assert engine.run().stopped_by != "every trial failed: boom"
+    first_ok = iter([0.5] + [None] * 50)
+    outcome, _, _ = run(tmp_path, lambda config: next(first_ok), slots=1, max_trials=6, name="ok-first")
+    assert not outcome.stopped_by.startswith("every trial failed") and len(outcome.trials) > 3

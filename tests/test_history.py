@@ -32,8 +32,9 @@ def test_an_earlier_history_left_by_a_killed_driver_is_kept_aside_with_its_trial
     subprocess.run([sys.executable, "-c", driver, str(tmp_path), os.path.dirname(__file__)], check=True)
     assert (tmp_path / "history.db-wal").stat().st_size > 0
 
-    fresh = History.start(tmp_path, None, FINGERPRINT)
+    fresh = History.start(tmp_path, None, FINGERPRINT)  # the killed driver holds the workspace no longer
     assert len(fresh) == 0
+    fresh.close()
     (aside,) = [path for path in tmp_path.glob("history-*.db")]
     assert len(History.start(tmp_path, aside, FINGERPRINT)) == 3
 
@@ -105,3 +106,14 @@ def test_a_report_that_cannot_be_written_names_the_path(tmp_path):
     (tmp_path / "blocker").write_text("a file where a folder should be")
     with pytest.raises(ConfigError, match="blocker/report.html: can't write the report there"):
         write_report(str(tmp_path), str(tmp_path / "blocker" / "report.html"))
+
+
+def test_a_workspace_is_one_tunings_at_a_time_and_says_who_holds_it(tmp_path):
+    first = History.start(tmp_path, None, FINGERPRINT)
+    for second in (lambda: History.start(tmp_path, None, FINGERPRINT), lambda: History.start(tmp_path, tmp_path, FINGERPRINT)):
+        with pytest.raises(HistoryError, match=rf"another tuning is using this workspace \(pid {os.getpid()} on "):
+            second()
+    assert len(first) == 0  # its history was not kept aside under it
+    first.close()
+    History.start(tmp_path, tmp_path, FINGERPRINT).close()  # free again
+

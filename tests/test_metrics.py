@@ -93,6 +93,9 @@ def test_known_values():
         ({"MSE": None}, VALUES[:5], TARGETS[:4], r"MSE: predictions of shape \(5, 3\) don't match labels of shape \(4, 3\)"),
         ({"BLEU": None}, HYPOTHESES[:3], REFERENCES[:2], "BLEU: 3 predictions for 2 references"),
         ({"mAP": None}, [(boxes(2), [0.5], [1])], [(boxes(1), [1])], "mAP: 2 boxes, 1 scores and 1 classes detected"),
+        ({"topk": 1}, SCORES[:2], np.array(["cat", "dog"]), "topk: labels must be class indices .*labels such as 'cat'"),
+        ({"Accuracy": None}, SCORES[:2], np.array([0.5, 1.0]), "Accuracy: labels must be class indices .*float64"),
+        ({"topk": 1}, SCORES[:2, :3], np.array([0, 4]), "topk: label 4 is not a class of a model that gives 3 scores per sample"),
     ],
 )
 def test_mismatched_predictions_and_labels_say_which_shapes(spec, preds, labels, message):

@@ -146,6 +146,19 @@ def test_mse_strategy_inspects_the_mxnet_model(ray_session, outlier_net, tmp_pat
     assert errors[CONV1] > 100 * max(errors[CONV0], errors[DENSE0], errors[DENSE1])  # its input lost the small channels
 
 
+def test_gluon_data_loaders_with_ndarray_labels_evaluate_like_numpy_ones(trained):
+    from lpot_ray.evaluation import Evaluation
+
+    net, calibration, evaluation = trained
+    adaptor, model, _, _ = build(net, calibration)
+    images, labels = zip(*[(images, labels) for images, labels in evaluation])
+    dataset = mx.gluon.data.ArrayDataset(mx.nd.array(np.concatenate(images)), mx.nd.array(np.concatenate(labels)))
+    gluon_loader = mx.gluon.data.DataLoader(dataset, batch_size=64)
+    assert isinstance(next(iter(gluon_loader))[1], mx.nd.NDArray)
+    measure = lambda loader: Evaluation(dataloader=loader, metric={"topk": 1}).run(adaptor, model)  # noqa: E731
+    assert measure(gluon_loader) == measure(evaluation) > 0.9
+
+
 def test_not_a_hybrid_block_is_a_model_error(trained):
     _, calibration, _ = trained
     images = next(iter(calibration))[0]

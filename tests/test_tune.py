@@ -129,6 +129,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_tuning_goes_on(ray_sess
     assert not result.passed and result.model is None and result.best_failing is None
     trials = History(tmp_path / "ws" / "history.db").trials()
     assert trials and all(trial.status == "failed" and "scorer exploded" in trial.reason for trial in trials)
+    assert result.reason.startswith("every trial failed: RuntimeError: scorer exploded")  # said, not just recorded
 
 
 def test_bayesian_finds_the_needed_fallback_on_a_real_model_through_ray(ray_session, outlier_digits, tmp_path):

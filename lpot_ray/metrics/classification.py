@@ -8,17 +8,24 @@ from ..errors import ConfigError, EvaluationError
 from .base import SummedMetric
 
 
-def _class_labels(labels: np.ndarray) -> np.ndarray:
-    """Class indices, from indices or one-hot rows (LPOT accepts both)."""
+def _class_labels(labels: np.ndarray, metric: str) -> np.ndarray:
+    """Class indices, from indices or one-hot rows (LPOT accepts both). Labels that are not
+    whole numbers (strings, fractions) would never equal a predicted class: refused."""
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] > 1:
         return labels.argmax(axis=1)
-    return labels.reshape(-1)
+    labels = labels.reshape(-1)
+    whole = labels.dtype.kind in "iub" or (labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0))
+    if not whole:
+        example = labels[0] if labels.size else "?"
+        raise EvaluationError(f"{metric}: labels must be class indices (whole numbers), got {labels.dtype} "
+                              f"labels such as {example!r}; map them to 0..classes-1 in the dataset")
+    return labels.astype(np.int64)
 
 
 def _labels(preds: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Predicted classes (argmax of scores, or classes given) and labels, checked to match."""
-    preds, labels = np.asarray(preds), _class_labels(labels)
+    preds, labels = np.asarray(preds), _class_labels(labels, metric)
     if preds.ndim == 2:  # scores: one column is a sigmoid's probability of class 1
         preds = (preds[:, 0] > 0.5).astype(np.int64) if preds.shape[1] == 1 else preds.argmax(axis=1)
     preds = preds.reshape(-1)
@@ -44,11 +51,14 @@ class TopK(SummedMetric):
         super().__init__()
 
     def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
-        preds, labels = np.asarray(preds), _class_labels(labels)
+        preds, labels = np.asarray(preds), _class_labels(labels, "topk")
         if preds.ndim != 2 or preds.shape[0] != labels.shape[0]:
             raise EvaluationError(
                 f"topk: expected scores of shape (batch, classes) matching {labels.shape[0]} labels, got {preds.shape}"
             )
+        if labels.size and (labels.min() < 0 or labels.max() >= preds.shape[1]):
+            raise EvaluationError(f"topk: label {labels.max() if labels.max() >= preds.shape[1] else labels.min()} "
+                                  f"is not a class of a model that gives {preds.shape[1]} scores per sample")
         top = np.argsort(-preds, axis=1, kind="stable")[:, : self.k]
         self.add(correct=(top == labels[:, None]).any(axis=1).sum(), total=labels.shape[0])
 
