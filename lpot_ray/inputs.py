@@ -6,6 +6,7 @@ input fails in seconds on the driver rather than on every worker.
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import os
 import platform
@@ -43,6 +44,9 @@ def evaluation_from(config: Config, eval_dataloader: Any, eval_func: Optional[Ca
         raise ConfigError("evaluation: pass eval_func, or eval_dataloader together with "
                           "`evaluation.accuracy.metric` in the configuration (e.g. {topk: 1})")
     make_metric(metric)  # an unknown name or bad parameter fails here, not on a worker
+    if isinstance(eval_dataloader, collections.abc.Iterator):
+        raise DataError(f"eval_dataloader: a {type(eval_dataloader).__name__} can be read only once, and every trial "
+                        "reads it again; pass a list of batches or a DataLoader")
     return Evaluation(dataloader=eval_dataloader, metric=metric)
 
 

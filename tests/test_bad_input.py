@@ -158,3 +158,8 @@ def test_more_calibration_samples_asked_than_given_says_how_many_are_used(digits
     held = sum(len(images) for images, _ in digits[1])
     assert sum(len(batch) for batch in calibration_batches(config, digits[1], None)) == held
     assert f"sampling_size: 100000 samples asked, q_dataloader holds {held}; calibrating on {held}" in caplog.text
+
+
+def test_a_one_shot_evaluation_iterator_is_refused(digits, tmp_path):
+    with pytest.raises(DataError, match="eval_dataloader: a generator can be read only once"):
+        tune(digits, base_conf(tmp_path), eval_dataloader=(batch for batch in digits[2]))

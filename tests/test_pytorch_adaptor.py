@@ -74,6 +74,19 @@ def test_compiled_model_runs_other_batch_sizes_without_compiling_again(digits):
     assert (chunked.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
 
 
+def test_numpy_float64_batches_run_a_float32_model(digits):
+    model, calibration, _ = digits
+    batches = [images.numpy().astype(np.float64) for images, _ in calibration]  # numpy's default float
+    adaptor = PyTorchAdaptor()
+    exported = adaptor.load(adaptor.prepare(model, batches[0]))
+    config = TuningSpace.build(adaptor.capabilities(exported), load_config({"model": {"framework": "pytorch"}}).quantization
+                               ).model_wise_configs()[0]
+    quantized = adaptor.quantize(exported, config, batches)
+    scores = adaptor.predict(quantized, batches[0])
+    assert scores.shape == (len(batches[0]), 10)
+    assert np.array_equal(scores, adaptor.predict(quantized, batches[0].astype(np.float32)))
+
+
 def test_per_tensor_weights_do_not_lower_to_int8_so_they_are_not_offered(digits):
     model, calibration, _ = digits
     adaptor, exported, space, batches = build(model, calibration)

@@ -81,11 +81,13 @@ _KERNELS = {
 
 
 def as_args(inputs: Any) -> tuple:
-    """A batch's inputs as the model's positional arguments; numpy arrays become tensors."""
+    """A batch's inputs as the model's positional arguments; numpy arrays become tensors, float64
+    ones float32 (numpy's and scikit-learn's default float is torch models' double)."""
     import torch
 
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    return tuple(torch.from_numpy(np.ascontiguousarray(arg)) if isinstance(arg, np.ndarray) else arg for arg in args)
+    return tuple(torch.from_numpy(np.ascontiguousarray(arg, dtype=np.float32 if arg.dtype == np.float64 else None))
+                 if isinstance(arg, np.ndarray) else arg for arg in args)
 
 
 class PyTorchAdaptor(Adaptor):
