@@ -26,6 +26,9 @@ from .history import History, resolve_db_path
 from .trial import Trial
 
 EXIT_OK, EXIT_NO_PASS, EXIT_BAD_INPUT, EXIT_FAILED = 0, 1, 2, 3
+TRUSTED_MODELS = ("Model files are code: tune and benchmark only models from sources you trust. A PyTorch .pt2 "
+                  "is loaded with weights-only unpickling, but a TensorFlow SavedModel or an MXNet graph runs the "
+                  "ops it names.")
 SORT_KEYS = {
     "seq": lambda trial: trial.seq,
     "accuracy": lambda trial: -(trial.accuracy if trial.accuracy is not None else float("-inf")),
@@ -35,10 +38,13 @@ SORT_KEYS = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="lpot-ray", description="Ray-distributed int8 tuning, LPOT-compatible.")
+    parser = argparse.ArgumentParser(prog="lpot-ray", description="Ray-distributed int8 tuning, LPOT-compatible.",
+                                     epilog=TRUSTED_MODELS)
     commands = parser.add_subparsers(dest="command", required=True)
-    tune = commands.add_parser("tune", help="tune the model a YAML names, on the data its dataloaders name")
-    tune.add_argument("config", help="an LPOT-style YAML with model.path and dataloader sections")
+    tune = commands.add_parser("tune", help="tune the model a YAML names, on the data its dataloaders name",
+                               epilog=TRUSTED_MODELS)
+    tune.add_argument("config", help="an LPOT-style YAML with model.path (a model from a source you trust) and "
+                                     "dataloader sections")
     tune.add_argument("--address", help="a Ray cluster to use (else ray.address, RAY_ADDRESS, a private Ray)")
     tune.add_argument("--workers", type=int, help="workers, the driver included (overrides ray.workers)")
     tune.add_argument("--resume", action="store_true", help="finish the tuning recorded in the workspace")
@@ -50,7 +56,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = commands.add_parser("report", help="a self-contained HTML report with plots")
     report.add_argument("workspace", help="the workspace folder, or its history.db")
     report.add_argument("-o", "--output", help="the HTML file to write (default: WORKSPACE/report.html)")
-    benchmark = commands.add_parser("benchmark", help="latency and throughput, or accuracy, of an fp32 or int8 model")
+    benchmark = commands.add_parser("benchmark", help="latency and throughput, or accuracy, of an fp32 or int8 model",
+                                    epilog=TRUSTED_MODELS)
     benchmark.add_argument("config", help="an LPOT-style YAML with evaluation.performance and/or evaluation.accuracy")
     benchmark.add_argument("--model", help="a model file, or an int8 model folder saved by tune (default: model.path)")
     benchmark.add_argument("--mode", choices=("performance", "accuracy"), help="one mode (default: every mode the YAML sets)")

@@ -137,3 +137,37 @@ def test_inspection_blames_the_ops_whose_inputs_have_outliers(outlier_digits):
     errors = adaptor.inspect_tensors(exported, space.model_wise_configs()[0], batches)
     assert set(errors) == {"conv1", "conv2", "fc1", "fc2"}
     assert min(errors["conv2"], errors["fc1"]) > 100 * max(errors["conv1"], errors["fc2"])
+
+
+class _Payload:
+    """Unpickling this touches a file: what a crafted model file could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_a_model_file_that_would_run_code_when_unpickled_is_refused_unrun(tmp_path):
+    import io
+    import zipfile
+
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    torch.export.save(torch.export.export(module, (torch.randn(2, 1, 8, 8),)), tmp_path / "good.pt2")
+    marker = tmp_path / "code_ran"
+    crafted = io.BytesIO()
+    torch.save(((_Payload(str(marker)),), {}), crafted)
+    with zipfile.ZipFile(tmp_path / "good.pt2") as good, zipfile.ZipFile(tmp_path / "crafted.pt2", "w") as bad:
+        for info in good.infolist():
+            bad.writestr(info, crafted.getvalue() if info.filename.endswith("sample_inputs/model.pt") else good.read(info))
+
+    adaptor = PyTorchAdaptor()
+    assert isinstance(adaptor.load_file(str(tmp_path / "good.pt2")), torch.nn.Module)
+    with pytest.raises(ModelError, match="crafted.pt2: holds pickled Python objects beyond tensors"):
+        adaptor.load_file(str(tmp_path / "crafted.pt2"))
+    assert not marker.exists()
+    torch.load(io.BytesIO(crafted.getvalue()), weights_only=False)  # the same bytes, unpickled freely, do run
+    assert marker.exists()

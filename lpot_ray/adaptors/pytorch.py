@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 import weakref
@@ -119,8 +120,14 @@ class PyTorchAdaptor(Adaptor):
         if not file.is_file():
             raise ModelError(f"model.path: {file}: file not found")
         try:
-            module = self.torch.export.load(str(file)).module()
+            with weights_only_unpickling(self.torch):
+                module = self.torch.export.load(str(file)).module()
+        except ModelError:
+            raise
         except Exception as error:  # a zip of something else, a pickle, a truncated file...
+            if "Weights only load failed" in str(error):
+                raise ModelError(f"model.path: {file}: holds pickled Python objects beyond tensors, which could run "
+                                 "code; lpot_ray loads only weights (save the model with torch.export.save)") from None
             raise ModelError(f"model.path: {file}: not a torch.export .pt2 file ({type(error).__name__}: {error})") from None
         self.pt2e.allow_exported_model_train_eval(module)
         return module
@@ -338,7 +345,9 @@ class PyTorchAdaptor(Adaptor):
         return self._export(model, as_args(example_inputs))
 
     def deserialize(self, payload: bytes) -> Any:
-        module = self.torch.export.load(io.BytesIO(payload)).module()
+        """A saved quantized model (``lpot_ray.load``, the benchmark mode): weights only, like ``load_file``."""
+        with weights_only_unpickling(self.torch):
+            module = self.torch.export.load(io.BytesIO(payload)).module()
         self.pt2e.allow_exported_model_train_eval(module)
         return module
 
@@ -411,6 +420,33 @@ def _concatenated(outputs: list, size: int) -> Any:
         batched = isinstance(first, torch.Tensor) and first.dim() > 0
         leaves.append(torch.cat([chunk[index] for chunk in flat])[:size] if batched else first)
     return tree_unflatten(leaves, tree_flatten(outputs[0])[1])
+
+
+@contextlib.contextmanager
+def weights_only_unpickling(torch: Any) -> Iterator[None]:
+    """While a model file loads, unpickle with torch's weights-only unpickler and refuse plain
+    pickles: ``torch.export.load`` otherwise unpickles weights, constants and example inputs with
+    ``weights_only=False`` or ``pickle.loads``, and a crafted file runs whatever code it holds."""
+    from unittest import mock
+
+    from torch.export.pt2_archive import _package
+
+    load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        return load(*args, **{**kwargs, "weights_only": True})
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ModelError("model.path: the file holds pickled Python objects, which could run code; "
+                         "lpot_ray loads only weights and the graph")
+
+    with _UNPICKLING, mock.patch.object(torch, "load", weights_only_load), \
+            mock.patch.object(_package, "pickle", mock.NonCallableMock(loads=refuse)), \
+            mock.patch.object(torch._C, "_pickle_load_obj", refuse):
+        yield
+
+
+_UNPICKLING = threading.Lock()  # the patches above are process-wide: one model file at a time
 
 
 def _drop_unreferenced_tensors(module: Any) -> None:
