@@ -55,7 +55,7 @@ def test_history_of_what_is_not_one_is_bad_input(tmp_path):
     assert done.returncode == 2 and "no tuning history there" in done.stderr
     sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE x (y)")
     done = lpot_ray("history", str(tmp_path / "other.db"))
-    assert done.returncode == 2 and "can't open as a tuning history" in done.stderr
+    assert done.returncode == 2 and "other.db: not an lpot_ray tuning history (its tables are x)" in done.stderr
 
 
 def save_pt2(model, path):
