@@ -311,6 +311,9 @@ class ExitPolicy(_Section):
     timeout: float = Field(0, ge=0)
     max_trials: int = Field(100, ge=1)
     performance_only: bool = False  # LPOT's: quantize with the default config, no accuracy tuning
+    # Seconds a trial (and the fp32 baseline) may run before it is recorded failed and its worker
+    # freed. None: derived from the baseline's evaluation time; 0: no limit. lpot_ray's own key.
+    trial_timeout: Optional[float] = Field(None, ge=0)
 
 
 class WorkspaceSection(_Section):

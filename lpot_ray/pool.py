@@ -50,10 +50,49 @@ from .user_code import ship_user_code_by_value
 from .worker import TrialRunner, TrialWorker
 
 MAX_RETRIES = 2
+TIMEOUT_GRACE = 10.0  # seconds a timed-out request has to stop before its worker is given up
 log = logging.getLogger("lpot_ray")
 
 
 # --- workers -----------------------------------------------------------------------------------
+class TrialThread:
+    """The driver's trial thread: one daemon thread taking calls in order. A daemon, unlike a
+    ThreadPoolExecutor's, so that a call blocked for good in the user's code (a stuck eval_func)
+    never keeps the process from exiting; ``replace`` leaves such a thread behind."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._serve, args=(self.calls,), name="lpot-ray-trial", daemon=True)
+        self.thread.start()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.calls.put((future, function, args))
+        return future
+
+    def _serve(self, calls: queue.Queue) -> None:
+        while (call := calls.get()) is not None:
+            future, function, args = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(*args))
+                except BaseException as error:  # handed to whoever waits on the future
+                    future.set_exception(error)
+            if calls is not self.calls:
+                return  # replaced while this call ran: a new thread serves now
+
+    def replace(self) -> None:
+        """Serve further calls on a new thread; the current one ends when its call returns."""
+        old, self.calls = self.calls, queue.Queue()
+        old.put(None)
+        self.thread = threading.Thread(target=self._serve, args=(self.calls,), name="lpot-ray-trial", daemon=True)
+        self.thread.start()
+
+    def close(self, timeout: Optional[float]) -> None:
+        self.calls.put(None)
+        self.thread.join(timeout)
+
+
 class DriverSlot:
     """Worker 0: one thread of the driver running each job's requests on the driver's own runner."""
 
@@ -62,8 +101,9 @@ class DriverSlot:
 
     def __init__(self, runners: dict[str, TrialRunner]):
         self.runners = runners
-        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lpot-ray-trial")
+        self.thread = TrialThread()
         self.cancelled: set[tuple[str, int]] = set()
+        self.stuck = False  # a request outlived its time limit and did not stop: the thread was replaced
 
     def run(self, job_id: str, seq: int, request: Request) -> concurrent.futures.Future:
         should_stop = lambda: (job_id, seq) in self.cancelled  # noqa: E731
@@ -74,6 +114,11 @@ class DriverSlot:
         model is not thread-safe in torch."""
         return self.thread.submit(function, *args).result()
 
+    def abandon(self) -> None:
+        """Leave a request that does not stop to its thread and go on with a new one."""
+        self.stuck = True
+        self.thread.replace()
+
     def cancel(self, job_id: str, seq: int) -> None:
         self.cancelled.add((job_id, seq))
 
@@ -81,7 +126,7 @@ class DriverSlot:
         pass  # the models are the user's own, held by the driver anyway; ``close`` restores threads in order
 
     def close(self) -> None:
-        self.thread.shutdown(wait=True, cancel_futures=True)
+        self.thread.close(timeout=None if not self.stuck else 1.0)
         for runner in self.runners.values():
             runner.close()
 
@@ -129,6 +174,8 @@ class Running:
     job_id: str
     item: Waiting
     slot: Any
+    started: float = field(default_factory=time.monotonic)
+    timed_out: bool = False  # past its job's trial time limit: reported failed, asked to stop
 
 
 @dataclass
@@ -141,6 +188,7 @@ class JobState:
     outcomes: list = field(default_factory=list)
     submitted: int = 0
     active: bool = True
+    trial_timeout: Optional[float] = None  # seconds a request may run; None: no limit
 
 
 class WorkerPool:
@@ -205,6 +253,7 @@ class WorkerPool:
                 for future in finished:
                     if future is not None:
                         self._finished(future)
+                self._enforce_time_limits()
                 self._admit()
 
     def _grow(self, session: RaySession) -> None:
@@ -364,6 +413,42 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 slot.close()  # free its resources if it is only unreachable, not dead
             self._start(slot.name)
+
+    def set_trial_timeout(self, job_id: str, seconds: Optional[float]) -> None:
+        with self.lock:
+            self.states[job_id].trial_timeout = seconds or None
+
+    def _enforce_time_limits(self) -> None:
+        """A request past its job's limit is reported failed and asked to stop at its next batch;
+        one still running ``TIMEOUT_GRACE`` later (blocked in the user's code, say) loses its
+        worker: a Ray worker is replaced, the driver goes on with a new thread."""
+        now = time.monotonic()
+        for future, running in list(self.running.items()):
+            job_id, seq, slot = running.job_id, running.item.seq, running.slot
+            state = self.states[job_id]
+            limit = state.trial_timeout
+            if limit is None or now - running.started <= limit:
+                continue
+            if not running.timed_out:
+                running.timed_out = True
+                slot.cancel(job_id, seq)
+                log.warning("%s: trial %d of %s timed out after %g s; asked to stop", slot.name, seq, job_id, limit)
+                self._deliver(job_id, Outcome(seq, Status.FAILED, worker=slot.name, started=time.time() - (now - running.started),
+                                              duration=now - running.started,
+                                              reason=f"timed out after {limit:g} s (tuning.exit_policy.trial_timeout)"))
+                state.cancelled.add(seq)  # what it returns later is not delivered
+            elif now - running.started > limit + TIMEOUT_GRACE:
+                log.warning("%s: trial %d of %s did not stop %g s after its time limit; %s", slot.name, seq, job_id,
+                            TIMEOUT_GRACE, "the driver goes on with a new thread" if slot.is_driver else "worker replaced")
+                del self.running[future]
+                state.running -= 1
+                if slot.is_driver:
+                    slot.abandon()
+                    self.idle.append(slot)
+                else:
+                    self._replace(slot)
+                self.changed.notify_all()
+                self._dispatch()
 
     def cancel(self, job_id: str, seq: int) -> None:
         with self.lock:

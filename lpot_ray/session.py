@@ -12,15 +12,18 @@ busy, and the best passing config is compiled to real kernels in the driver and 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from . import inputs, registry
 from .adaptors.base import Adaptor
-from .config import Config
+from .config import Approach, Config, ExitPolicy
 from .cpu import bf16_unavailable_reason
 from .engine import Criterion, Engine, EngineOutcome, common_failure
 from .errors import ConfigError, EvaluationError, ModelError
@@ -34,6 +37,8 @@ from .trial import Finalized, Status
 from .worker import TrialRunner, WorkerJob
 
 FINALISTS = 3  # passing configs compiled at most, best first, until one still passes compiled
+BASELINE_LIMIT = 3600.0  # seconds the fp32 baseline may take unless trial_timeout says otherwise
+TRIAL_LIMIT_FACTOR, TRIAL_LIMIT_ALLOWANCE = 10, 300.0  # the default trial limit: 10 baselines + 5 minutes
 log = logging.getLogger("lpot_ray")
 
 
@@ -112,6 +117,8 @@ def run(job: Job, pool: WorkerPool, on_progress: Optional[Callable[[Engine], Non
             return _default_config_only(job, pool)
         with job.clock.time("baseline"):
             baseline = _baseline(job)
+        pool.set_trial_timeout(job.name, trial_limit(config.tuning.exit_policy, job.history.get_meta("baseline_seconds"),
+                                                     config.quantization.approach))
         pool.check_cluster()  # a cluster refusing the connection fails before any trial
         criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion, job.higher_is_better)
         job.history.set_meta("criterion", dataclasses.asdict(criterion))
@@ -201,12 +208,26 @@ def _default_config_only(job: Job, pool: WorkerPool) -> TuneResult:
     return _passed(default, job.space.fp32_macs_fraction(default), final, job.history, [], common)
 
 
+def trial_limit(policy: ExitPolicy, baseline_seconds: Optional[float], approach: Approach) -> Optional[float]:
+    """Seconds a trial may run: ``trial_timeout`` if given (0: none), else ten times the fp32
+    baseline's evaluation plus an allowance for quantizing; none for quantization-aware training,
+    whose q_func may train far longer than an evaluation."""
+    if policy.trial_timeout is not None:
+        return policy.trial_timeout or None
+    if approach == Approach.QAT or baseline_seconds is None:
+        return None
+    return TRIAL_LIMIT_FACTOR * baseline_seconds + TRIAL_LIMIT_ALLOWANCE
+
+
 def _baseline(job: Job) -> float:
     recorded = job.history.get_meta("baseline")
     if recorded is not None:
         return recorded
+    limit = job.config.tuning.exit_policy.trial_timeout
+    started = time.perf_counter()
     try:
-        baseline = job.worker_job.evaluation.run(job.adaptor, job.baseline_model)
+        baseline = _within(limit if limit is not None else BASELINE_LIMIT,
+                           lambda: job.worker_job.evaluation.run(job.adaptor, job.baseline_model))
     except EvaluationError as error:
         raise EvaluationError(f"fp32 baseline: {error}") from None
     except Exception as error:  # the user's code or data: say so before any worker starts
@@ -216,4 +237,26 @@ def _baseline(job: Job) -> float:
                               "model would meet a criterion relative to it; check the labels, the metric and "
                               "that the model is the trained one")
     job.history.set_meta("baseline", baseline)
+    job.history.set_meta("baseline_seconds", time.perf_counter() - started)
     return baseline
+
+
+def _within(seconds: Optional[float], function: Callable[[], float]) -> float:
+    """``function()``, or an EvaluationError once it has run ``seconds`` (0: no limit). It runs in
+    a daemon thread, which a call blocked for good in the user's code leaves behind."""
+    if not seconds:
+        return function()
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def call() -> None:
+        try:
+            done.set_result(function())
+        except BaseException as error:  # raised in the caller below
+            done.set_exception(error)
+
+    threading.Thread(target=call, name="lpot-ray-baseline", daemon=True).start()
+    try:
+        return done.result(timeout=seconds)
+    except concurrent.futures.TimeoutError:
+        raise EvaluationError(f"no result after {seconds:g} s (tuning.exit_policy.trial_timeout); is the eval_func or "
+                              "the eval_dataloader waiting for something?") from None

@@ -50,6 +50,18 @@ def keras_digits():
     return train_digits_keras(epochs=6)
 
 
+def accuracy_of(model, loader) -> float:
+    """Top-1 accuracy of a torch model over a loader of (images, labels) tensors."""
+    import torch
+
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
+    return correct / total
+
+
 def accuracy_of_numpy(predict, loader) -> float:
     """Top-1 accuracy of ``predict(images) -> scores`` over a loader of numpy batches."""
     import numpy as np

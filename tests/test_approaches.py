@@ -1,20 +1,13 @@
 """LPOT's approaches beyond static quantization: dynamic quantization and quantization-aware training."""
 
-import numpy as np
 import pytest
-import torch
 
 import lpot_ray
 from lpot_ray.adaptors.pytorch import PyTorchAdaptor
 from lpot_ray.demo.torch_digits import digits_loaders, fit
 from lpot_ray.history import History
 
-from conftest import base_conf
-
-
-def accuracy_of(model, loader) -> float:
-    with torch.no_grad():
-        return float(np.mean(np.concatenate([(model(images).argmax(1) == labels).numpy() for images, labels in loader])))
+from conftest import accuracy_of, base_conf
 
 
 def train(prepared, epochs: int = 4) -> None:

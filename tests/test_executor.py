@@ -8,6 +8,7 @@ import pytest
 from lpot_ray.adaptors.pytorch import PyTorchAdaptor
 from lpot_ray.config import Approach, load_config
 from lpot_ray.evaluation import Evaluation
+from lpot_ray import pool as pool_module
 from lpot_ray.pool import Waiting, WorkerPool
 from lpot_ray.space import TuningSpace
 from lpot_ray.trial import EvaluateRequest
@@ -97,6 +98,34 @@ def test_a_worker_killed_mid_trial_costs_only_a_rerun(ray_session, job_and_space
         outcomes = wait_for(pool, 2)
         assert sorted(outcome.seq for outcome in outcomes) == [0, 1]
         assert all(outcome.status == "ok" for outcome in outcomes)
+
+
+def test_a_trial_past_its_time_limit_is_reported_failed_and_stops_at_its_next_batch(ray_session, job_and_space):
+    job, space = job_and_space
+    with ray_workers(job, 1) as pool:
+        pool.set_trial_timeout(JOB, 1.0)
+        pool.submit(JOB, 0, EvaluateRequest(space.model_wise_configs()[0]))
+        (outcome,) = wait_for(pool, 1, limit=30)
+        assert outcome.status == "failed" and outcome.reason == "timed out after 1 s (tuning.exit_policy.trial_timeout)"
+        assert 1.0 <= outcome.duration < 2.5  # 5 batches x 0.5 s would take longer
+        deadline = time.monotonic() + 10
+        while pool.share(JOB) < 1 and time.monotonic() < deadline:  # the worker frees itself at its next batch
+            pool.results(JOB, timeout=0.2)
+        assert pool.share(JOB) == 1 and pool.slots[0].name == "worker-1"
+
+
+def test_a_worker_whose_timed_out_trial_does_not_stop_is_replaced(ray_session, job_and_space, monkeypatch):
+    monkeypatch.setattr(pool_module, "TIMEOUT_GRACE", 1.0)
+    job, space = job_and_space
+    job.evaluation.dataloader.delay = 3600  # each batch blocks for an hour: no batch boundary to stop at
+    with ray_workers(job, 1) as pool:
+        stuck = pool.slots[0]
+        pool.set_trial_timeout(JOB, 1.0)
+        pool.submit(JOB, 0, EvaluateRequest(space.model_wise_configs()[0]))
+        (outcome,) = wait_for(pool, 1, limit=30)
+        assert outcome.reason == "timed out after 1 s (tuning.exit_policy.trial_timeout)"
+        wait_for_workers(pool, 1)  # a new worker took the stuck one's place
+        assert pool.slots[0] is not stuck and pool.slots[0].name == stuck.name
 
 
 def test_a_retry_with_no_ray_worker_left_is_reported_failed_not_left_hanging(job_and_space):

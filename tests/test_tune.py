@@ -9,16 +9,7 @@ import lpot_ray
 from lpot_ray.adaptors.pytorch import PyTorchAdaptor
 from lpot_ray.history import History
 
-from conftest import base_conf
-
-
-def accuracy_of(model, loader):
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in loader:
-            correct += int((model(images).argmax(1) == labels).sum())
-            total += len(labels)
-    return correct / total
+from conftest import accuracy_of, base_conf
 
 
 def test_two_workers_tune_to_an_int8_model_that_saves_and_reloads(ray_session, digits, tmp_path):

@@ -3,19 +3,11 @@
 import os
 import time
 
-import torch
-
 import lpot_ray
 from lpot_ray import zoo
 from lpot_ray.history import History
 
-from conftest import base_conf
-
-
-def accuracy_of(model, loader) -> float:
-    with torch.no_grad():
-        correct = sum(int((model(images).argmax(1) == labels).sum()) for images, labels in loader)
-    return correct / sum(len(labels) for _, labels in loader)
+from conftest import accuracy_of, base_conf
 
 
 def test_jobs_share_the_workers_fairly_and_a_broken_job_does_not_stop_the_others(
