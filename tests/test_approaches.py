@@ -50,7 +50,7 @@ def test_training_recovers_what_static_quantization_lost(ray_session, outlier_di
     assert result.accuracy > static.best_failing.accuracy + 0.4
 
 
-def test_fallback_trials_reuse_the_trained_weights(outlier_digits):
+def test_a_fallback_config_trains_for_its_own_int8_set_and_the_same_set_reuses_it(outlier_digits):
     model, calibration, evaluation = outlier_digits
     adaptor = PyTorchAdaptor()
     batches = [images for images, _ in calibration]
@@ -61,8 +61,16 @@ def test_fallback_trials_reuse_the_trained_weights(outlier_digits):
     assert {scheme.activation.algorithm for _, scheme in full.op_schemes} == {"minmax"}
 
     adaptor.quantize_aware(exported, full, lambda prepared: train(prepared, epochs=1), batches)
-    fallback = adaptor.quantize_aware(exported, full.with_fallback(["conv2"]), lambda prepared: 1 / 0, batches)
-    assert adaptor.trainings == 1  # the fallback config was not trained again
+    trained = []
+
+    def record_and_train(prepared):
+        trained.append(prepared)
+        train(prepared, epochs=3)
+
+    fallback = adaptor.quantize_aware(exported, full.with_fallback(["conv2"]), record_and_train, batches)
+    assert adaptor.trainings == 2 and len(trained) == 1  # weights trained with conv2 quantized don't serve it in fp32
+    adaptor.quantize_aware(exported, full.with_fallback(["conv2"]), lambda prepared: 1 / 0, batches)
+    assert adaptor.trainings == 2  # the same int8 set again: trained once
     lowered = adaptor.lower(fallback, space.ops, full.with_fallback(["conv2"]), batches[0])
     assert lowered.fp32_ops == ("conv2",) and accuracy_of(fallback, evaluation) > 0.5
     assert accuracy_of(exported.module(), evaluation) == accuracy_of(model, evaluation)  # fp32 model untouched

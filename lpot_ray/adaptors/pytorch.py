@@ -102,7 +102,7 @@ class PyTorchAdaptor(Adaptor):
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # Per fp32 model: [(int8 op schemes trained for, trained parameters, fake-quant states)].
         self.trained_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.trainings = 0  # q_func calls, to prove trained weights are reused
+        self.trainings = 0  # q_func calls: once per set of int8 op schemes
 
     @classmethod
     def training_from_yaml(cls, section: TrainSection) -> "YamlTraining":
@@ -210,15 +210,15 @@ class PyTorchAdaptor(Adaptor):
     def quantize_aware(self, model: Any, config: TuneConfig, q_func: Any, calibration: Sequence[Any]) -> Any:
         """Quantization-aware training through torchao's ``prepare_qat_pt2e``.
 
-        Training is what costs, so a worker trains once per set of int8 op schemes: a config whose
-        int8 ops all appear, with the same schemes, in a config trained before reuses its trained
-        weights and fake-quant ranges. That is sound because falling an op back only removes fake
-        quantization from it: the weights were trained to tolerate more rounding, not less.
+        Training is what costs, so a worker trains once per set of int8 op schemes and a config
+        with the same set (differing only in bf16, say) reuses its trained weights and fake-quant
+        ranges. A fallback config trains anew: weights trained under fake quantization of an op
+        are not weights for that op in fp32 (measured: 0.87 against a 0.98 baseline on a CNN).
         """
         int8 = {name: scheme for name, scheme in config.op_schemes if scheme.dtype == "int8"}
         prepared = self._prepare_qat(model, int8)
         cache = self.trained_cache.setdefault(model, [])
-        trained = next((entry for entry in cache if all(entry[0].get(name) == scheme for name, scheme in int8.items())), None)
+        trained = next((entry for entry in cache if entry[0] == int8), None)
         if trained is None:
             with self.torch.no_grad():  # ranges from the example batches first, in case training is short
                 for inputs in take_samples(calibration, config.sampling_size):
