@@ -135,14 +135,24 @@ def numpy_arrays(path: str, inputs: str = "inputs", labels: str = "labels") -> l
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{file}: file not found")
-    arrays = np.load(file)
+    try:
+        arrays = np.load(file)  # allow_pickle=False: an array of Python objects is refused, never unpickled
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"{file}: not an .npz archive of numeric arrays ({error})") from None
     if not isinstance(arrays, np.lib.npyio.NpzFile):
         raise ConfigError(f"{file}: expected an .npz archive of named arrays (np.savez), got one array")
     with arrays:
         missing = [name for name in (inputs, labels) if name not in arrays]
         if missing:
             raise ConfigError(f"{file} has no array {missing[0]!r}; it has {', '.join(arrays.files)}")
-        return list(zip(arrays[inputs], arrays[labels], strict=True))
+        try:
+            inputs_array, labels_array = arrays[inputs], arrays[labels]
+        except ValueError:
+            raise ConfigError(f"{file}: arrays {inputs!r} or {labels!r} hold Python objects, which lpot_ray does not "
+                              "unpickle; save numeric arrays") from None
+    if len(inputs_array) != len(labels_array):
+        raise ConfigError(f"{file}: {len(inputs_array)} {inputs!r} but {len(labels_array)} {labels!r}; one label per input")
+    return list(zip(inputs_array, labels_array, strict=True))
 
 
 def image_folder(root: str) -> list[Sample]:

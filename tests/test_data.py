@@ -86,3 +86,16 @@ def test_samples_of_different_shapes_say_which_key_and_what_to_add(tmp_path):
         loader({"ImageFolder": {"root": str(tmp_path)}}, transform={"ToArray": {}})
     with pytest.raises(ConfigError, match=r"`evaluation.accuracy.dataloader.transform.CenterCrop`: 64x64 is larger than the image"):
         loader({"ImageFolder": {"root": str(tmp_path)}}, transform={"CenterCrop": {"size": 64}})
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda path: np.savez(path, x=np.array([{"a": 1}, None], dtype=object), y=np.array([0, 1])),
+     "hold Python objects, which lpot_ray does not unpickle"),
+    (lambda path: path.write_bytes(b"\x93NUMPY garbage"), "not an .npz archive of numeric arrays"),
+    (lambda path: np.savez(path, x=np.zeros((3, 2)), y=np.array([0, 1])), "3 'x' but 2 'y'; one label per input"),
+])
+def test_a_numpy_file_lpot_ray_cannot_use_is_named(tmp_path, write, message):
+    path = tmp_path / "data.npz"
+    write(path)
+    with pytest.raises(ConfigError, match=message):
+        loader({"numpy": {"path": str(path), "inputs": "x", "labels": "y"}})
