@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from . import lpot_compat
 from .errors import ConfigError
 from .yaml_file import read_yaml
 
@@ -42,48 +43,6 @@ class Approach(str, enum.Enum):
         return self.value
 
 
-# Dotted key paths LPOT 1.x accepts that lpot_ray does not implement yet.
-LPOT_ONLY_KEYS = frozenset(
-    {
-        "model.inputs",
-        "model.outputs",
-        "quantization.recipes",
-        "quantization.train.frequency",
-        "quantization.train.postprocess",
-        "quantization.train.hostfile",
-        "quantization.train.execution_mode",
-        "quantization.optimization",
-        "evaluation.accuracy.configs",
-        "evaluation.accuracy.multi_metrics",
-        "evaluation.performance.configs.inter_num_of_threads",
-        "evaluation.performance.configs.intra_num_of_threads",
-        "evaluation.performance.configs.kmp_blocktime",
-        "evaluation.performance.configs.kmp_affinity",
-        "tuning.tensorboard",
-        "tuning.diagnosis",
-        "tuning.strategy.accuracy_weight",
-        "tuning.strategy.latency_weight",
-        "tuning.strategy.sigopt_api_token",
-        "tuning.strategy.sigopt_project_id",
-        "tuning.strategy.sigopt_experiment_name",
-        "pruning",
-        "distillation",
-        "graph_optimization",
-        "mixed_precision",
-        "model_conversion",
-        "nas",
-    }
-)
-
-# Values LPOT 1.x accepts for a key that lpot_ray does not implement yet.
-LPOT_ONLY_VALUES = {
-    "quantization.approach": {"post_training_auto_quant"},
-    "device": {"gpu"},
-    "tuning.objective": {"accuracy"},
-}
-
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN passes no comparison
 
@@ -105,11 +64,8 @@ class TensorRestriction(_Section):
     @field_validator("dtype", "scheme", "granularity", "algorithm", mode="before")
     @classmethod
     def _as_tuple(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return (value,)
-        if isinstance(value, list):
-            return tuple(value)
-        return value
+        value = lpot_compat.as_list(value)
+        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("dtype", "scheme", "granularity", "algorithm")
     @classmethod
@@ -163,7 +119,9 @@ class CalibrationSection(_Section):
     @field_validator("sampling_size", mode="before")
     @classmethod
     def _positive_sizes(cls, value: Any) -> Any:
+        value = lpot_compat.as_list(value)
         sizes = value if isinstance(value, list) else [value]
+        sizes = [int(size) if isinstance(size, str) and size.isdigit() else size for size in sizes]
         if not sizes or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in sizes):
             raise ValueError("must be a positive integer or a list of them")
         return tuple(sizes)
@@ -182,7 +140,7 @@ class TrainSection(_Section):
     start_epoch: int = Field(0, ge=0)
     end_epoch: int = Field(1, ge=1)
     iteration: Optional[int] = Field(None, ge=1)
-    dataloader: DataloaderSection
+    dataloader: Optional[DataloaderSection] = None  # optional in LPOT too: a q_func brings its own data
     optimizer: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"SGD": {"learning_rate": 0.01}})
     criterion: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"CrossEntropyLoss": {}})
 
@@ -377,7 +335,10 @@ class Config(_Section):
     @field_validator("version", mode="before")
     @classmethod
     def _version_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        text = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if text not in ("1", "1.0"):
+            raise ValueError("is not an LPOT 1.x configuration version; lpot_ray reads version 1.0")
+        return "1.0"
     model: ModelSection
     device: Literal["cpu"] = "cpu"
     quantization: QuantizationSection = QuantizationSection()
@@ -399,35 +360,11 @@ def load_config(source: Union[Config, dict, str, os.PathLike]) -> Config:
         source = read_yaml(path)
     if not isinstance(source, dict):
         raise ConfigError(f"{origin}: must be a mapping of sections, got {type(source).__name__}")
-    _reject_lpot_only(source, origin)
+    source = lpot_compat.adapt(source, origin)
     try:
         return Config.model_validate(source)
     except ValidationError as error:
         raise ConfigError(_describe(error, origin)) from None
-
-
-def _reject_lpot_only(raw: dict, origin: str) -> None:
-    for path, value in _walk(raw):
-        if path in LPOT_ONLY_KEYS:
-            raise ConfigError(f"{origin}: `{path}` is an LPOT option lpot_ray does not support yet")
-        if isinstance(value, str) and value in LPOT_ONLY_VALUES.get(path, ()) and not _registered(path, value):
-            raise ConfigError(f"{origin}: `{path}: {value}` is an LPOT option lpot_ray does not support yet")
-
-
-def _registered(path: str, value: str) -> bool:
-    """A plug-in may implement what LPOT has and lpot_ray lacks (say, a footprint objective)."""
-    from . import registry
-
-    kinds = {"tuning.objective": registry.objectives}
-    return path in kinds and value in kinds[path].names()
-
-
-def _walk(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        yield path, value
-        if isinstance(value, dict) and path != "quantization.op_wise":
-            yield from _walk(value, path + ".")
 
 
 def _describe(error: ValidationError, origin: str) -> str:

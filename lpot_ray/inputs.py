@@ -79,6 +79,9 @@ def training_function(config: Config, adaptor_class: type, q_func: Optional[Call
     if q_func is None and train is not None:
         from .data import build_loader
 
+        if train.dataloader is None:
+            raise ConfigError("`quantization.train.dataloader`: training from the YAML needs the data to train on; "
+                              "give it, or pass q_func")
         build_loader(train.dataloader, "quantization.train.dataloader")
         q_func = adaptor_class.training_from_yaml(train)
     if q_func is None:

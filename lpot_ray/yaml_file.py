@@ -68,6 +68,19 @@ def expanded_size(node: Any, sizes: Optional[dict[int, int]] = None) -> int:
     return sizes[id(node)]
 
 
+def _tagged(loader: BoundedLoader, suffix: str, node: Any) -> Any:
+    """A value under a tag of LPOT's own (``!Pruner``) is read as the plain value it tags: the key
+    holding it (``pruning``) then gets its own answer from the schema."""
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+BoundedLoader.add_multi_constructor("!", _tagged)
+
+
 class _Refused(Exception):
     def __init__(self, message: str, where: Any):
         mark = getattr(where, "start_mark", None)

@@ -129,8 +129,7 @@ def test_cli_benchmark_json(trained_digits, tmp_path):
     (lambda conf: conf["evaluation"]["performance"].update(warmup=-1), "`evaluation.performance.warmup`: -1"),
     (lambda conf: conf["evaluation"]["performance"]["configs"].update(cores=2),
      "`evaluation.performance.configs.cores` is not a known key; allowed here: cores_per_instance, num_of_instance"),
-    (lambda conf: conf["evaluation"]["performance"]["configs"].update(kmp_blocktime=1),
-     "`evaluation.performance.configs.kmp_blocktime` is an LPOT option lpot_ray does not support yet"),
+    (lambda conf: conf.update(nas={"approach": "basic"}), "`nas` is an LPOT option lpot_ray does not support yet"),
     (lambda conf: conf["model"].update(path="/nonexistent/missing.pt2"), "missing.pt2: file not found"),
 ])
 def test_cli_benchmark_bad_input_exits_2_naming_the_key(tmp_path, change, expected):

@@ -49,7 +49,8 @@ def test_yaml_file_is_read(tmp_path):
          "`tuning.accuracy_criterion.relative`: -0.1 must be in [0, 1)"),
         (with_section(tuning={"accuracy_criterion": {"relative": 0.1, "absolute": 0.1}}), "either relative or absolute"),
         (with_section(tuning={"strategy": {"name": "basic"}, "speed": 1}), "`tuning.speed` is not a known key; allowed here: strategy"),
-        (with_section(tuning={"tensorboard": True}), "`tuning.tensorboard` is an LPOT option lpot_ray does not support yet"),
+        (with_section(distillation={"teacher": "resnet50"}), "`distillation` is an LPOT option lpot_ray does not support yet"),
+        (with_section(version=2.0), "`version`: 2.0 is not an LPOT 1.x configuration version; lpot_ray reads version 1.0"),
         (with_section(quantization={"approach": "post_training_auto_quant"}),
          "`quantization.approach: post_training_auto_quant` is an LPOT option lpot_ray does not support yet"),
         (with_section(quantization={"model_wise": {"weight": {"granularity": "per_chan"}}}), "'per_chan' must be one of per_channel, per_tensor"),
@@ -120,3 +121,21 @@ def test_hostile_or_broken_yaml_files_fail_fast_naming_the_file(tmp_path, conten
         load_config(path)
     assert str(caught.value).startswith(f"{path}: {expected}")
 
+
+
+def test_lpot_value_forms_and_aliases_read_as_lpot_reads_them(caplog):
+    config = load_config(with_section(
+        model={"framework": "pytorch_fx", "inputs": "image", "outputs": "logits"},
+        quantization={"calibration": {"sampling_size": "50, 100", "dataloader": {"dataset": {"digits": {}}, "last_batch": "rollover"}},
+         "model_wise": {"activation": {"dtype": "uint8, fp32", "algorithm": "minmax kl"}}}))
+    assert config.model.framework == "pytorch" and config.quantization.calibration.sampling_size == (50, 100)
+    assert config.quantization.model_wise.activation.dtype == ("uint8", "fp32")
+    assert config.quantization.model_wise.activation.algorithm == ("minmax", "kl")
+    for said in ("`model.framework: pytorch_fx` runs as pytorch", "`model.inputs` changes nothing here",
+                 "`quantization.calibration.dataloader.last_batch` changes nothing here"):
+        assert said in caplog.text
+
+
+def test_an_lpot_framework_lpot_ray_lacks_is_named_before_anything_else():
+    with pytest.raises(ConfigError, match="`model.framework: onnxrt_integerops` is an LPOT framework lpot_ray does not"):
+        load_config({"model": {"framework": "onnxrt_integerops"}, "quantization": {"calibration": {"sampling_size": "x"}}})

@@ -1,0 +1,124 @@
+"""How an LPOT 1.x configuration maps onto lpot_ray's schema, before the schema checks it.
+
+Every valid LPOT key gets one of three answers: implemented (the schema in config.py), accepted
+with a one-line warning saying why it changes nothing here (``IGNORED``), or refused by name as
+an LPOT option lpot_ray does not support yet (``LPOT_ONLY_KEYS``, ``LPOT_ONLY_VALUES``,
+``LPOT_ONLY_FRAMEWORKS``). LPOT's value forms are read as LPOT reads them: ``'50, 100'`` is a
+list, ``pytorch_fx`` is PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from typing import Any, Iterator
+
+from .errors import ConfigError
+
+log = logging.getLogger("lpot_ray")
+
+# LPOT frameworks lpot_ray has no adaptor for: refused before anything else is checked.
+LPOT_ONLY_FRAMEWORKS = frozenset({"onnxrt_integerops", "onnxrt_qlinearops", "onnxrt_integer", "onnxrt_qlinear", "engine"})
+# LPOT framework names that run on one of lpot_ray's adaptors, and what their own keys mean here.
+FRAMEWORK_ALIASES = {
+    "pytorch_fx": ("pytorch", "lpot_ray's PyTorch path quantizes a torch.export graph, which is what FX mode asks for"),
+    "pytorch_ipex": ("pytorch", "int8 runs on inductor's oneDNN kernels rather than through IPEX"),
+}
+
+# Dotted key paths LPOT 1.x accepts that lpot_ray does not implement yet.
+LPOT_ONLY_KEYS = frozenset({
+    "quantization.train.frequency",
+    "quantization.train.postprocess",
+    "quantization.train.hostfile",
+    "quantization.train.execution_mode",
+    "quantization.optimization",
+    "evaluation.accuracy.multi_metrics",
+    "pruning",
+    "distillation",
+    "graph_optimization",
+    "mixed_precision",
+    "model_conversion",
+    "nas",
+})
+
+# Values LPOT 1.x accepts for a key that lpot_ray does not implement yet.
+LPOT_ONLY_VALUES = {
+    "quantization.approach": {"post_training_auto_quant"},
+    "device": {"gpu"},
+    "tuning.objective": {"accuracy"},
+}
+
+_THREADS = "lpot_ray sets each worker's threads from ray.cpus_per_worker"
+# Valid LPOT keys (glob patterns over dotted paths) that change nothing here, and why.
+IGNORED = {
+    "model.inputs": "lpot_ray reads a model's inputs and outputs from the model itself",
+    "model.outputs": "lpot_ray reads a model's inputs and outputs from the model itself",
+    "*.dataloader.last_batch": "every sample is read, the last smaller batch included",
+    "*.dataloader.shuffle": "batches are read in dataset order",
+    "*.dataloader.distributed": "each Ray worker evaluates whole configs on the whole dataset",
+    "evaluation.accuracy.iteration": "the whole evaluation dataloader is evaluated",
+    "evaluation.accuracy.configs": _THREADS,
+    "evaluation.performance.configs.kmp_blocktime": _THREADS,
+    "evaluation.performance.configs.kmp_affinity": _THREADS,
+    "evaluation.performance.configs.inter_num_of_threads": _THREADS,
+    "evaluation.performance.configs.intra_num_of_threads": _THREADS,
+    "quantization.recipes": "the search space comes from each framework's int8 kernels",
+    "tuning.tensorboard": "`lpot-ray report` shows the trials and ops instead",
+    "tuning.diagnosis": "`lpot-ray report` shows the trials and ops instead",
+    "tuning.strategy.accuracy_weight": "used only by LPOT's sigopt strategy",
+    "tuning.strategy.latency_weight": "used only by LPOT's sigopt strategy",
+    "tuning.strategy.sigopt_*": "used only by LPOT's sigopt strategy",
+}
+
+
+def adapt(raw: dict, origin: str) -> dict:
+    """``raw`` as lpot_ray's schema reads it: ignored keys dropped (each with a warning),
+    aliases resolved; an LPOT option lpot_ray lacks is a ConfigError naming it."""
+    framework = (raw.get("model") or {}).get("framework") if isinstance(raw.get("model"), dict) else None
+    if framework in LPOT_ONLY_FRAMEWORKS:
+        raise ConfigError(f"{origin}: `model.framework: {framework}` is an LPOT framework lpot_ray does not support "
+                          "yet; it has pytorch, tensorflow and mxnet")
+    for path, value in list(walk(raw)):
+        if path in LPOT_ONLY_KEYS:
+            raise ConfigError(f"{origin}: `{path}` is an LPOT option lpot_ray does not support yet")
+        if isinstance(value, str) and value in LPOT_ONLY_VALUES.get(path, ()) and not _registered(path, value):
+            raise ConfigError(f"{origin}: `{path}: {value}` is an LPOT option lpot_ray does not support yet")
+    adapted = copy.deepcopy(raw)
+    for path, _ in list(walk(adapted)):
+        why = next((reason for pattern, reason in IGNORED.items() if fnmatch.fnmatchcase(path, pattern)), None)
+        *parents, key = path.split(".")
+        section: Any = adapted
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if why is not None and isinstance(section, dict) and key in section:  # not inside a key dropped already
+            del section[key]
+            log.warning("%s: `%s` changes nothing here: %s", origin, path, why)
+    if framework in FRAMEWORK_ALIASES:
+        adapted["model"]["framework"], why = FRAMEWORK_ALIASES[framework]
+        log.warning("%s: `model.framework: %s` runs as pytorch: %s", origin, framework, why)
+    return adapted
+
+
+def as_list(value: Any) -> Any:
+    """LPOT's list forms: ``'int8, fp32'`` or ``'50 100'`` is a list as ``[int8, fp32]`` is."""
+    if isinstance(value, str):
+        return [part for part in value.replace(",", " ").split() if part]
+    return value
+
+
+def walk(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every dotted key path of ``tree`` and its value (op_wise's op names are not keys)."""
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        yield path, value
+        if isinstance(value, dict) and path != "quantization.op_wise":
+            yield from walk(value, path + ".")
+
+
+def _registered(path: str, value: str) -> bool:
+    """A plug-in may implement what LPOT has and lpot_ray lacks (say, a footprint objective)."""
+    from . import registry
+
+    kinds = {"tuning.objective": registry.objectives}
+    return path in kinds and value in kinds[path].names()
