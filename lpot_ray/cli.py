@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import LpotRayError
 from .history import History, resolve_db_path
@@ -103,13 +103,13 @@ def run_tune(config_path: str, address: Optional[str], workers: Optional[int], r
         if workers < 1:
             raise ConfigError(f"--workers: {workers} must be >= 1")
         config = config.model_copy(update={"ray": config.ray.model_copy(update={"workers": workers})})
-    model, calibration, evaluation = model_and_data(config, config_path)
+    model = model_from(config, config_path)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="  %(message)s")
     if not sys.stdout.isatty():
         logging.getLogger("lpot_ray").setLevel(logging.INFO)  # no live table: a plain line per trial instead
     resume_file = config.tuning.workspace.path if resume else None
     started = time.monotonic()
-    result = tune(model, config, q_dataloader=calibration, eval_dataloader=evaluation, resume_file=resume_file,
+    result = tune(model, config, resume_file=resume_file,
                   address=address, verbose=verbose)
     if result.passed:
         result.save(Path(result.workspace) / "int8_model")
@@ -133,8 +133,7 @@ def run_zoo(zoo_path: str, address: Optional[str], workers: Optional[int]) -> in
         try:
             if entry.error:
                 raise ConfigError(entry.error)
-            model, calibration, evaluation = model_and_data(entry.config, f"{zoo_path}: {entry.name}")
-            jobs.append(ZooJob(model, entry.config, entry.name, q_dataloader=calibration, eval_dataloader=evaluation))
+            jobs.append(ZooJob(model_from(entry.config, f"{zoo_path}: {entry.name}"), entry.config, entry.name))
         except Exception as error:  # a broken job is reported in the table; the others run
             errors[entry.name] = str(error)
     results = dict(zip([job.name for job in jobs], tune_many(jobs, address or settings.get("address"),
@@ -147,10 +146,10 @@ def run_zoo(zoo_path: str, address: Optional[str], workers: Optional[int]) -> in
     return EXIT_OK if all(result.passed for result in ordered) else EXIT_NO_PASS
 
 
-def model_and_data(config, source: str) -> tuple:
-    """The model ``model.path`` names and the loaders the ``dataloader`` sections describe."""
+def model_from(config, source: str) -> Any:
+    """The model ``model.path`` names, once the sections the data come from are known to be
+    there (``tune`` builds the loaders they describe)."""
     from . import registry
-    from .data import build_loader
     from .errors import ConfigError
 
     if config.model.path is None:
@@ -161,14 +160,7 @@ def model_and_data(config, source: str) -> tuple:
         raise ConfigError(f"{source}: `quantization.calibration.dataloader` is required to tune from the command line")
     if accuracy.dataloader is None and not config.tuning.exit_policy.performance_only:
         raise ConfigError(f"{source}: `evaluation.accuracy.dataloader` is required to tune from the command line")
-    model = registry.adaptors.get(config.model.framework)().load_file(config.model.path)
-    calibration = None
-    if calibration_section is not None:
-        calibration = build_loader(calibration_section, "quantization.calibration.dataloader")
-    evaluation = None
-    if accuracy.dataloader is not None:
-        evaluation = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess)
-    return model, calibration, evaluation
+    return registry.adaptors.get(config.model.framework)().load_file(config.model.path)
 
 
 def _print_summary(result, wall_seconds: float) -> None:

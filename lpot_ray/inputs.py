@@ -25,6 +25,18 @@ from .space import TuningSpace
 log = logging.getLogger("lpot_ray")
 
 
+def yaml_loaders(config: Config, q_dataloader: Any, eval_dataloader: Any, eval_func: Optional[Callable]) -> tuple[Any, Any]:
+    """LPOT's fully-YAML use: the ``dataloader`` sections give the data the call did not pass."""
+    from .data import build_loader
+
+    calibration, accuracy = config.quantization.calibration.dataloader, config.evaluation.accuracy
+    if q_dataloader is None and calibration is not None:
+        q_dataloader = build_loader(calibration, "quantization.calibration.dataloader")
+    if eval_dataloader is None and eval_func is None and accuracy.dataloader is not None:
+        eval_dataloader = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess)
+    return q_dataloader, eval_dataloader
+
+
 def check_strategy(config: Config, strategy_class: type, adaptor_class: type) -> None:
     """A strategy that ranks ops by their tensors needs an adaptor that can inspect them."""
     if getattr(strategy_class, "inspects_tensors", False) and not adaptor_class.can_inspect_tensors():

@@ -76,6 +76,7 @@ def prepare(config: Config, model: Any, q_dataloader: Any = None, q_func: Option
 def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Callable], eval_dataloader: Any,
              eval_func: Optional[Callable], resume_file: Optional[Union[str, os.PathLike]], name: str,
              clock: Stopwatch) -> Job:
+    q_dataloader, eval_dataloader = inputs.yaml_loaders(config, q_dataloader, eval_dataloader, eval_func)
     evaluation = inputs.evaluation_from(config, eval_dataloader, eval_func)
     strategy_class = registry.strategies.get(config.tuning.strategy.name)
     adaptor_class = registry.adaptors.get(config.model.framework)

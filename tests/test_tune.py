@@ -167,3 +167,12 @@ def test_performance_only_quantizes_the_default_config_without_tuning(digits, tm
     assert result.passed and result.n_trials == 0 and result.accuracy is None and result.baseline is None
     assert result.int8_ops == ("conv1", "conv2", "fc1", "fc2") and result.stopped_by == "performance_only"
     assert "latency_ratio" in result.objectives
+
+
+def test_quantization_with_only_a_model_takes_its_data_from_the_yaml(digits, tmp_path):
+    from cli_helpers import digits_conf
+
+    conf = digits_conf(tmp_path, "pytorch", model_path=None)
+    del conf["model"]["path"]
+    result = lpot_ray.Quantization(conf)(digits[0])  # LPOT's fully-YAML use: no loader passed
+    assert result.passed and result.baseline > 0.9
