@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -137,7 +139,7 @@ def numpy_arrays(path: str, inputs: str = "inputs", labels: str = "labels") -> l
         raise ConfigError(f"{file}: file not found")
     try:
         arrays = np.load(file)  # allow_pickle=False: an array of Python objects is refused, never unpickled
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
         raise ConfigError(f"{file}: not an .npz archive of numeric arrays ({error})") from None
     if not isinstance(arrays, np.lib.npyio.NpzFile):
         raise ConfigError(f"{file}: expected an .npz archive of named arrays (np.savez), got one array")
@@ -150,6 +152,10 @@ def numpy_arrays(path: str, inputs: str = "inputs", labels: str = "labels") -> l
         except ValueError:
             raise ConfigError(f"{file}: arrays {inputs!r} or {labels!r} hold Python objects, which lpot_ray does not "
                               "unpickle; save numeric arrays") from None
+        except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+            raise ConfigError(f"{file}: a damaged .npz archive ({error})") from None
+    if inputs_array.ndim == 0 or labels_array.ndim == 0:
+        raise ConfigError(f"{file}: {inputs!r} and {labels!r} must be arrays with one entry per sample, not single values")
     if len(inputs_array) != len(labels_array):
         raise ConfigError(f"{file}: {len(inputs_array)} {inputs!r} but {len(labels_array)} {labels!r}; one label per input")
     return list(zip(inputs_array, labels_array, strict=True))

@@ -206,8 +206,7 @@ class Engine:
     def _same_failure(self) -> str:
         """The first trials all failed for one reason (the data, the eval_func, the framework):
         the others would too, so the tuning stops saying why instead of running them all."""
-        tried = [trial for trial in self.told if trial.kind == Kind.TRIAL and trial.status != Status.CANCELLED]
-        return common_failure(tried) if len(tried) >= SAME_FAILURES else ""
+        return common_failure(self.told, minimum=SAME_FAILURES)
 
     def _limit_reached(self) -> str:
         if self.strategy.finished:
@@ -241,11 +240,12 @@ class Engine:
                 if item.key == key and seq >= len(self.told) and seq not in self.finished and seq not in self.in_flight]
 
 
-def common_failure(trials: list[Trial]) -> str:
-    """"every trial failed: <reason>" when every trial (cancelled ones aside) failed for one reason."""
+def common_failure(trials: list[Trial], minimum: int = 1) -> str:
+    """"every trial failed: <reason>" when at least ``minimum`` trials ran (cancelled ones aside)
+    and every one failed for the same reason."""
     tried = [trial for trial in trials if trial.kind == Kind.TRIAL and trial.status != Status.CANCELLED]
     reasons = {trial.reason for trial in tried}
-    if not tried or any(trial.status != Status.FAILED for trial in tried) or len(reasons) != 1:
+    if len(tried) < max(1, minimum) or any(trial.status != Status.FAILED for trial in tried) or len(reasons) != 1:
         return ""
     return f"every trial failed: {reasons.pop()}"
 

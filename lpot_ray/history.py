@@ -174,7 +174,10 @@ class History:
 def make_workspace(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise HistoryError(f"tuning.workspace.path: {folder} is a file; it must be a folder (it will hold {DB_NAME})")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise HistoryError(f"tuning.workspace.path: can't make the folder {folder}: {error.strerror or error}") from None
 
 
 class WorkspaceLock:
@@ -184,15 +187,21 @@ class WorkspaceLock:
 
     def __init__(self, folder: Path):
         make_workspace(folder)
-        self.file = open(folder / LOCK_NAME, "a+")
+        try:
+            self.file = open(folder / LOCK_NAME, "a+")
+        except OSError as error:
+            raise HistoryError(f"tuning.workspace.path: can't write in {folder}: {error.strerror or error}") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held; any other error (no locks on this file system) is not a holder
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
             raise HistoryError(f"{folder}: another tuning is using this workspace ({holder}); let it finish, or "
                                "give this one another tuning.workspace.path") from None
+        except OSError as error:  # a file system without locks (some network mounts)
+            log.warning("%s: the workspace can't be locked (%s); a second tuning there would not be refused",
+                        folder, error.strerror or error)
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -200,7 +209,8 @@ class WorkspaceLock:
 
     def release(self) -> None:
         if not self.file.closed:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
 
 

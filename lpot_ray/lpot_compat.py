@@ -69,13 +69,15 @@ IGNORED = {
     "tuning.strategy.accuracy_weight": "used only by LPOT's sigopt strategy",
     "tuning.strategy.latency_weight": "used only by LPOT's sigopt strategy",
     "tuning.strategy.sigopt_*": "used only by LPOT's sigopt strategy",
+    "evaluation.accuracy.metric.*.anno_path": "the ground truth is the evaluation dataloader's labels",
 }
 
 
 def adapt(raw: dict, origin: str) -> dict:
     """``raw`` as lpot_ray's schema reads it: ignored keys dropped (each with a warning),
     aliases resolved; an LPOT option lpot_ray lacks is a ConfigError naming it."""
-    framework = (raw.get("model") or {}).get("framework") if isinstance(raw.get("model"), dict) else None
+    model = raw.get("model")
+    framework = model.get("framework") if isinstance(model, dict) and isinstance(model.get("framework"), str) else None
     if framework in LPOT_ONLY_FRAMEWORKS:
         raise ConfigError(f"{origin}: `model.framework: {framework}` is an LPOT framework lpot_ray does not support "
                           "yet; it has pytorch, tensorflow and mxnet")

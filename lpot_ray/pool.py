@@ -61,13 +61,19 @@ class TrialThread:
     never keeps the process from exiting; ``replace`` leaves such a thread behind."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()  # submit and replace: no call lands on a queue being retired
         self.calls: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._serve, args=(self.calls,), name="lpot-ray-trial", daemon=True)
-        self.thread.start()
+        self.thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._serve, args=(self.calls,), name="lpot-ray-trial", daemon=True)
+        thread.start()
+        return thread
 
     def submit(self, function: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self.calls.put((future, function, args))
+        with self.lock:
+            self.calls.put((future, function, args))
         return future
 
     def _serve(self, calls: queue.Queue) -> None:
@@ -82,11 +88,15 @@ class TrialThread:
                 return  # replaced while this call ran: a new thread serves now
 
     def replace(self) -> None:
-        """Serve further calls on a new thread; the current one ends when its call returns."""
-        old, self.calls = self.calls, queue.Queue()
-        old.put(None)
-        self.thread = threading.Thread(target=self._serve, args=(self.calls,), name="lpot-ray-trial", daemon=True)
-        self.thread.start()
+        """Serve further calls, those waiting included, on a new thread; the current one ends
+        when its call returns."""
+        with self.lock:
+            old, self.calls = self.calls, queue.Queue()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self.calls.put(old.get_nowait())
+            old.put(None)
+            self.thread = self._start()
 
     def close(self, timeout: Optional[float]) -> None:
         self.calls.put(None)
@@ -125,8 +135,10 @@ class DriverSlot:
     def drop(self, job_id: str) -> None:
         pass  # the models are the user's own, held by the driver anyway; ``close`` restores threads in order
 
-    def close(self) -> None:
-        self.thread.close(timeout=None if not self.stuck else 1.0)
+    def close(self, wait: bool = True) -> None:
+        """Stop the trial thread once its call returns; without ``wait`` (a call past its time
+        limit, maybe blocked for good) give it a moment and leave it."""
+        self.thread.close(timeout=None if wait and not self.stuck else 1.0)
         for runner in self.runners.values():
             runner.close()
 
@@ -427,6 +439,8 @@ class WorkerPool:
             job_id, seq, slot = running.job_id, running.item.seq, running.slot
             state = self.states[job_id]
             limit = state.trial_timeout
+            if slot.is_driver and not future.running() and not future.done():
+                running.started = now  # queued behind a finalize on the trial thread: not started yet
             if limit is None or now - running.started <= limit:
                 continue
             if not running.timed_out:
@@ -503,6 +517,8 @@ class WorkerPool:
         if self._watcher is not threading.current_thread():
             self._watcher.join(timeout=5)
         with self.lock:
+            # A driver request past its time limit may be blocked for good: shutdown does not wait for it.
+            driver_overdue = any(running.timed_out for running in self.running.values() if running.slot is self.driver)
             for running in list(self.running.values()):
                 self.cancel(running.job_id, running.item.seq)  # a request in the driver stops at its next batch
             slots, self.slots, self.starting, self.idle = self.slots + self.starting, [], [], []
@@ -515,7 +531,7 @@ class WorkerPool:
                     self.events.get_nowait()
         for slot in slots:
             with contextlib.suppress(Exception):
-                slot.close()
+                slot.close(wait=not driver_overdue) if slot is self.driver else slot.close()
         del slots
         if self.session is not None:
             self.session.release()

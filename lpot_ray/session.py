@@ -233,7 +233,7 @@ def _baseline(job: Job) -> float:
         raise EvaluationError(f"fp32 baseline: {error}") from None
     except Exception as error:  # the user's code or data: say so before any worker starts
         raise EvaluationError(f"fp32 baseline: evaluating the original model failed: {type(error).__name__}: {error}") from error
-    if job.higher_is_better and baseline <= 0:
+    if job.higher_is_better and baseline == 0:
         raise EvaluationError(f"fp32 baseline: the original model scores {baseline} on the evaluation, so any int8 "
                               "model would meet a criterion relative to it; check the labels, the metric and "
                               "that the model is the trained one")

@@ -50,6 +50,8 @@ class BoundedLoader(yaml.SafeLoader):
     def construct_mapping(self, node: Any, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *defaults``: merged values may be overridden, as YAML allows
             key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
             if key is not None and key in seen:
                 raise _Refused(f"key {key!r} is given twice in one mapping", key_node)
@@ -108,7 +110,7 @@ def read_yaml(path: Path) -> Any:
         return loader.construct_document(node)
     except _Refused as error:
         raise ConfigError(f"{path}: {error}") from None
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: a value YAML can't be, e.g. a date 2001-13-01
         raise ConfigError(f"{path}: malformed YAML: {error}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to read") from None

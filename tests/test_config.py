@@ -126,16 +126,34 @@ def test_hostile_or_broken_yaml_files_fail_fast_naming_the_file(tmp_path, conten
 def test_lpot_value_forms_and_aliases_read_as_lpot_reads_them(caplog):
     config = load_config(with_section(
         model={"framework": "pytorch_fx", "inputs": "image", "outputs": "logits"},
+        evaluation={"accuracy": {"metric": {"COCOmAP": {"anno_path": "/data/instances.json"}}}},
         quantization={"calibration": {"sampling_size": "50, 100", "dataloader": {"dataset": {"digits": {}}, "last_batch": "rollover"}},
          "model_wise": {"activation": {"dtype": "uint8, fp32", "algorithm": "minmax kl"}}}))
     assert config.model.framework == "pytorch" and config.quantization.calibration.sampling_size == (50, 100)
     assert config.quantization.model_wise.activation.dtype == ("uint8", "fp32")
     assert config.quantization.model_wise.activation.algorithm == ("minmax", "kl")
+    assert config.evaluation.accuracy.metric == {"COCOmAP": {}}
     for said in ("`model.framework: pytorch_fx` runs as pytorch", "`model.inputs` changes nothing here",
-                 "`quantization.calibration.dataloader.last_batch` changes nothing here"):
+                 "`quantization.calibration.dataloader.last_batch` changes nothing here",
+                 "`evaluation.accuracy.metric.COCOmAP.anno_path` changes nothing here"):
         assert said in caplog.text
 
 
 def test_an_lpot_framework_lpot_ray_lacks_is_named_before_anything_else():
     with pytest.raises(ConfigError, match="`model.framework: onnxrt_integerops` is an LPOT framework lpot_ray does not"):
         load_config({"model": {"framework": "onnxrt_integerops"}, "quantization": {"calibration": {"sampling_size": "x"}}})
+
+
+def test_yaml_merge_keys_and_framework_forms_read_as_yaml_and_lpot_mean_them(tmp_path):
+    path = tmp_path / "conf.yaml"
+    path.write_text("defaults: &defaults {random_seed: 7}\nmodel: {name: m, framework: pytorch}\n"
+                    "tuning: {<<: *defaults, random_seed: 9}\n")
+    with pytest.raises(ConfigError, match="`defaults` is not a known key"):  # merged, then the extra key is named
+        load_config(path)
+    path.write_text("model: {name: m, framework: pytorch}\ntuning: {<<: {random_seed: 7}, random_seed: 9}\n")
+    assert load_config(path).tuning.random_seed == 9  # a merged value overridden, as YAML allows
+    path.write_text("model: {name: m, framework: pytorch}\nversion: 2001-13-01\n")
+    with pytest.raises(ConfigError, match="conf.yaml: malformed YAML: month must be in 1..12"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="`model.framework`: \\['pytorch'\\]"):
+        load_config({"model": {"framework": ["pytorch"]}})

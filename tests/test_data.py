@@ -99,3 +99,14 @@ def test_a_numpy_file_lpot_ray_cannot_use_is_named(tmp_path, write, message):
     write(path)
     with pytest.raises(ConfigError, match=message):
         loader({"numpy": {"path": str(path), "inputs": "x", "labels": "y"}})
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda path: path.write_bytes(b"PK\x03\x04 truncated"), "not an .npz archive of numeric arrays"),
+    (lambda path: np.savez(path, x=np.float32(1.0), y=np.int64(0)), "must be arrays with one entry per sample"),
+])
+def test_a_damaged_or_scalar_npz_is_named(tmp_path, write, message):
+    path = tmp_path / "data.npz"
+    write(path)
+    with pytest.raises(ConfigError, match=message):
+        loader({"numpy": {"path": str(path), "inputs": "x", "labels": "y"}})

@@ -117,3 +117,9 @@ def test_a_workspace_is_one_tunings_at_a_time_and_says_who_holds_it(tmp_path):
     first.close()
     History.start(tmp_path, tmp_path, FINGERPRINT).close()  # free again
 
+
+
+def test_a_workspace_that_cannot_be_made_is_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HistoryError, match="tuning.workspace.path: can't make the folder .*file/ws"):
+        History.start(tmp_path / "file" / "ws", None, FINGERPRINT)

@@ -55,23 +55,25 @@ def test_lowering_runs_int8_kernels_and_reports_fallback_ops(digits):
     assert lowered.fp32_ops == ("fc1",)
 
 
-def test_compiled_model_runs_other_batch_sizes_without_compiling_again(digits):
+def test_compiled_model_compiles_once_for_the_largest_batch_and_pads_smaller_ones(digits):
     from torch._dynamo.utils import counters
 
     model, calibration, evaluation = digits
     adaptor, exported, space, batches = build(model, calibration)
     config = space.model_wise_configs()[0]
     lowered = adaptor.lower(adaptor.quantize(exported, config, batches), space.ops, config, batches[0])
-    compiled_once = counters["stats"]["unique_graphs"]
-    images = torch.cat([images for images, _ in evaluation])[:2 * len(batches[0]) + 5]  # two chunks and a padded one
-    chunked = lowered.model(images)
-    assert counters["stats"]["unique_graphs"] == compiled_once
-    one_by_one = torch.cat([lowered.model(images[index:index + len(batches[0])])
-                            for index in range(0, len(images) - 5, len(batches[0]))])
-    assert chunked.shape[0] == len(images)
-    assert torch.equal(chunked[:len(one_by_one)], one_by_one)
-    reference = adaptor.quantize(exported, config, batches)(images)  # the q/dq model, uncompiled
-    assert (chunked.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
+    images = torch.cat([images for images, _ in evaluation])
+    compiled = counters["stats"]["unique_graphs"]
+    example = len(batches[0])
+    full = lowered.model(images[:example])
+    smaller = lowered.model(images[:example - 5])  # padded to the compiled size: no new compile
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert torch.equal(smaller, full[:example - 5])
+    lowered.model(images[:2 * example])  # larger: compiled once more
+    lowered.model(images[:example + 3])  # and padded to that size from now on
+    assert counters["stats"]["unique_graphs"] == compiled + 1
+    reference = adaptor.quantize(exported, config, batches)(images[:example - 5])  # the q/dq model, uncompiled
+    assert (smaller.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
 
 
 def test_numpy_float64_batches_run_a_float32_model(digits):

@@ -63,3 +63,32 @@ def test_the_default_trial_limit_follows_the_baseline():
     assert trial_limit(ExitPolicy(trial_timeout=7), 2.0, Approach.STATIC) == 7
     assert trial_limit(ExitPolicy(trial_timeout=0), 2.0, Approach.STATIC) is None  # 0: no limit
     assert trial_limit(ExitPolicy(), 2.0, Approach.QAT) is None  # training may take far longer than evaluating
+
+
+def test_a_tuning_ending_while_a_timed_out_trial_still_blocks_the_driver_returns(digits, tmp_path, release, monkeypatch):
+    monkeypatch.setattr(pool, "TIMEOUT_GRACE", 600.0)  # the blocked trial is not given up before the tuning ends
+    model, calibration, evaluation = digits
+
+    def eval_func(candidate):
+        if isinstance(candidate, torch.fx.GraphModule):
+            release.wait()
+        return accuracy_of(candidate, evaluation)
+
+    conf = base_conf(tmp_path, exit_policy={"trial_timeout": 2, "max_trials": 1})
+    conf["ray"] = {"workers": 1}
+    del conf["evaluation"]
+    started = time.monotonic()
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=eval_func)
+    assert not result.passed and "timed out after 2 s" in result.reason
+    assert time.monotonic() - started < 60  # shutdown did not wait for the blocked thread
+
+
+def test_a_replaced_trial_thread_runs_the_calls_waiting_behind_the_blocked_one(release):
+    thread = pool.TrialThread()
+    blocked = thread.submit(release.wait)
+    waiting = thread.submit(lambda: "ran")
+    while not blocked.running():  # the pool gives up only on a call that has started
+        time.sleep(0.01)
+    thread.replace()
+    assert waiting.result(timeout=10) == "ran" and not blocked.done()
+    assert thread.submit(lambda: 2).result(timeout=10) == 2

@@ -25,6 +25,7 @@ import io
 import itertools
 import logging
 import os
+import pickle
 import re
 import threading
 import time
@@ -68,6 +69,7 @@ def import_torch():
 
 
 QUANTIZABLE_MODULES = {"Conv2d": "conv2d", "Linear": "linear"}
+TRAINED_KEPT = 4  # quantization-aware trainings kept per model for configs with the same int8 set
 WEIGHT = TensorScheme("int8", "sym", "per_channel", "minmax")
 ACTIVATIONS = [TensorScheme("uint8", "asym", "per_tensor", algorithm) for algorithm in ("minmax", "kl")]
 # Activations quantized with ranges computed per batch at run time: X86's dynamic path (Linear only).
@@ -122,12 +124,10 @@ class PyTorchAdaptor(Adaptor):
         try:
             with weights_only_unpickling(self.torch):
                 module = self.torch.export.load(str(file)).module()
-        except ModelError:
-            raise
         except Exception as error:  # a zip of something else, a pickle, a truncated file...
-            if "Weights only load failed" in str(error):
-                raise ModelError(f"model.path: {file}: holds pickled Python objects beyond tensors, which could run "
-                                 "code; lpot_ray loads only weights (save the model with torch.export.save)") from None
+            if unsafe_pickle(error):
+                raise ModelError(f"model.path: {file}: {PICKLED_OBJECTS}; lpot_ray loads only weights and the graph "
+                                 "(save the model with torch.export.save)") from None
             raise ModelError(f"model.path: {file}: not a torch.export .pt2 file ({type(error).__name__}: {error})") from None
         self.pt2e.allow_exported_model_train_eval(module)
         return module
@@ -229,6 +229,7 @@ class PyTorchAdaptor(Adaptor):
             self.trainings += 1
             self.pt2e.move_exported_model_to_eval(prepared)
             cache.append((int8, _parameters(prepared), _fake_quant_states(prepared)))
+            del cache[:-TRAINED_KEPT]  # a copy of the weights each: the latest few sets only
         else:
             _, parameters, states = trained
             prepared.load_state_dict(parameters, strict=False)
@@ -346,8 +347,13 @@ class PyTorchAdaptor(Adaptor):
 
     def deserialize(self, payload: bytes) -> Any:
         """A saved quantized model (``lpot_ray.load``, the benchmark mode): weights only, like ``load_file``."""
-        with weights_only_unpickling(self.torch):
-            module = self.torch.export.load(io.BytesIO(payload)).module()
+        try:
+            with weights_only_unpickling(self.torch):
+                module = self.torch.export.load(io.BytesIO(payload)).module()
+        except Exception as error:
+            if unsafe_pickle(error):
+                raise ModelError(f"saved model: {PICKLED_OBJECTS}; lpot_ray loads only weights and the graph") from None
+            raise
         self.pt2e.allow_exported_model_train_eval(module)
         return module
 
@@ -356,25 +362,29 @@ class CompiledModel:
     """A compiled model callable like the module it came from; eval()/train() are no-ops.
 
     Inductor compiles for static shapes (see ``_compile``), so every new batch size would cost a
-    compile of seconds: a batch of another size runs as chunks of the size compiled first, the
-    last chunk padded with copies of its last sample and the padding's outputs dropped. Each
-    sample's output is its own in inference, so the outputs are those of one call on the batch.
+    compile of seconds. A smaller batch than the largest compiled so far is padded to it with
+    copies of its last sample and the padding's outputs dropped (each sample's output is its own
+    in inference); a larger one is compiled for once and becomes the size others are padded to.
+    Outputs whose first dimension is not the batch (a sequence-first model) fall back to a call
+    of the batch's own size.
     """
 
     def __init__(self, compiled: Any, settings: Any):
         self.compiled = compiled
         self.settings = settings
-        self.batch_size: Optional[int] = None  # fixed by the first call
+        self.batch_size: Optional[int] = None  # the largest batch compiled for
 
     def __call__(self, *args: Any) -> Any:
         import torch
 
         size = _common_batch_size(args)
         with torch.no_grad(), self.settings():
-            if self.batch_size is None or size is None or size == self.batch_size:
-                self.batch_size = self.batch_size or size
+            if size is None or self.batch_size is None or size >= self.batch_size:
+                self.batch_size = max(self.batch_size or 0, size or 0) or None
                 return self.compiled(*args)
-            return _concatenated([self.compiled(*chunk) for chunk in _chunks(args, self.batch_size)], size)
+            outputs = self.compiled(*_padded(args, self.batch_size))
+            trimmed = _trimmed(outputs, size, self.batch_size)
+            return trimmed if trimmed is not None else self.compiled(*args)
 
     def eval(self) -> "CompiledModel":
         return self
@@ -391,35 +401,25 @@ def _common_batch_size(args: tuple) -> Optional[int]:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _chunks(args: tuple, size: int) -> Iterator[tuple]:
-    """``args`` in chunks of ``size`` samples, the last padded with copies of its last sample."""
+def _padded(args: tuple, size: int) -> tuple:
+    """Every tensor argument padded to ``size`` samples with copies of its last one."""
     import torch
 
-    total = _common_batch_size(args)
-    for start in range(0, total, size):
-        chunk = []
-        for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.dim() > 0:
-                part = arg[start:start + size]
-                if len(part) < size:
-                    part = torch.cat([part, part[-1:].expand(size - len(part), *part.shape[1:])])
-                arg = part.contiguous()
-            chunk.append(arg)
-        yield tuple(chunk)
+    return tuple(torch.cat([arg, arg[-1:].expand(size - len(arg), *arg.shape[1:])])
+                 if isinstance(arg, torch.Tensor) and arg.dim() > 0 else arg for arg in args)
 
 
-def _concatenated(outputs: list, size: int) -> Any:
-    """The chunks' outputs joined into one batch of ``size`` samples (tensors in any nesting;
-    anything without a batch dimension is taken from the first chunk)."""
+def _trimmed(outputs: Any, size: int, padded: int) -> Any:
+    """The outputs of the first ``size`` samples, or None if an output's first dimension is not
+    the padded batch (then the padding can't be told apart from the samples)."""
     import torch
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    flat = [tree_flatten(output)[0] for output in outputs]
-    leaves = []
-    for index, first in enumerate(flat[0]):
-        batched = isinstance(first, torch.Tensor) and first.dim() > 0
-        leaves.append(torch.cat([chunk[index] for chunk in flat])[:size] if batched else first)
-    return tree_unflatten(leaves, tree_flatten(outputs[0])[1])
+    leaves, spec = tree_flatten(outputs)
+    batched = [isinstance(leaf, torch.Tensor) and leaf.dim() > 0 for leaf in leaves]
+    if not any(batched) or any(flag and leaf.shape[0] != padded for leaf, flag in zip(leaves, batched, strict=True)):
+        return None
+    return tree_unflatten([leaf[:size] if flag else leaf for leaf, flag in zip(leaves, batched, strict=True)], spec)
 
 
 @contextlib.contextmanager
@@ -437,8 +437,7 @@ def weights_only_unpickling(torch: Any) -> Iterator[None]:
         return load(*args, **{**kwargs, "weights_only": True})
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise ModelError("model.path: the file holds pickled Python objects, which could run code; "
-                         "lpot_ray loads only weights and the graph")
+        raise pickle.UnpicklingError(PICKLED_OBJECTS)
 
     with _UNPICKLING, mock.patch.object(torch, "load", weights_only_load), \
             mock.patch.object(_package, "pickle", mock.NonCallableMock(loads=refuse)), \
@@ -447,6 +446,12 @@ def weights_only_unpickling(torch: Any) -> Iterator[None]:
 
 
 _UNPICKLING = threading.Lock()  # the patches above are process-wide: one model file at a time
+PICKLED_OBJECTS = "holds pickled Python objects beyond tensors, which could run code"
+
+
+def unsafe_pickle(error: BaseException) -> bool:
+    """Whether loading failed because the file holds more than weights (torch's own wording)."""
+    return isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error)
 
 
 def _drop_unreferenced_tensors(module: Any) -> None:

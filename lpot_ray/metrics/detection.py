@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -26,23 +25,18 @@ MAP_KEYS = ("DetectionBoxes_Precision/mAP", "DetectionBoxes_Precision/mAP@.50IOU
             "DetectionBoxes_Precision/mAP (large)", "DetectionBoxes_Recall/AR@1", "DetectionBoxes_Recall/AR@10",
             "DetectionBoxes_Recall/AR@100", "DetectionBoxes_Recall/AR@100 (small)",
             "DetectionBoxes_Recall/AR@100 (medium)", "DetectionBoxes_Recall/AR@100 (large)")
-log = logging.getLogger("lpot_ray")
 
 
 class _COCOMetric(Metric):
     STAT = 0  # index into COCOeval.stats
 
-    def __init__(self, map_key: Optional[str] = None, anno_path: Optional[str] = None) -> None:
-        """``map_key`` picks the reported figure by LPOT's name; ``anno_path`` (LPOT's COCO
-        annotation file) changes nothing: the ground truth is the evaluation loader's labels."""
+    def __init__(self, map_key: Optional[str] = None) -> None:
+        """``map_key`` picks the reported figure by LPOT's name."""
         if map_key is not None:
             if map_key not in MAP_KEYS:
                 raise ConfigError(f"`evaluation.accuracy.metric.{type(self).__name__}.map_key`: {map_key!r} must be one "
                                   f"of {', '.join(MAP_KEYS)}")
             self.STAT = MAP_KEYS.index(map_key)
-        if anno_path is not None:
-            log.warning("`evaluation.accuracy.metric.%s.anno_path` changes nothing here: the ground truth is the "
-                        "evaluation dataloader's labels", type(self).__name__)
         self.reset()
 
     def reset(self) -> None:
