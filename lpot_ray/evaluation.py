@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -21,6 +23,35 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     return batch, None
+
+
+USER_CODE_LIMIT = 3600.0  # seconds the baseline or reading the calibration data may take by default
+
+
+def user_code_limit(policy: Any) -> float:
+    """Seconds the fp32 baseline and the reading of the calibration data may take: the exit
+    policy's ``trial_timeout`` if given (0: no limit), else an hour."""
+    return policy.trial_timeout if policy.trial_timeout is not None else USER_CODE_LIMIT
+
+
+def within(seconds: Optional[float], function: Callable[[], Any], timed_out: Exception) -> Any:
+    """``function()``, or ``timed_out`` raised once it has run ``seconds`` (0: no limit). It runs
+    in a daemon thread, which a call blocked for good in the user's code leaves behind."""
+    if not seconds:
+        return function()
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def call() -> None:
+        try:
+            done.set_result(function())
+        except BaseException as error:  # raised in the caller below
+            done.set_exception(error)
+
+    threading.Thread(target=call, name="lpot-ray-user-code", daemon=True).start()
+    try:
+        return done.result(timeout=seconds)
+    except concurrent.futures.TimeoutError:
+        raise timed_out from None
 
 
 def as_numpy(values: Any) -> np.ndarray:

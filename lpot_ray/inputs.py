@@ -17,7 +17,7 @@ from . import registry
 from .adaptors.base import Adaptor
 from .config import Approach, Config
 from .errors import ConfigError, DataError
-from .evaluation import Evaluation, split_batch
+from .evaluation import Evaluation, split_batch, user_code_limit, within
 from .metrics import make_metric
 from .objectives import WeightedObjectives
 from .space import TuningSpace
@@ -114,7 +114,10 @@ def calibration_batches(config: Config, q_dataloader: Any, eval_dataloader: Any)
                             "pass q_dataloader or eval_dataloader")
         return _batches(eval_dataloader, 1, "eval_dataloader")
     wanted = max(config.quantization.calibration.sampling_size)
-    batches = _batches(q_dataloader, wanted, "q_dataloader")
+    limit = user_code_limit(config.tuning.exit_policy)
+    batches = within(limit, lambda: _batches(q_dataloader, wanted, "q_dataloader"),
+                     DataError(f"q_dataloader: no calibration batch after {limit:g} s "
+                               "(tuning.exit_policy.trial_timeout); is it waiting for something?"))
     held = sum(Adaptor.batch_size(inputs) for inputs in batches)
     if approach.calibrates and held < wanted:
         log.warning("quantization.calibration.sampling_size: %d samples asked, q_dataloader holds %d; calibrating on %d",

@@ -12,11 +12,9 @@ busy, and the best passing config is compiled to real kernels in the driver and 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -27,6 +25,7 @@ from .config import Approach, Config, ExitPolicy
 from .cpu import bf16_unavailable_reason
 from .engine import Criterion, Engine, EngineOutcome, common_failure
 from .errors import ConfigError, EvaluationError, ModelError
+from .evaluation import user_code_limit, within
 from .history import History
 from .objectives import WeightedObjectives
 from .pool import JobExecutor, WorkerPool
@@ -37,7 +36,6 @@ from .trial import Finalized, Status
 from .worker import TrialRunner, WorkerJob
 
 FINALISTS = 3  # passing configs compiled at most, best first, until one still passes compiled
-BASELINE_LIMIT = 3600.0  # seconds the fp32 baseline may take unless trial_timeout says otherwise
 TRIAL_LIMIT_FACTOR, TRIAL_LIMIT_ALLOWANCE = 10, 300.0  # the default trial limit: 10 baselines + 5 minutes
 log = logging.getLogger("lpot_ray")
 
@@ -224,11 +222,12 @@ def _baseline(job: Job) -> float:
     recorded = job.history.get_meta("baseline")
     if recorded is not None:
         return recorded
-    limit = job.config.tuning.exit_policy.trial_timeout
+    limit = user_code_limit(job.config.tuning.exit_policy)
     started = time.perf_counter()
     try:
-        baseline = _within(limit if limit is not None else BASELINE_LIMIT,
-                           lambda: job.worker_job.evaluation.run(job.adaptor, job.baseline_model))
+        baseline = within(limit, lambda: job.worker_job.evaluation.run(job.adaptor, job.baseline_model),
+                          EvaluationError(f"no result after {limit:g} s (tuning.exit_policy.trial_timeout); is the "
+                                          "eval_func or the eval_dataloader waiting for something?"))
     except EvaluationError as error:
         raise EvaluationError(f"fp32 baseline: {error}") from None
     except Exception as error:  # the user's code or data: say so before any worker starts
@@ -240,24 +239,3 @@ def _baseline(job: Job) -> float:
     job.history.set_meta("baseline", baseline)
     job.history.set_meta("baseline_seconds", time.perf_counter() - started)
     return baseline
-
-
-def _within(seconds: Optional[float], function: Callable[[], float]) -> float:
-    """``function()``, or an EvaluationError once it has run ``seconds`` (0: no limit). It runs in
-    a daemon thread, which a call blocked for good in the user's code leaves behind."""
-    if not seconds:
-        return function()
-    done: concurrent.futures.Future = concurrent.futures.Future()
-
-    def call() -> None:
-        try:
-            done.set_result(function())
-        except BaseException as error:  # raised in the caller below
-            done.set_exception(error)
-
-    threading.Thread(target=call, name="lpot-ray-baseline", daemon=True).start()
-    try:
-        return done.result(timeout=seconds)
-    except concurrent.futures.TimeoutError:
-        raise EvaluationError(f"no result after {seconds:g} s (tuning.exit_policy.trial_timeout); is the eval_func or "
-                              "the eval_dataloader waiting for something?") from None

@@ -92,3 +92,18 @@ def test_a_replaced_trial_thread_runs_the_calls_waiting_behind_the_blocked_one(r
     thread.replace()
     assert waiting.result(timeout=10) == "ran" and not blocked.done()
     assert thread.submit(lambda: 2).result(timeout=10) == 2
+
+
+def test_a_calibration_loader_that_blocks_fails_at_the_limit_naming_it(digits, tmp_path, release):
+    from lpot_ray.errors import DataError
+
+    model, calibration, evaluation = digits
+
+    def blocking():
+        yield next(iter(calibration))
+        release.wait()  # the second batch never comes
+        yield next(iter(calibration))
+
+    conf = base_conf(tmp_path, exit_policy={"trial_timeout": 1})
+    with pytest.raises(DataError, match=r"q_dataloader: no calibration batch after 1 s \(tuning.exit_policy.trial_timeout\)"):
+        lpot_ray.tune(model, conf, q_dataloader=blocking(), eval_dataloader=evaluation)
