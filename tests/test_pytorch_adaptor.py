@@ -55,7 +55,7 @@ def test_lowering_runs_int8_kernels_and_reports_fallback_ops(digits):
     assert lowered.fp32_ops == ("fc1",)
 
 
-def test_compiled_model_compiles_once_for_the_largest_batch_and_pads_smaller_ones(digits):
+def test_compiled_model_runs_other_batch_sizes_in_chunks_and_compiles_only_for_far_larger_ones(digits):
     from torch._dynamo.utils import counters
 
     model, calibration, evaluation = digits
@@ -65,15 +65,16 @@ def test_compiled_model_compiles_once_for_the_largest_batch_and_pads_smaller_one
     images = torch.cat([images for images, _ in evaluation])
     compiled = counters["stats"]["unique_graphs"]
     example = len(batches[0])
-    full = lowered.model(images[:example])
-    smaller = lowered.model(images[:example - 5])  # padded to the compiled size: no new compile
-    assert counters["stats"]["unique_graphs"] == compiled
-    assert torch.equal(smaller, full[:example - 5])
-    lowered.model(images[:2 * example])  # larger: compiled once more
-    lowered.model(images[:example + 3])  # and padded to that size from now on
+    full = lowered.model(images[:2 * example])  # two chunks of the compiled size
+    smaller = lowered.model(images[:example - 5])  # one padded chunk
+    uneven = lowered.model(images[:example + 7])  # a chunk and a padded one
+    assert counters["stats"]["unique_graphs"] == compiled  # no new compile
+    assert torch.equal(full[:example], lowered.model(images[:example]))
+    assert torch.equal(smaller, full[:example - 5]) and torch.equal(uneven, full[:example + 7])
+    lowered.model(images[:9 * example])  # more than 8 chunks' worth: compiled for once
     assert counters["stats"]["unique_graphs"] == compiled + 1
-    reference = adaptor.quantize(exported, config, batches)(images[:example - 5])  # the q/dq model, uncompiled
-    assert (smaller.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
+    reference = adaptor.quantize(exported, config, batches)(images[:2 * example])  # the q/dq model, uncompiled
+    assert (full.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
 
 
 def test_numpy_float64_batches_run_a_float32_model(digits):

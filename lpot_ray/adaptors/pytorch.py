@@ -362,12 +362,14 @@ class CompiledModel:
     """A compiled model callable like the module it came from; eval()/train() are no-ops.
 
     Inductor compiles for static shapes (see ``_compile``), so every new batch size would cost a
-    compile of seconds. A smaller batch than the largest compiled so far is padded to it with
-    copies of its last sample and the padding's outputs dropped (each sample's output is its own
-    in inference); a larger one is compiled for once and becomes the size others are padded to.
-    Outputs whose first dimension is not the batch (a sequence-first model) fall back to a call
-    of the batch's own size.
+    compile of seconds. A batch of another size runs in chunks of the largest size compiled so
+    far, the last one padded with copies of its last sample and the padding's outputs dropped
+    (each sample's output is its own in inference); a batch more than ``MAX_CHUNKS`` times that
+    size is compiled for once instead and becomes the chunk size. Outputs whose first dimension
+    is not the batch (a sequence-first model) fall back to a call of the batch's own size.
     """
+
+    MAX_CHUNKS = 8
 
     def __init__(self, compiled: Any, settings: Any):
         self.compiled = compiled
@@ -379,12 +381,18 @@ class CompiledModel:
 
         size = _common_batch_size(args)
         with torch.no_grad(), self.settings():
-            if size is None or self.batch_size is None or size >= self.batch_size:
+            if size is None or self.batch_size is None or size == self.batch_size or size > self.MAX_CHUNKS * self.batch_size:
                 self.batch_size = max(self.batch_size or 0, size or 0) or None
                 return self.compiled(*args)
-            outputs = self.compiled(*_padded(args, self.batch_size))
-            trimmed = _trimmed(outputs, size, self.batch_size)
-            return trimmed if trimmed is not None else self.compiled(*args)
+            chunks = []
+            for start in range(0, size, self.batch_size):
+                part = tuple(arg[start:start + self.batch_size] if _batched(arg) else arg for arg in args)
+                length = _common_batch_size(part)
+                trimmed = _trimmed(self.compiled(*_padded(part, self.batch_size)), length, self.batch_size)
+                if trimmed is None:
+                    return self.compiled(*args)
+                chunks.append(trimmed)
+            return _concatenated(chunks)
 
     def eval(self) -> "CompiledModel":
         return self
@@ -401,22 +409,38 @@ def _common_batch_size(args: tuple) -> Optional[int]:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def _batched(arg: Any) -> bool:
+    import torch
+
+    return isinstance(arg, torch.Tensor) and arg.dim() > 0
+
+
 def _padded(args: tuple, size: int) -> tuple:
     """Every tensor argument padded to ``size`` samples with copies of its last one."""
     import torch
 
-    return tuple(torch.cat([arg, arg[-1:].expand(size - len(arg), *arg.shape[1:])])
-                 if isinstance(arg, torch.Tensor) and arg.dim() > 0 else arg for arg in args)
+    return tuple(torch.cat([arg, arg[-1:].expand(size - len(arg), *arg.shape[1:])]) if _batched(arg) else arg
+                 for arg in args)
+
+
+def _concatenated(chunks: list) -> Any:
+    """The chunks' outputs joined into one batch (tensors in any nesting; anything without a
+    batch dimension taken from the first chunk)."""
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat = [tree_flatten(chunk)[0] for chunk in chunks]
+    leaves = [torch.cat([chunk[index] for chunk in flat]) if _batched(first) else first for index, first in enumerate(flat[0])]
+    return tree_unflatten(leaves, tree_flatten(chunks[0])[1])
 
 
 def _trimmed(outputs: Any, size: int, padded: int) -> Any:
     """The outputs of the first ``size`` samples, or None if an output's first dimension is not
     the padded batch (then the padding can't be told apart from the samples)."""
-    import torch
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     leaves, spec = tree_flatten(outputs)
-    batched = [isinstance(leaf, torch.Tensor) and leaf.dim() > 0 for leaf in leaves]
+    batched = [_batched(leaf) for leaf in leaves]
     if not any(batched) or any(flag and leaf.shape[0] != padded for leaf, flag in zip(leaves, batched, strict=True)):
         return None
     return tree_unflatten([leaf[:size] if flag else leaf for leaf, flag in zip(leaves, batched, strict=True)], spec)
