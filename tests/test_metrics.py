@@ -44,6 +44,7 @@ CASES = {
     "BLEU": ({"BLEU": None}, HYPOTHESES, REFERENCES),
     "mAP": ({"mAP": None}, [d for d, _ in DETECTIONS], [t for _, t in DETECTIONS]),
     "COCOmAP": ({"COCOmAP": None}, [d for d, _ in DETECTIONS], [t for _, t in DETECTIONS]),
+    "mIOU": ({"mIOU": {"num_classes": 4}}, RNG.random((30, 4, 5, 5)), RNG.integers(0, 5, size=(30, 5, 5))),
 }
 
 
@@ -159,3 +160,13 @@ def test_coco_map_key_picks_lpots_named_figure():
     assert at_50 == value({"mAP": None}) > value({"COCOmAP": None})
     with pytest.raises(ConfigError, match="map_key`: 'mAP@.5' must be one of DetectionBoxes_Precision/mAP, "):
         make_metric({"COCOmAP": {"map_key": "mAP@.5"}})
+
+
+def test_miou_known_value_and_ignored_pixels():
+    metric = make_metric({"mIOU": {"num_classes": 3}})
+    labels = np.array([[[0, 0, 1, 255]]])  # 255: ignored, as LPOT's segmentation datasets mark borders
+    preds = np.array([[[0, 1, 1, 2]]])
+    metric.update(preds, labels)
+    # class 0: 1 right of 2 labelled; class 1: 1 right, 1 extra predicted; class 2: never labelled or predicted
+    assert math.isclose(metric.result(), (1 / 2 + 1 / 2) / 2)
+
