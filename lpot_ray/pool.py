@@ -284,7 +284,11 @@ class WorkerPool:
             log.warning("ray.resources_per_worker: no node of the cluster has resource %r (yet); workers wait for one", name)
         count = self.plan.ray_workers(cluster)
         if count > 0:
-            self.add_ray_workers(count, self.plan.cpus_per_worker, self.plan.resources_per_worker)
+            try:
+                self.add_ray_workers(count, self.plan.cpus_per_worker, self.plan.resources_per_worker)
+            except Exception as error:  # a job that can't travel (an eval_func holding a lock, say)
+                log.warning("the jobs can't be sent to Ray workers (%s); trials run in the driver alone",
+                            start_failure(error))
 
     def add_ray_workers(self, count: int, cpus_per_worker: float, resources: Optional[dict[str, float]] = None) -> None:
         """Start ``count`` Ray worker actors, spread across nodes; each becomes a slot once ready."""

@@ -91,7 +91,7 @@ def test_same_seed_same_config_with_one_and_two_workers(ray_session, outlier_dig
     model, calibration, evaluation = outlier_digits
 
     def slow_eval(candidate):  # slow enough that the Ray worker joins and takes trials
-        time.sleep(0.8)
+        time.sleep(1.2)
         return accuracy_of(candidate, evaluation)
 
     chosen = []
@@ -176,3 +176,21 @@ def test_quantization_with_only_a_model_takes_its_data_from_the_yaml(digits, tmp
     del conf["model"]["path"]
     result = lpot_ray.Quantization(conf)(digits[0])  # LPOT's fully-YAML use: no loader passed
     assert result.passed and result.baseline > 0.9
+
+
+def test_a_job_that_cannot_be_sent_to_ray_workers_runs_in_the_driver_saying_so(ray_session, digits, tmp_path, caplog):
+    import threading
+
+    model, calibration, evaluation = digits
+    guard = threading.Lock()  # what the eval_func holds can't be pickled
+
+    def eval_func(candidate):
+        with guard:
+            return accuracy_of(candidate, evaluation)
+
+    conf = base_conf(tmp_path)
+    del conf["evaluation"]
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_func=eval_func)
+    assert result.passed
+    assert "the jobs can't be sent to Ray workers (" in caplog.text and "trials run in the driver alone" in caplog.text
+
