@@ -66,7 +66,7 @@ class History:
                 self.connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
                 self._check_ours()
                 return
-            make_workspace(self.path.parent)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._check_ours()  # before writing anything into someone else's database
             self.connection.execute("PRAGMA journal_mode=WAL")
@@ -91,7 +91,7 @@ class History:
         path = resolve_db_path(resume) if resume is not None else Path(workspace) / DB_NAME
         if resume is not None and not path.is_file():
             raise HistoryError(f"{path}: no tuning history to resume there")
-        lock = WorkspaceLock(path.parent)
+        lock = WorkspaceLock(path.parent, "the resumed history's folder" if resume is not None else "tuning.workspace.path")
         history = None
         try:
             if resume is None and path.exists():
@@ -171,13 +171,6 @@ class History:
             self.lock = None
 
 
-def make_workspace(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise HistoryError(f"tuning.workspace.path: {folder} is a file; it must be a folder (it will hold {DB_NAME})")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise HistoryError(f"tuning.workspace.path: can't make the folder {folder}: {error.strerror or error}") from None
 
 
 class WorkspaceLock:
@@ -185,12 +178,15 @@ class WorkspaceLock:
     the system drops when the holding process ends however it ends, so a killed driver never
     holds a workspace. The file says who holds it, for the error that a second tuning gets."""
 
-    def __init__(self, folder: Path):
-        make_workspace(folder)
+    def __init__(self, folder: Path, key: str):
+        """``key`` names where the folder came from, for the errors."""
+        if folder.exists() and not folder.is_dir():
+            raise HistoryError(f"{key}: {folder} is a file; it must be a folder (it will hold {DB_NAME})")
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             self.file = open(folder / LOCK_NAME, "a+")
         except OSError as error:
-            raise HistoryError(f"tuning.workspace.path: can't write in {folder}: {error.strerror or error}") from None
+            raise HistoryError(f"{key}: can't make the folder {folder} or write in it: {error.strerror or error}") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # held; any other error (no locks on this file system) is not a holder

@@ -49,6 +49,7 @@ LPOT_ONLY_VALUES = {
     "tuning.objective": {"accuracy"},
 }
 
+NAMES_NOT_KEYS = {"quantization.op_wise"}  # its keys are op names, which no rule here is about
 _THREADS = "lpot_ray sets each worker's threads from ray.cpus_per_worker"
 # Valid LPOT keys (glob patterns over dotted paths) that change nothing here, and why.
 IGNORED = {
@@ -87,15 +88,7 @@ def adapt(raw: dict, origin: str) -> dict:
         if isinstance(value, str) and value in LPOT_ONLY_VALUES.get(path, ()) and not _registered(path, value):
             raise ConfigError(f"{origin}: `{path}: {value}` is an LPOT option lpot_ray does not support yet")
     adapted = copy.deepcopy(raw)
-    for path, _ in list(walk(adapted)):
-        why = next((reason for pattern, reason in IGNORED.items() if fnmatch.fnmatchcase(path, pattern)), None)
-        *parents, key = path.split(".")
-        section: Any = adapted
-        for parent in parents:
-            section = section.get(parent) if isinstance(section, dict) else None
-        if why is not None and isinstance(section, dict) and key in section:  # not inside a key dropped already
-            del section[key]
-            log.warning("%s: `%s` changes nothing here: %s", origin, path, why)
+    _drop_ignored(adapted, "", origin)
     if framework in FRAMEWORK_ALIASES:
         adapted["model"]["framework"], why = FRAMEWORK_ALIASES[framework]
         log.warning("%s: `model.framework: %s` runs as pytorch: %s", origin, framework, why)
@@ -114,8 +107,20 @@ def walk(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in tree.items():
         path = f"{prefix}{key}"
         yield path, value
-        if isinstance(value, dict) and path != "quantization.op_wise":
+        if isinstance(value, dict) and path not in NAMES_NOT_KEYS:
             yield from walk(value, path + ".")
+
+
+def _drop_ignored(tree: dict, prefix: str, origin: str) -> None:
+    """Remove the ``IGNORED`` keys from ``tree`` in place, each with its warning."""
+    for key in list(tree):
+        path = f"{prefix}{key}"
+        why = next((reason for pattern, reason in IGNORED.items() if fnmatch.fnmatchcase(path, pattern)), None)
+        if why is not None:
+            del tree[key]
+            log.warning("%s: `%s` changes nothing here: %s", origin, path, why)
+        elif isinstance(tree[key], dict) and path not in NAMES_NOT_KEYS:
+            _drop_ignored(tree[key], path + ".", origin)
 
 
 def _registered(path: str, value: str) -> bool:

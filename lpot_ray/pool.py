@@ -113,7 +113,6 @@ class DriverSlot:
         self.runners = runners
         self.thread = TrialThread()
         self.cancelled: set[tuple[str, int]] = set()
-        self.stuck = False  # a request outlived its time limit and did not stop: the thread was replaced
 
     def run(self, job_id: str, seq: int, request: Request) -> concurrent.futures.Future:
         should_stop = lambda: (job_id, seq) in self.cancelled  # noqa: E731
@@ -126,7 +125,6 @@ class DriverSlot:
 
     def abandon(self) -> None:
         """Leave a request that does not stop to its thread and go on with a new one."""
-        self.stuck = True
         self.thread.replace()
 
     def cancel(self, job_id: str, seq: int) -> None:
@@ -138,7 +136,7 @@ class DriverSlot:
     def close(self, wait: bool = True) -> None:
         """Stop the trial thread once its call returns; without ``wait`` (a call past its time
         limit, maybe blocked for good) give it a moment and leave it."""
-        self.thread.close(timeout=None if wait and not self.stuck else 1.0)
+        self.thread.close(timeout=None if wait else 1.0)
         for runner in self.runners.values():
             runner.close()
 

@@ -104,16 +104,17 @@ class RayPlan:
         """Worker actors to start next to the driver: ``workers - 1`` if given, else one per
         ``cpus_per_worker`` of the cluster's CPUs less the driver's, and no more than its custom
         resources can hold (the driver needs none of them)."""
-        capacity = self.capacity(cluster.get("CPU", 1))
-        if int(cluster.get("CPU", 1) // self.cpus_per_worker) > capacity and not self.workers:
-            log.warning("ray.cpus_per_worker: %g would start %d workers; capped at %d (%d per CPU)", self.cpus_per_worker,
-                        int(cluster.get("CPU", 1) // self.cpus_per_worker), capacity, MAX_WORKERS_PER_CPU)
-        if self.workers and (self.cluster_address() or self.workers <= capacity):
-            return self.workers - 1  # a cluster may grow (an autoscaler) to take them
+        cpus = cluster.get("CPU", 1)
+        capacity = self.capacity(cpus)
         if self.workers:
+            if self.cluster_address() or self.workers <= capacity:
+                return self.workers - 1  # a cluster may grow (an autoscaler) to take them
             log.warning("ray.workers: %d asked, but this machine's %g CPUs hold %d of cpus_per_worker %g; running %d "
-                        "(the driver and %d Ray workers)", self.workers, cluster.get("CPU", 1), capacity,
-                        self.cpus_per_worker, capacity, capacity - 1)
+                        "(the driver and %d Ray workers)", self.workers, cpus, capacity, self.cpus_per_worker,
+                        capacity, capacity - 1)
+        elif int(cpus // self.cpus_per_worker) > capacity:
+            log.warning("ray.cpus_per_worker: %g would start %d workers; capped at %d (%d per CPU)", self.cpus_per_worker,
+                        int(cpus // self.cpus_per_worker), capacity, MAX_WORKERS_PER_CPU)
         count = capacity - 1
         for name, amount in self.resources_per_worker.items():
             count = min(count, int(cluster.get(name, 0) // amount))

@@ -149,9 +149,7 @@ def conclude(outcome: EngineOutcome, criterion: Criterion, finalize: Callable[[T
     rejected = []
     for trial in outcome.passing[:FINALISTS]:
         try:
-            with clock.time("finalize"):
-                final = finalize(trial.config)
-            clock.merge("finalize", final.timings)
+            final = _timed_finalize(clock, finalize, trial.config)
         except Exception as error:  # e.g. the compiler fails on this config: try the next finalist
             rejected.append({"key": trial.key, "error": f"{type(error).__name__}: {error}"[:500]})
             continue
@@ -193,15 +191,21 @@ def _passed(config: TuneConfig, proxy: float, final: Finalized, history: History
                       passed=True, model_bytes=final.model_bytes, **common)
 
 
+def _timed_finalize(clock: Stopwatch, finalize: Callable[[TuneConfig], Finalized], config: TuneConfig) -> Finalized:
+    """``finalize(config)``, its time and the worker's own phases on the clock under ``finalize``."""
+    with clock.time("finalize"):
+        final = finalize(config)
+        clock.merge("finalize", final.timings)
+    return final
+
+
 def _default_config_only(job: Job, pool: WorkerPool) -> TuneResult:
     """LPOT's ``performance_only``: quantize with the default config, no accuracy tuning; measure
     it (and its accuracy, when an evaluation was given)."""
     with job.clock.time("baseline"):
         baseline = _baseline(job) if job.worker_job.evaluation.given else None
     default = job.space.model_wise_configs()[0]
-    with job.clock.time("finalize"):
-        final = pool.finalize(job.name, default, measure=True)
-    job.clock.merge("finalize", final.timings)
+    final = _timed_finalize(job.clock, lambda config: pool.finalize(job.name, config, measure=True), default)
     common = dict(baseline=baseline, n_trials=0, n_evaluated=0, framework=job.config.model.framework,
                   stopped_by="performance_only", workspace=str(job.history.path.parent), timings=job.clock.seconds)
     return _passed(default, job.space.fp32_macs_fraction(default), final, job.history, [], common)

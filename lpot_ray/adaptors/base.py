@@ -8,10 +8,12 @@ chosen config to the framework's real int8 kernels. Framework imports live insid
 
 from __future__ import annotations
 
+import contextlib
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -59,6 +61,15 @@ class Adaptor(ABC):
         """A ``q_func`` that trains as LPOT's ``quantization.train`` section says (plain data, so
         that it travels to workers)."""
         raise ConfigError(f"`quantization.train`: the {cls.framework} adaptor can't train from the YAML; pass q_func")
+
+    @contextlib.contextmanager
+    def calibrating(self) -> Iterator[None]:
+        """Time a calibration pass into ``calibration_seconds`` (the adaptor counts the passes)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.calibration_seconds += time.perf_counter() - started
 
     def set_threads(self, threads: int) -> int:
         """Set the framework's intra-op threads for this process; return the previous count.

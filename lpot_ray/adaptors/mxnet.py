@@ -42,7 +42,6 @@ import io
 import json
 import os
 import tempfile
-import time
 import warnings
 import weakref
 import zipfile
@@ -52,6 +51,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..evaluation import as_numpy
 from ..errors import DataError, MissingFrameworkError, ModelError
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
@@ -266,19 +266,18 @@ class MXNetAdaptor(Adaptor):
         low = dict.fromkeys(tensors, np.inf)
         high = dict.fromkeys(tensors, -np.inf)
         hist: dict[str, Any] = {}
-        started = time.perf_counter()
-        for inputs in take_samples(calibration, sampling_size):
-            arrays = as_arrays(inputs)
-            check_shapes(model, arrays)
-            outputs = _as_list(block(*[mx.nd.array(array) for array in arrays]))
-            self.calibration_passes += 1
-            for name, output in zip(tensors, outputs, strict=True):
-                values = output.asnumpy()
-                batch_low, batch_high = float(values.min()), float(values.max())
-                low[name], high[name] = min(low[name], batch_low), max(high[name], batch_high)
-                if histograms:
-                    hist[name] = _add_histogram(mx, hist.get(name), values, batch_low, batch_high)
-        self.calibration_seconds += time.perf_counter() - started
+        with self.calibrating():
+            for inputs in take_samples(calibration, sampling_size):
+                arrays = as_arrays(inputs)
+                check_shapes(model, arrays)
+                outputs = _as_list(block(*[mx.nd.array(array) for array in arrays]))
+                self.calibration_passes += 1
+                for name, output in zip(tensors, outputs, strict=True):
+                    values = output.asnumpy()
+                    batch_low, batch_high = float(values.min()), float(values.max())
+                    low[name], high[name] = min(low[name], batch_low), max(high[name], batch_high)
+                    if histograms:
+                        hist[name] = _add_histogram(mx, hist.get(name), values, batch_low, batch_high)
         return {name: (low[name], high[name], hist.get(name)) for name in tensors}
 
     def inspect_tensors(self, model: MXNetModel, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
@@ -463,14 +462,7 @@ def _weight_of(node: dict, model: MXNetModel) -> Any:
 def as_arrays(inputs: Any) -> list[np.ndarray]:
     """A batch's inputs as float32 numpy arrays (NDArrays and tensors too)."""
     items = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
-    arrays = []
-    for item in items:
-        if hasattr(item, "asnumpy"):
-            item = item.asnumpy()
-        elif hasattr(item, "numpy"):
-            item = item.numpy()
-        arrays.append(np.ascontiguousarray(item, dtype=np.float32))
-    return arrays
+    return [np.ascontiguousarray(as_numpy(item), dtype=np.float32) for item in items]
 
 
 def check_shapes(model: MXNetModel, arrays: list[np.ndarray]) -> None:

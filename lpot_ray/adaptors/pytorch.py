@@ -28,7 +28,6 @@ import os
 import pickle
 import re
 import threading
-import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -282,12 +281,10 @@ class PyTorchAdaptor(Adaptor):
             for key, observer in observers.items():
                 observer.load_state_dict(cache[key])
             return
-        started = time.perf_counter()
-        with self.torch.no_grad():
+        with self.calibrating(), self.torch.no_grad():
             for inputs in take_samples(calibration, sampling_size):
                 prepared(*as_args(inputs))
                 self.calibration_passes += 1
-        self.calibration_seconds += time.perf_counter() - started
         for key, observer in observers.items():
             cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
 
@@ -403,9 +400,7 @@ class CompiledModel:
 
 def _common_batch_size(args: tuple) -> Optional[int]:
     """The first dimension shared by every tensor argument, or None if they disagree."""
-    import torch
-
-    sizes = {arg.shape[0] for arg in args if isinstance(arg, torch.Tensor) and arg.dim() > 0}
+    sizes = {arg.shape[0] for arg in args if _batched(arg)}
     return sizes.pop() if len(sizes) == 1 else None
 
 

@@ -46,7 +46,6 @@ import os
 import pickle
 import re
 import threading
-import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -330,15 +329,14 @@ class TensorFlowAdaptor(Adaptor):
 
         cache = self.calibration_cache.setdefault(model, {})
         if sampling_size not in cache:
-            started = time.perf_counter()
-            batches = [list(_as_inputs(inputs)) for inputs in take_samples(calibration, sampling_size)]
-            for batch in batches:
-                model.check_input_shapes(tuple(array.shape for array in batch), "q_dataloader")
-            with _native_stderr_silenced():
-                with_intermediates = calibrator.add_intermediate_tensors(model.content)
-                content = calibrator.Calibrator(with_intermediates).calibrate(lambda: iter(batches))
+            with self.calibrating():
+                batches = [list(_as_inputs(inputs)) for inputs in take_samples(calibration, sampling_size)]
+                for batch in batches:
+                    model.check_input_shapes(tuple(array.shape for array in batch), "q_dataloader")
+                with _native_stderr_silenced():
+                    with_intermediates = calibrator.add_intermediate_tensors(model.content)
+                    content = calibrator.Calibrator(with_intermediates).calibrate(lambda: iter(batches))
             self.calibration_passes += 1
-            self.calibration_seconds += time.perf_counter() - started
             cache[sampling_size] = TFLiteModel(content, model.op_names, self.threads)
         return cache[sampling_size]
 
