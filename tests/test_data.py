@@ -37,7 +37,7 @@ def test_label_balance_keeps_labels_of_the_given_size_as_lpot():
 
 
 def test_resize_keeps_the_aspect_ratio_for_an_int_and_floats_as_floats():
-    from lpot_ray.data import resize
+    from lpot_ray.transforms import resize
 
     image = np.random.default_rng(0).uniform(-1, 1, size=(300, 200, 3)).astype(np.float32)
     resized = resize(256)(image)
@@ -66,8 +66,10 @@ def test_dummy_v2_shapes():
 @pytest.mark.parametrize(
     "dataset, transform, message",
     [
-        ({"cifar": {}}, None, "dataset`: unknown dataset 'cifar'; known: ImageFolder, digits, dummy_v2, numpy"),
-        ({"digits": {}}, {"Blur": {}}, "transform`: unknown transform 'Blur'; known: CenterCrop, Normalize, Resize, ToArray, Transpose"),
+        ({"cifar": {}}, None, "dataset`: unknown dataset 'cifar'; known: COCORaw, COCORecord, GLUE, ImageFolder, ImageRecord, ImagenetRaw, digits, dummy_v2, numpy"),
+        ({"digits": {}}, {"Blur": {}}, "transform`: unknown transform 'Blur'; known: AlignImageChannel, BilinearImagenet, Cast, CenterCrop, Normalize, "
+         "PaddedCenterCrop, RandomHorizontalFlip, RandomResizedCrop, Rescale, Resize, ResizeCropImagenet, "
+         "ResizeWithRatio, ToArray, ToTensor, Transpose"),
         ({"digits": {"split": "test"}}, None, "split 'test' must be one of train, calibration, evaluation, all"),
         ({"digits": {"colour": 1}}, None, "dataset.digits`: {'colour': 1} are not its parameters"),
         ({"numpy": {"path": "/nowhere/data.npz"}}, None, "/nowhere/data.npz: file not found"),
