@@ -51,6 +51,7 @@ from .worker import TrialRunner, TrialWorker
 
 MAX_RETRIES = 2
 TIMEOUT_GRACE = 10.0  # seconds a timed-out request has to stop before its worker is given up
+SHUTDOWN_WAIT = 5.0  # seconds shutdown waits for the pool's thread before leaving Ray's release to it
 log = logging.getLogger("lpot_ray")
 
 
@@ -224,6 +225,8 @@ class WorkerPool:
         self._slot_factory: Optional[Callable[[str, str], RaySlot]] = None
         self.events: queue.Queue = queue.Queue()  # finished futures (None: a worker got ready), for the pool's thread
         self._closed = threading.Event()
+        self._leaving = threading.Lock()
+        self._left = 0  # of the pool's thread and shutdown: the second to leave releases Ray
         self._watcher = threading.Thread(target=self._watch, name="lpot-ray-pool", daemon=True)
         self._watcher.start()
         if plan is not None and (plan.connect_eagerly() or len(runners) > 1):
@@ -246,13 +249,18 @@ class WorkerPool:
         """The pool's own thread: take finished requests, start workers once Ray is up, admit
         them as they get ready, drop those stuck. Future callbacks only hand their future over:
         a callback runs in one of Ray's threads, which must not call into Ray itself."""
+        try:
+            self._serve_events()
+        finally:
+            self._leave()
+
+    def _serve_events(self) -> None:
         grown = False
         while not self._closed.is_set():
             session = self.session
             if not grown and session is not None and session.ready.is_set():
                 grown = True
-                with self.lock:
-                    self._grow(session)
+                self._grow(session)  # without the lock: copying the jobs into Ray may take seconds
             connecting = session is not None and not grown
             finished = []
             with contextlib.suppress(queue.Empty):
@@ -272,8 +280,9 @@ class WorkerPool:
         if session.error is not None:
             if session.address:  # a cluster the user named: the tuning must not go on without it
                 error = session.error
-                self.error = error if isinstance(error, ClusterError) else ClusterError(f"Ray cluster {session.address!r}: {error}")
-                self.changed.notify_all()
+                with self.lock:
+                    self.error = error if isinstance(error, ClusterError) else ClusterError(f"Ray cluster {session.address!r}: {error}")
+                    self.changed.notify_all()
             else:
                 log.warning("a local Ray could not start (%s); trials run in the driver alone", session.error)
             return
@@ -298,6 +307,8 @@ class WorkerPool:
                                                       scheduling_strategy="SPREAD", max_concurrency=2)
         job_refs = {job_id: ray.put(job) for job_id, job in self.jobs.items()}  # the model and data enter the object store once
         with self.lock:
+            if self._closed.is_set():
+                return  # the tuning ended while the jobs were copied
             self._slot_factory = lambda name, first: RaySlot(actor_class, job_refs, name, first)
             for index in range(1, count + 1):
                 self._start(f"worker-{index}")
@@ -513,11 +524,14 @@ class WorkerPool:
             self.changed.notify_all()
 
     def shutdown(self) -> None:
-        """Stop every worker and release Ray; safe to call twice. Every Ray handle the pool holds
-        goes before Ray is released: one freed after Ray shut down ends the process."""
+        """Stop every worker and release Ray; safe to call twice. Ray is released only once the
+        pool holds no handle and its thread no longer runs: Ray used from any thread after it shut
+        down ends the process ("the core worker has already been shutdown")."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         if self._watcher is not threading.current_thread():
-            self._watcher.join(timeout=5)
+            self._watcher.join(timeout=SHUTDOWN_WAIT)  # still copying jobs into Ray after that: it releases Ray itself
         with self.lock:
             # A driver request past its time limit may be blocked for good: shutdown does not wait for it.
             driver_overdue = any(running.timed_out for running in self.running.values() if running.slot is self.driver)
@@ -535,7 +549,15 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 slot.close(wait=not driver_overdue) if slot is self.driver else slot.close()
         del slots
-        if self.session is not None:
+        self._leave()
+
+    def _leave(self) -> None:
+        """Called once by the pool's thread as it ends and once by ``shutdown``: the second
+        releases Ray, when nothing of the pool's can call into it any more."""
+        with self._leaving:
+            self._left += 1
+            last = self._left == 2
+        if last and self.session is not None:
             self.session.release()
 
     def __enter__(self) -> "WorkerPool":

@@ -1,6 +1,7 @@
 """Ray workers: cooperative cancellation and surviving a worker that dies mid-trial."""
 
 import contextlib
+import threading
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from lpot_ray.config import Approach, load_config
 from lpot_ray.evaluation import Evaluation
 from lpot_ray import pool as pool_module
 from lpot_ray.pool import Waiting, WorkerPool
+from lpot_ray.ray_session import RayPlan
 from lpot_ray.space import TuningSpace
 from lpot_ray.trial import EvaluateRequest
 from lpot_ray.worker import TrialRunner, WorkerJob
@@ -186,3 +188,38 @@ def test_a_node_without_the_framework_is_named_and_the_tuning_goes_on(ray_sessio
     assert result.passed and result.n_trials == 6
     assert (f"worker-1 could not start: node {socket.gethostname()}: framework 'pytorch' is not installed: "
             "pip install 'lpot_ray[torch]'") in caplog.text
+
+
+class UpAtOnce:
+    """A connection to the Ray this test process runs, ready at once; records its release."""
+
+    address = "127.0.0.1:1"
+    error = None
+
+    def __init__(self):
+        self.ready = threading.Event()
+        self.ready.set()
+        self.released = threading.Event()
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+    def release(self):
+        self.released.set()
+
+
+def test_ray_is_released_only_once_the_pools_thread_no_longer_uses_it(ray_session, job_and_space, monkeypatch):
+    """A tuning may end while the pool's thread still copies the jobs into Ray (seconds for a
+    large model): Ray used after its release ends the process, so the release waits for it."""
+    job, _ = job_and_space
+    session, copying, go_on = UpAtOnce(), threading.Event(), threading.Event()
+    monkeypatch.setattr(RayPlan, "connect", lambda self: session)
+    monkeypatch.setattr(pool_module, "SHUTDOWN_WAIT", 0.2)
+    monkeypatch.setattr(pool_module, "ship_user_code_by_value", lambda job: (copying.set(), go_on.wait(30)))
+    pool = WorkerPool({JOB: TrialRunner(job, "driver")}, plan=RayPlan(address=session.address, workers=2))
+    assert copying.wait(30)
+    pool.shutdown()
+    assert not session.released.is_set()  # the pool's thread is still at work in Ray
+    go_on.set()
+    assert session.released.wait(30)
+    assert pool.starting == [] and pool.slots == []  # no worker was started after the end
