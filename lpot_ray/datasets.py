@@ -138,6 +138,7 @@ def _list_entry(line: str, listing: Path, number: int) -> tuple[str, int]:
 def _records(files: list[str]) -> Iterator[tuple[str, int, Any]]:
     """(file, index, tf.train.Example) of every record of ``files``, in order."""
     import tensorflow as tf
+    from google.protobuf.message import DecodeError
 
     for file in files:
         index = -1
@@ -146,10 +147,8 @@ def _records(files: list[str]) -> Iterator[tuple[str, int, Any]]:
                 yield file, index, tf.train.Example.FromString(record)
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
             raise ConfigError(f"{file}: not a readable TFRecord file after record {index} ({error.message.strip()})") from None
-        except Exception as error:
-            if type(error).__name__ == "DecodeError":  # protobuf's: a record that is not a tf.train.Example
-                raise ConfigError(f"{file}, record {index + 1}: not a tf.train.Example") from None
-            raise
+        except DecodeError:
+            raise ConfigError(f"{file}, record {index + 1}: not a tf.train.Example") from None
 
 
 def _feature(example: Any, name: str, kind: str, where: str, required: bool = True) -> list:

@@ -142,9 +142,9 @@ def normalize(mean: Any = 0.0, std: Any = 1.0) -> Callable:
     def apply(image: Any) -> np.ndarray:
         array = np.asarray(image, dtype=np.float32)
         channels = max(mean.size, std.size)
-        if channels == 1 or array.ndim < 3 or array.shape[-1] == channels:
+        if channels == 1 or (array.ndim >= 1 and array.shape[-1] == channels):
             return (array - mean) / std
-        if array.shape[0] == channels:
+        if array.ndim == 3 and array.shape[0] == channels:
             return (array - mean[:, None, None]) / std[:, None, None]
         raise ConfigError(f"{channels} means and stds for an image of shape {array.shape}; give one per channel")
 

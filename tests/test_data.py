@@ -248,14 +248,14 @@ def gradient(height=40, width=60):
 
 
 def transformed(transform, image, label=0):
-    section = DataloaderSection(batch_size=64, dataset={"dummy_v2": {"input_shape": [1]}}, transform=transform)
+    """``image`` after the transforms of a YAML ``transform`` section, in order."""
     from lpot_ray import data
 
-    samples = [(image, label)]
-    for name, params in (section.transform or {}).items():
-        apply = data._call(data.TRANSFORMS, name, params, "t")
-        samples = [apply(s) if data.takes_label(apply) else (apply(s[0]), s[1]) for s in samples]
-    return samples[0][0]
+    sample = (image, label)
+    for name, params in transform.items():
+        apply = data._call(data.TRANSFORMS, name, params, "transform")
+        sample = apply(sample) if data.takes_label(apply) else (apply(sample[0]), sample[1])
+    return sample[0]
 
 
 def test_the_pytorch_imagenet_chain_matches_torchvisions_arithmetic():
@@ -339,6 +339,8 @@ def test_rescale_cast_and_align_image_channel():
     ({"CenterCrop": {"size": "big"}}, "CenterCrop`: size 'big' must be a positive integer, \\[N\\] or \\[height, width\\]"),
     ({"Normalize": {"mean": [0.5, 0.5], "std": [1, 1]}}, r"Normalize`: 2 means and stds for an image of shape \(6, 6, 3\)"),
     ({"Normalize": {"std": [0.0]}}, r"Normalize`: std \[0.0\] must be greater than 0"),
+    ({"Transpose": {"perm": [2, 0]}}, r"Transpose`: perm \[2, 0\] is not a permutation of the 3 axes"),
+    ({"ResizeWithRatio": {"padding": True, "max_dim": None}}, "ResizeWithRatio`: padding needs max_dim"),
     ({"RandomHorizontalFlip": {"p": 2}}, "RandomHorizontalFlip`: p 2 must be a probability"),
 ])
 def test_bad_transform_parameters_name_the_key_the_value_and_what_is_expected(transform, message):
