@@ -272,6 +272,9 @@ class ExitPolicy(_Section):
     # Seconds a trial (and the fp32 baseline) may run before it is recorded failed and its worker
     # freed. None: derived from the baseline's evaluation time; 0: no limit. lpot_ray's own key.
     trial_timeout: Optional[float] = Field(None, ge=0)
+    # Stop a trial whose verdict alone matters (basic's and mse's fallback prefixes) once the
+    # criterion is out of reach, exactly: verdicts stay those of full evaluations. lpot_ray's own key.
+    early_stopping: bool = True
 
 
 class WorkspaceSection(_Section):

@@ -8,57 +8,18 @@ final choice never depend on which worker was faster or how many there were.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-from .config import AccuracyCriterion, ExitPolicy
+from .config import ExitPolicy
+from .criterion import Criterion
 from .history import History
 from .space import TuneConfig
 from .strategies.base import Strategy
-from .trial import Kind, Outcome, Request, Status, Trial, TrialExecutor, as_request
+from .trial import EvaluateRequest, GiveUp, Kind, Outcome, Request, Status, Trial, TrialExecutor, as_request
 
 SAME_FAILURES = 3  # the first trials failing alike that stop a tuning
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """Whether an accuracy is close enough to the fp32 baseline."""
-
-    baseline: float
-    relative: Optional[float] = None
-    absolute: Optional[float] = None
-    higher_is_better: bool = True
-
-    @classmethod
-    def from_config(cls, baseline: float, config: AccuracyCriterion, higher_is_better: bool) -> "Criterion":
-        return cls(baseline, config.relative, config.absolute, higher_is_better)
-
-    @property
-    def allowed_loss(self) -> float:
-        if self.absolute is not None:
-            return self.absolute
-        return (self.relative or 0.0) * abs(self.baseline)
-
-    def loss(self, accuracy: float) -> float:
-        return self.baseline - accuracy if self.higher_is_better else accuracy - self.baseline
-
-    @property
-    def threshold(self) -> float:
-        """The accuracy a config must reach (or stay under, when lower is better)."""
-        return self.baseline - self.allowed_loss if self.higher_is_better else self.baseline + self.allowed_loss
-
-    def margin(self, accuracy: Optional[float]) -> Optional[float]:
-        """Headroom left by ``accuracy``, relative to the baseline: >= 0 passes."""
-        if accuracy is None or not math.isfinite(accuracy):
-            return None
-        return (self.allowed_loss - self.loss(accuracy)) / max(abs(self.baseline), 1e-12)
-
-    def passes(self, accuracy: Optional[float]) -> bool:
-        if accuracy is None or not math.isfinite(accuracy):
-            return False
-        return self.loss(accuracy) <= self.allowed_loss + 1e-12
 
 
 @dataclass
@@ -83,6 +44,7 @@ class Engine:
         exit_policy: ExitPolicy,
         objective: Callable[[TuneConfig], float],
         on_progress: Callable[["Engine"], None] = lambda engine: None,
+        evaluation_samples: Optional[int] = None,
     ):
         self.strategy = strategy
         self.executor = executor
@@ -91,6 +53,9 @@ class Engine:
         self.exit_policy = exit_policy
         self.objective = objective
         self.on_progress = on_progress
+        # Samples in the whole evaluation (counted on the baseline): what lets a verdict-only
+        # trial stop once hopeless. None: every trial is evaluated in full.
+        self.evaluation_samples = evaluation_samples
         # Outcomes to replay instead of re-running; a trial lost to dying workers is run again.
         self.known: dict[str, Trial] = {trial.key: trial for trial in history.trials()
                                         if trial.status != Status.WORKER_LOST}
@@ -158,14 +123,20 @@ class Engine:
             self.strategy.space.check(item.config)
             seq = len(self.proposals)
             self.proposals[seq] = item
-            if item.key in self.known:
+            if item.key in self.known and _answers(self.known[item.key], item):
                 self.finished[seq] = replace(self.known[item.key], seq=seq)
             elif any(other.key == item.key for other in self.in_flight.values()):
                 pass  # answered when the identical in-flight proposal finishes
             else:
                 self.in_flight[seq] = item
-                self.executor.submit(seq, item)
+                self.executor.submit(seq, self._with_give_up(item))
         return bool(proposals)
+
+    def _with_give_up(self, request: Request) -> Request:
+        """A trial whose accuracy the strategy does not use may stop once it can't pass."""
+        if self.evaluation_samples and isinstance(request, EvaluateRequest) and request.verdict_only:
+            return replace(request, give_up=GiveUp(self.criterion, self.evaluation_samples))
+        return request
 
     # --- outcomes ----------------------------------------------------------------------------
     def _collect(self, outcomes: list[Outcome]) -> None:
@@ -248,6 +219,12 @@ def common_failure(trials: list[Trial], minimum: int = 1) -> str:
     if len(tried) < max(1, minimum) or any(trial.status != Status.FAILED for trial in tried) or len(reasons) != 1:
         return ""
     return f"every trial failed: {reasons.pop()}"
+
+
+def _answers(known: Trial, request: Request) -> bool:
+    """Whether a trial already known answers a new proposal of its config: not one stopped early
+    when the proposal needs its accuracy."""
+    return known.status != Status.STOPPED_EARLY or (isinstance(request, EvaluateRequest) and request.verdict_only)
 
 
 def _cancelled(seq: int, request: Request) -> Trial:

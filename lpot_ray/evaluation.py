@@ -12,10 +12,19 @@ import numpy as np
 
 from .errors import EvaluationError
 from .metrics import make_metric
+from .trial import GiveUp
 
 
 class TrialCancelled(Exception):
     """Raised between evaluation batches once the engine no longer needs the trial."""
+
+
+class TrialHopeless(Exception):
+    """Raised between evaluation batches once the criterion can't be met whatever the rest holds."""
+
+    def __init__(self, reachable: tuple[float, float], batches: int, samples: int):
+        super().__init__(f"stopped after {samples} samples: the result can only be in [{reachable[0]:.6g}, {reachable[1]:.6g}]")
+        self.figures = {"reachable": list(reachable), "batches": batches, "samples": samples}
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -71,23 +80,38 @@ class Evaluation:
     def given(self) -> bool:
         return self.eval_func is not None or self.dataloader is not None
 
-    def run(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False) -> float:
-        if self.eval_func is not None:
-            value = self.eval_func(adaptor.user_model(model))
-        else:
-            value = self._run_metric(adaptor, model, should_stop)
-        return _as_accuracy(value)
+    def run(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False,
+            give_up: Optional[GiveUp] = None) -> float:
+        """The model's accuracy; ``give_up`` raises TrialHopeless once it can't meet the criterion."""
+        return self.run_counting(adaptor, model, should_stop, give_up)[0]
 
-    def _run_metric(self, adaptor: Any, model: Any, should_stop: Callable[[], bool]) -> float:
+    def run_counting(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False,
+                     give_up: Optional[GiveUp] = None) -> tuple[float, Optional[int]]:
+        """The accuracy and the samples it was measured on (None for an eval_func, which can
+        neither be counted nor stopped early)."""
+        if self.eval_func is not None:
+            return _as_accuracy(self.eval_func(adaptor.user_model(model))), None
+        value, samples = self._run_metric(adaptor, model, should_stop, give_up)
+        return _as_accuracy(value), samples
+
+    def _run_metric(self, adaptor: Any, model: Any, should_stop: Callable[[], bool],
+                    give_up: Optional[GiveUp]) -> tuple[float, int]:
         metric = make_metric(self.metric)
+        batches = samples = 0
         for batch in self.dataloader:
             if should_stop():
                 raise TrialCancelled()
             inputs, labels = split_batch(batch)
             if labels is None:
                 raise EvaluationError("eval_dataloader: batches must be (inputs, labels) for a built-in metric")
-            metric.update(adaptor.predict(model, inputs), as_numpy(labels))
-        return metric.result()
+            labels = as_numpy(labels)
+            metric.update(adaptor.predict(model, inputs), labels)
+            batches, samples = batches + 1, samples + len(labels)
+            if give_up is not None and samples <= give_up.samples:
+                reachable = metric.reachable(give_up.samples - samples)
+                if give_up.hopeless(reachable):
+                    raise TrialHopeless(reachable, batches, samples)
+        return metric.result(), samples
 
 
 def _as_accuracy(value: Any) -> float:

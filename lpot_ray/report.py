@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import timings
+from .criterion import Criterion
 from .errors import ConfigError, HistoryError
 from .history import History, resolve_db_path
 from .trial import Kind, Status, Trial
@@ -94,8 +95,6 @@ def _accuracy_plot(trials: list[Trial], meta: dict, chosen: Optional[str]) -> by
 
 def _threshold(meta: dict) -> Optional[float]:
     """The accuracy the criterion required, as the tuning recorded it."""
-    from .engine import Criterion
-
     return Criterion(**meta["criterion"]).threshold if meta.get("criterion") else None
 
 

@@ -23,7 +23,8 @@ from . import inputs, registry
 from .adaptors.base import Adaptor
 from .config import Approach, Config, ExitPolicy
 from .cpu import bf16_unavailable_reason
-from .engine import Criterion, Engine, EngineOutcome, common_failure
+from .criterion import Criterion
+from .engine import Engine, EngineOutcome, common_failure
 from .errors import ConfigError, EvaluationError, ModelError
 from .evaluation import user_code_limit, within
 from .history import History
@@ -123,9 +124,10 @@ def run(job: Job, pool: WorkerPool, on_progress: Optional[Callable[[Engine], Non
         job.history.set_meta("criterion", dataclasses.asdict(criterion))
         strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
         strategy.parallelism = pool.planned_share()
+        samples = job.history.get_meta("evaluation_samples") if config.tuning.exit_policy.early_stopping else None
         engine = Engine(strategy, JobExecutor(pool, job.name), job.history, criterion, config.tuning.exit_policy,
                         lambda tune_config: job.objectives.proxy(job.space, tune_config),
-                        on_progress or (lambda engine: None))
+                        on_progress or (lambda engine: None), evaluation_samples=samples)
         with job.clock.time("search"):
             outcome = engine.run()
         return conclude(outcome, criterion, lambda tune_config: pool.finalize(job.name, tune_config, measure=True),
@@ -229,7 +231,7 @@ def _baseline(job: Job) -> float:
     limit = user_code_limit(job.config.tuning.exit_policy)
     started = time.perf_counter()
     try:
-        baseline = within(limit, lambda: job.worker_job.evaluation.run(job.adaptor, job.baseline_model),
+        baseline, samples = within(limit, lambda: job.worker_job.evaluation.run_counting(job.adaptor, job.baseline_model),
                           EvaluationError(f"no result after {limit:g} s (tuning.exit_policy.trial_timeout); is the "
                                           "eval_func or the eval_dataloader waiting for something?"))
     except EvaluationError as error:
@@ -242,4 +244,5 @@ def _baseline(job: Job) -> float:
                               "that the model is the trained one")
     job.history.set_meta("baseline", baseline)
     job.history.set_meta("baseline_seconds", time.perf_counter() - started)
+    job.history.set_meta("evaluation_samples", samples)
     return baseline

@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Protocol
 
+from .criterion import Criterion
 from .space import TuneConfig
 
 
@@ -22,6 +23,7 @@ class Status(str, enum.Enum):
     OK = "ok"
     FAILED = "failed"  # the config itself failed (framework error, NaN accuracy, q_func raised)
     CANCELLED = "cancelled"  # the engine no longer needed it
+    STOPPED_EARLY = "stopped_early"  # its evaluation stopped once the criterion could not be met: a fail
     WORKER_LOST = "worker_lost"  # only the workers running it died: it runs again on resume
 
     @property
@@ -61,10 +63,33 @@ class Request:
 
 
 @dataclass(frozen=True)
+class GiveUp:
+    """When a trial's evaluation may stop before its end: once even the best the remaining
+    samples could hold would not meet the criterion. Exact, so it saves time and never changes a
+    verdict; a trial that passes is always evaluated in full."""
+
+    criterion: Criterion
+    samples: int  # in the whole evaluation, counted on the fp32 baseline
+
+    def hopeless(self, reachable: Optional[tuple[float, float]]) -> bool:
+        """Whether no final value in ``reachable`` (lowest, highest) passes."""
+        if reachable is None:
+            return False
+        best = reachable[1] if self.criterion.higher_is_better else reachable[0]
+        return not self.criterion.passes(best)
+
+
+@dataclass(frozen=True)
 class EvaluateRequest(Request):
-    """Quantize ``config`` and evaluate it: a trial."""
+    """Quantize ``config`` and evaluate it: a trial.
+
+    ``verdict_only``: the strategy uses only whether it passes, not its accuracy (basic's
+    accumulated fallback prefixes, say), so the engine may let it stop once hopeless (``give_up``).
+    """
 
     kind: ClassVar[Kind] = Kind.TRIAL
+    verdict_only: bool = False
+    give_up: Optional[GiveUp] = None
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from typing import Any, Callable, Optional
 
 from .config import Approach
 from .errors import ClusterError
-from .evaluation import Evaluation, TrialCancelled
+from .evaluation import Evaluation, TrialCancelled, TrialHopeless
 from .objectives import paired_latency_ms, peak_rss_growth
 from .space import Op, TuneConfig
 from .timings import Stopwatch
-from .trial import Finalized, Kind, Outcome, Request, Status
+from .trial import EvaluateRequest, Finalized, InspectRequest, Kind, Outcome, Request, Status
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TrialRunner:
         self.model = model if model is not None else self.adaptor.load(job.model_payload)
         self.example = job.calibration[0]
         self._fp32_compiled: Any = None  # compiled once, for every finalist's measurements
-        self._handlers: dict[Kind, Callable[[TuneConfig, Outcome, Callable[[], bool]], None]] = {
+        self._handlers: dict[Kind, Callable[[Any, Outcome, Callable[[], bool]], None]] = {
             Kind.TRIAL: self._evaluate, Kind.INSPECTION: self._inspect}
 
     def close(self) -> None:
@@ -59,27 +59,32 @@ class TrialRunner:
         """Answer one request; any failure becomes a failed outcome with its reason."""
         outcome = Outcome(seq, Status.OK, worker=self.name, started=time.time())
         try:
-            self._handlers[request.kind](request.config, outcome, should_stop)
+            self._handlers[request.kind](request, outcome, should_stop)
         except TrialCancelled:
             outcome.status = Status.CANCELLED
+        except TrialHopeless as hopeless:
+            outcome.status, outcome.reason = Status.STOPPED_EARLY, str(hopeless)
+            outcome.figures["stopped_early"] = hopeless.figures
         except Exception as error:  # a trial's failure must not end the tuning
             outcome.status, outcome.reason = Status.FAILED, _reason(error)
         outcome.duration = time.time() - outcome.started
         return outcome
 
-    def _evaluate(self, config: TuneConfig, outcome: Outcome, should_stop: Callable[[], bool]) -> None:
+    def _evaluate(self, request: EvaluateRequest, outcome: Outcome, should_stop: Callable[[], bool]) -> None:
         passes, calibrating = self.adaptor.calibration_passes, self.adaptor.calibration_seconds
         started = time.perf_counter()
-        quantized = self._quantize(config)
+        quantized = self._quantize(request.config)
         quantized_at = time.perf_counter()
         calibrate = self.adaptor.calibration_seconds - calibrating
         outcome.figures["calibration_passes"] = self.adaptor.calibration_passes - passes
-        outcome.accuracy = self.job.evaluation.run(self.adaptor, quantized, should_stop)
-        outcome.figures["seconds"] = {"quantize": quantized_at - started - calibrate, "calibrate": calibrate,
-                                      "evaluate": time.perf_counter() - quantized_at}
+        try:
+            outcome.accuracy = self.job.evaluation.run(self.adaptor, quantized, should_stop, request.give_up)
+        finally:  # a trial stopped early has its timings too
+            outcome.figures["seconds"] = {"quantize": quantized_at - started - calibrate, "calibrate": calibrate,
+                                          "evaluate": time.perf_counter() - quantized_at}
 
-    def _inspect(self, config: TuneConfig, outcome: Outcome, should_stop: Callable[[], bool]) -> None:
-        outcome.figures["op_errors"] = self.adaptor.inspect_tensors(self.model, config, self.job.calibration)
+    def _inspect(self, request: InspectRequest, outcome: Outcome, should_stop: Callable[[], bool]) -> None:
+        outcome.figures["op_errors"] = self.adaptor.inspect_tensors(self.model, request.config, self.job.calibration)
 
     def finalize(self, config: TuneConfig, measure: bool = True) -> Finalized:
         """Lower the config to real int8 kernels, re-evaluate there, measure it against fp32."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import EvaluationError
 
@@ -24,6 +24,12 @@ class Metric(ABC):
 
     @abstractmethod
     def reset(self) -> None: ...
+
+    def reachable(self, samples_left: int) -> Optional[tuple[float, float]]:
+        """The lowest and highest result possible once ``samples_left`` more samples are
+        evaluated, whatever they hold; None where the metric is unbounded. What lets a hopeless
+        trial stop early, exactly."""
+        return None
 
 
 class SummedMetric(Metric):
@@ -52,3 +58,19 @@ class SummedMetric(Metric):
         if self.sums[name] <= 0:
             raise EvaluationError(f"{type(self).__name__}: no samples were evaluated (empty evaluation loader?)")
         return self.sums[name]
+
+
+class ShareCorrect(SummedMetric):
+    """A share of samples counted correct (``correct`` of ``total``): bounded, since each sample
+    still to come can only be right or wrong."""
+
+    SUMS = ("correct", "total")
+
+    def result(self) -> float:
+        return self.sums["correct"] / self.require("total")
+
+    def reachable(self, samples_left: int) -> Optional[tuple[float, float]]:
+        total = self.sums["total"] + samples_left
+        if total <= 0:
+            return None
+        return self.sums["correct"] / total, (self.sums["correct"] + samples_left) / total

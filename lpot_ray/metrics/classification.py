@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError, EvaluationError
-from .base import SummedMetric
+from .base import ShareCorrect, SummedMetric
 
 
 def _class_labels(labels: np.ndarray, metric: str) -> np.ndarray:
@@ -34,15 +34,13 @@ def _labels(preds: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndar
     return preds, labels
 
 
-class TopK(SummedMetric):
+class TopK(ShareCorrect):
     """Share of samples whose label is among the k highest scores (LPOT's ``topk``)."""
 
     def merge(self, other) -> None:
         if getattr(other, "k", None) != self.k:
             raise EvaluationError(f"can't merge top-{getattr(other, 'k', '?')} into top-{self.k}")
         super().merge(other)
-
-    SUMS = ("correct", "total")
 
     def __init__(self, k: int = 1) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -62,21 +60,13 @@ class TopK(SummedMetric):
         top = np.argsort(-preds, axis=1, kind="stable")[:, : self.k]
         self.add(correct=(top == labels[:, None]).any(axis=1).sum(), total=labels.shape[0])
 
-    def result(self) -> float:
-        return self.sums["correct"] / self.require("total")
 
-
-class Accuracy(SummedMetric):
+class Accuracy(ShareCorrect):
     """Exact-match accuracy of predicted classes (argmax of scores, or classes given directly)."""
-
-    SUMS = ("correct", "total")
 
     def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
         preds, labels = _labels(preds, labels, "Accuracy")
         self.add(correct=(preds == labels).sum(), total=labels.shape[0])
-
-    def result(self) -> float:
-        return self.sums["correct"] / self.require("total")
 
 
 class F1(SummedMetric):

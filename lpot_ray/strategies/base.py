@@ -11,10 +11,10 @@ from abc import ABC, abstractmethod
 from typing import Union
 
 from ..space import TuneConfig, TuningSpace
-from ..trial import InspectRequest, Trial
+from ..trial import Request, Trial
 
 
-Proposal = Union[TuneConfig, InspectRequest]  # a trial of a config, or a request for data (see trial.py)
+Proposal = Union[TuneConfig, Request]  # a trial of a config, or a request (see trial.py)
 
 
 class Strategy(ABC):

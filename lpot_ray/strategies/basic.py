@@ -18,6 +18,8 @@ as LPOT falls back int8 -> bf16 -> fp32. If no accumulated bf16 fallback passes,
 again with fp32 instead, in the same ranking.
 
 Outcomes are told in proposal order, so the result does not depend on the number of workers.
+Phases 3 and 4 use only whether a config passes, so they propose verdict-only trials, which a
+worker may stop once the criterion is out of reach.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import replace
 from typing import Optional
 
 from ..space import FP32, TuneConfig, TuningSpace
-from ..trial import Status, Trial
+from ..trial import EvaluateRequest, Status, Trial
 from .base import Proposal, Strategy
 
 
@@ -98,7 +100,7 @@ class BasicStrategy(Strategy):
             fallback = _fallen_back(self.base, best.config)
             if len(fallback) <= 1:
                 return self._finish()
-            self._start("prune", [self._fall_back(set(fallback) - {name}) for name in fallback])
+            self._start("prune", [_verdict(self._fall_back(set(fallback) - {name})) for name in fallback])
 
     def _fall_back(self, names) -> TuneConfig:
         """The base with ``names`` one step down: bf16 where it is a choice, else fp32."""
@@ -107,8 +109,8 @@ class BasicStrategy(Strategy):
             (name, (FP32 if self.to_fp32 else self.space.fallback_for(name)) if name in names else scheme)
             for name, scheme in self.base.op_schemes))
 
-    def _accumulated(self, first: int) -> list[TuneConfig]:
-        return [self._fall_back(self.ranking[:size]) for size in range(first, len(self.ranking) + 1)]
+    def _accumulated(self, first: int) -> list[Proposal]:
+        return [_verdict(self._fall_back(self.ranking[:size])) for size in range(first, len(self.ranking) + 1)]
 
     def _uses_bf16(self) -> bool:
         return any(self.space.fallback_for(name) != FP32 for name in self.ranking)
@@ -137,6 +139,11 @@ class BasicStrategy(Strategy):
     def _finish(self) -> None:
         self._done = True
         self.queue = []
+
+
+def _verdict(config: TuneConfig) -> EvaluateRequest:
+    """A trial of which only pass or fail matters."""
+    return EvaluateRequest(config, verdict_only=True)
 
 
 def _fallen_back(base: TuneConfig, config: TuneConfig) -> list[str]:
