@@ -33,7 +33,7 @@ def digits_conf(tmp_path: Path, framework: str, model_path, transform: Optional[
 
 
 def tune_yaml(tmp_path: Path, conf: dict) -> subprocess.CompletedProcess:
-    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
+    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
     return run_cli("tune", str(tmp_path / "conf.yaml"))
 
 

@@ -118,7 +118,7 @@ def test_tune_bad_input_exits_2_with_one_line(trained_digits, tmp_path):
     conf.write_text(yaml.safe_dump(raw))
     done = lpot_ray("tune", str(conf))
     assert done.returncode == 2
-    assert "`evaluation.accuracy.dataloader.dataset`: unknown dataset 'cifar'; known: ImageFolder, digits, dummy_v2, numpy" in done.stderr
+    assert "`evaluation.accuracy.dataloader.dataset`: unknown dataset 'cifar'; known: COCORaw, COCORecord, GLUE, ImageFolder, ImageRecord, ImagenetRaw, digits, dummy_v2, numpy" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
