@@ -17,12 +17,15 @@ and the bf16 op list is read from the generated code too (kernels whose operands
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy
 import dataclasses
 import hashlib
 import io
+import importlib
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -30,6 +33,7 @@ import re
 import threading
 import warnings
 import weakref
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -39,8 +43,9 @@ import numpy as np
 from ..config import Approach, TrainSection
 from ..cpu import bf16_unavailable_reason
 from ..errors import DataError, MissingFrameworkError, ModelError
+from ..inputs import samples_in
 from ..space import BF16, Op, OpCapability, OpScheme, TensorScheme, TuneConfig
-from .base import Adaptor, Lowered, take_samples
+from .base import Adaptor, Lowered
 
 
 
@@ -67,6 +72,7 @@ def import_torch():
     return torch, pt2e, quantize_pt2e, x86_inductor_quantizer
 
 
+VARYING_DIMS = "lpot_ray.varying_dims"  # a quantized module's meta key: {input: dims that varied in calibration}
 QUANTIZABLE_MODULES = {"Conv2d": "conv2d", "Linear": "linear"}
 TRAINED_KEPT = 4  # quantization-aware trainings kept per model for configs with the same int8 set
 WEIGHT = TensorScheme("int8", "sym", "per_channel", "minmax")
@@ -82,14 +88,71 @@ _KERNELS = {
 }
 
 
-def as_args(inputs: Any) -> tuple:
-    """A batch's inputs as the model's positional arguments; numpy arrays become tensors, float64
-    ones float32 (numpy's and scikit-learn's default float is torch models' double)."""
+Call = tuple[tuple, dict]  # one call of a model: its positional arguments and its keywords
+
+
+def as_call(inputs: Any) -> Call:
+    """A batch's inputs as a call of the model: a mapping (a tokenizer's batch) gives keywords,
+    ``model(**batch)``; a tuple or list gives positional arguments, anything else the one
+    argument. Numpy arrays become tensors, float64 ones float32 (numpy's and scikit-learn's
+    default float is torch models' double)."""
+    if isinstance(inputs, collections.abc.Mapping):
+        return (), {str(name): _as_tensor(value) for name, value in inputs.items()}
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    return tuple(_as_tensor(arg) for arg in args), {}
+
+
+def _as_tensor(value: Any) -> Any:
     import torch
 
-    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    return tuple(torch.from_numpy(np.ascontiguousarray(arg, dtype=np.float32 if arg.dtype == np.float64 else None))
-                 if isinstance(arg, np.ndarray) else arg for arg in args)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32 if value.dtype == np.float64 else None))
+    return value
+
+
+def _call_tensors(call: Call) -> list:
+    return [*call[0], *call[1].values()]
+
+
+def _take_samples(batches: Sequence[Any], sampling_size: int) -> list:
+    """``take_samples`` counting a mapping batch's samples, not its keys."""
+    taken, seen = [], 0
+    for inputs in batches:
+        if seen >= sampling_size:
+            break
+        taken.append(inputs)
+        seen += samples_in(inputs)
+    if not taken:
+        raise DataError("calibration loader: yielded no batches")
+    return taken
+
+
+def _dynamic_shapes(torch: Any, call: Call, lengths: bool) -> Any:
+    """torch.export's ``dynamic_shapes`` for ``call``: the first dimension of every input is one
+    shared batch dimension; with ``lengths``, every other dimension of more than one element is
+    left to export (``Dim.AUTO``: dynamic unless the model fixes it, as BERT's sequence length is
+    not). A tokenizer pads each batch to its own length and an eval_func's batches are never seen
+    here, so every length the model itself accepts must run."""
+    batch = torch.export.Dim("batch", min=1)
+
+    def spec(tensor: Any) -> Optional[dict]:
+        if tensor.dim() == 0:
+            return None
+        others = range(1, tensor.dim()) if lengths else ()
+        return {0: batch, **{dim: torch.export.Dim.AUTO for dim in others if tensor.shape[dim] > 1}}
+
+    args, kwargs = call
+    if kwargs:
+        return {name: spec(tensor) for name, tensor in kwargs.items()}
+    return tuple(spec(arg) for arg in args)
+
+
+def _varying_dims(calls: Sequence[Call]) -> dict[str, set[int]]:
+    """Dimensions other than the batch whose size differs across ``calls``, per input."""
+    shapes = ShapeRecord()
+    for call in calls:
+        shapes.learn(call)
+    return shapes.dynamic
 
 
 class PyTorchAdaptor(Adaptor):
@@ -120,6 +183,7 @@ class PyTorchAdaptor(Adaptor):
         file = Path(path)
         if not file.is_file():
             raise ModelError(f"model.path: {file}: file not found")
+        _import_output_types(str(file))
         try:
             with weights_only_unpickling(self.torch):
                 module = self.torch.export.load(str(file)).module()
@@ -135,12 +199,13 @@ class PyTorchAdaptor(Adaptor):
         torch = self.torch
         if not isinstance(model, torch.nn.Module):
             raise ModelError(f"model: expected a torch.nn.Module for framework 'pytorch', got {type(model).__name__}")
-        args = as_args(example_inputs)
-        if not all(isinstance(arg, torch.Tensor) for arg in args):
-            raise DataError("calibration loader: batches must be tensors or numpy arrays (or tuples of them, then labels)")
+        call = as_call(example_inputs)
+        if not _call_tensors(call) or not all(isinstance(arg, torch.Tensor) for arg in _call_tensors(call)):
+            raise DataError("calibration loader: batches must be tensors or numpy arrays, tuples or lists of them, or "
+                            "dicts of them by argument name (a tokenizer's output), alone or followed by labels")
         model.eval()
         try:
-            return self._export(model, args)
+            return self._export(model, call)
         except Exception as error:  # torch raises many kinds here; the user needs the reason
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             hint = ""
@@ -149,17 +214,23 @@ class PyTorchAdaptor(Adaptor):
                         "dynamic_shapes={0: torch.export.Dim('batch')} for its input")
             raise ModelError(f"model: torch.export could not export {type(model).__name__}: {first_line}{hint}") from error
 
-    def _export(self, model: Any, args: tuple) -> bytes:
-        """``torch.export`` with a dynamic batch dimension, saved to bytes (models travel so)."""
+    def _export(self, model: Any, call: Call) -> bytes:
+        """``torch.export`` with a dynamic batch dimension and, where the model allows them, dynamic
+        lengths (a model export can't trace so is exported with the batch dynamic only), saved to
+        bytes (models travel so)."""
         torch = self.torch
-        batch = torch.export.Dim("batch", min=1)
-        exported = torch.export.export(model, args, dynamic_shapes=tuple({0: batch} for _ in args))
+        args, kwargs = call
+        try:
+            exported = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(torch, call, lengths=True))
+        except Exception:
+            exported = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(torch, call, lengths=False))
         buffer = io.BytesIO()
         torch.export.save(exported, buffer)
         return buffer.getvalue()
 
     # --- both sides --------------------------------------------------------------------------
     def load(self, payload: bytes) -> Any:
+        _import_output_types(payload)
         return self.torch.export.load(io.BytesIO(payload))
 
     def weights_digest(self, model: Any) -> str:
@@ -200,11 +271,7 @@ class PyTorchAdaptor(Adaptor):
                 quantizer.set_module_name_qconfig(name, self.quantization_config(scheme))
         prepared = self.quantize_pt2e.prepare_pt2e(model.module(), quantizer)
         self._calibrate(prepared, calibration, config.sampling_size, self.calibration_cache.setdefault(model, {}))
-        converted = self.quantize_pt2e.convert_pt2e(prepared)
-        _to_bf16(converted, set(config.bf16_ops))
-        _drop_unreferenced_tensors(converted)
-        self.pt2e.allow_exported_model_train_eval(converted)
-        return converted
+        return self._converted(prepared, config, calibration)
 
     def quantize_aware(self, model: Any, config: TuneConfig, q_func: Any, calibration: Sequence[Any]) -> Any:
         """Quantization-aware training through torchao's ``prepare_qat_pt2e``.
@@ -220,8 +287,9 @@ class PyTorchAdaptor(Adaptor):
         trained = next((entry for entry in cache if entry[0] == int8), None)
         if trained is None:
             with self.torch.no_grad():  # ranges from the example batches first, in case training is short
-                for inputs in take_samples(calibration, config.sampling_size):
-                    prepared(*as_args(inputs))
+                for inputs in _take_samples(calibration, config.sampling_size):
+                    args, kwargs = as_call(inputs)
+                    prepared(*args, **kwargs)
             self.pt2e.move_exported_model_to_train(prepared)
             returned = q_func(prepared)
             prepared = returned if isinstance(returned, self.torch.nn.Module) else prepared
@@ -236,10 +304,17 @@ class PyTorchAdaptor(Adaptor):
                 if key in states:
                     module.load_state_dict(states[key])
             self.pt2e.move_exported_model_to_eval(prepared)
+        return self._converted(prepared, config, calibration)
+
+    def _converted(self, prepared: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
+        """The int8 model from a calibrated or trained one, bf16 ops cast, the fp32 weights int8
+        ones replaced dropped; it remembers the lengths that varied in the calibration batches,
+        which its compiled form then takes as dynamic from the first compile."""
         converted = self.quantize_pt2e.convert_pt2e(prepared)
         _to_bf16(converted, set(config.bf16_ops))
         _drop_unreferenced_tensors(converted)
         self.pt2e.allow_exported_model_train_eval(converted)
+        converted.meta[VARYING_DIMS] = _varying_dims([as_call(inputs) for inputs in calibration])
         return converted
 
     def _prepare_qat(self, model: Any, int8: dict[str, OpScheme]) -> Any:
@@ -282,8 +357,9 @@ class PyTorchAdaptor(Adaptor):
                 observer.load_state_dict(cache[key])
             return
         with self.calibrating(), self.torch.no_grad():
-            for inputs in take_samples(calibration, sampling_size):
-                prepared(*as_args(inputs))
+            for inputs in _take_samples(calibration, sampling_size):
+                args, kwargs = as_call(inputs)
+                prepared(*args, **kwargs)
                 self.calibration_passes += 1
         for key, observer in observers.items():
             cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
@@ -295,7 +371,7 @@ class PyTorchAdaptor(Adaptor):
                            for name in config.int8_ops}
         signal = dict.fromkeys(quantized_alone, 0.0)
         noise = dict.fromkeys(quantized_alone, 0.0)
-        for inputs in take_samples(calibration, config.sampling_size):  # one batch of op outputs at a time
+        for inputs in _take_samples(calibration, config.sampling_size):  # one batch of op outputs at a time
             reference = _node_outputs(fp32, nodes, inputs)
             for name, quantized in quantized_alone.items():
                 output = _node_outputs(quantized, {name: nodes[name]}, inputs)[name]
@@ -304,19 +380,19 @@ class PyTorchAdaptor(Adaptor):
         return {name: noise[name] / max(signal[name], 1e-12) for name in quantized_alone}
 
     def predict(self, model: Any, inputs: Any) -> np.ndarray:
+        args, kwargs = as_call(inputs)
         with self.torch.no_grad():
-            output = model(*as_args(inputs))
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        return output.detach().float().numpy()
+            output = model(*args, **kwargs)
+        return _first_tensor(output).detach().float().numpy()
 
     def lower(self, model: Any, ops: Sequence[Op], config: TuneConfig, example_inputs: Any) -> Lowered:
         from torch._inductor.utils import run_and_get_code
 
-        compiled = self._compile(model)
+        compiled = self._compile(model, getattr(model, "meta", {}).get(VARYING_DIMS))
+        args, kwargs = as_call(example_inputs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # inductor's own tensor-copy warning while lowering
-            _, code = run_and_get_code(compiled, *as_args(example_inputs))
+            _, code = run_and_get_code(compiled, *args, **kwargs)
         op_types = {op.name: op.op_type for op in ops}
         int8_ops = _ops_from_code("\n".join(code), op_types, config, "int8")
         bf16_ops = _ops_from_code("\n".join(code), op_types, config, "bf16")
@@ -325,12 +401,14 @@ class PyTorchAdaptor(Adaptor):
 
     def lower_fp32(self, model: Any, example_inputs: Any) -> Any:
         compiled = self._compile(model.module())
-        compiled(*as_args(example_inputs))
+        args, kwargs = as_call(example_inputs)
+        compiled(*args, **kwargs)
         return compiled
 
-    def _compile(self, module: Any) -> "CompiledModel":
-        # Static shapes: inductor's dynamic-batch int8 conv lowering gets strides wrong in this release.
-        return CompiledModel(self.torch.compile(module, dynamic=False), self._inductor_settings)
+    def _compile(self, module: Any, varying: Optional[dict[str, set[int]]] = None) -> "CompiledModel":
+        # Static shapes but for the lengths seen varying (CompiledModel marks them dynamic):
+        # inductor's dynamic-batch int8 conv lowering gets strides wrong in this release.
+        return CompiledModel(self.torch.compile(module, dynamic=False), self._inductor_settings, varying)
 
     def _inductor_settings(self):
         import torch._inductor.config as inductor_config
@@ -340,10 +418,11 @@ class PyTorchAdaptor(Adaptor):
         return inductor_config.patch(freezing=True)
 
     def serialize(self, model: Any, example_inputs: Any) -> bytes:
-        return self._export(model, as_args(example_inputs))
+        return self._export(model, as_call(example_inputs))
 
     def deserialize(self, payload: bytes) -> Any:
         """A saved quantized model (``lpot_ray.load``, the benchmark mode): weights only, like ``load_file``."""
+        _import_output_types(payload)
         try:
             with weights_only_unpickling(self.torch):
                 module = self.torch.export.load(io.BytesIO(payload)).module()
@@ -355,41 +434,69 @@ class PyTorchAdaptor(Adaptor):
         return module
 
 
-class CompiledModel:
-    """A compiled model callable like the module it came from; eval()/train() are no-ops.
+class ShapeRecord:
+    """Which dimensions of a model's inputs vary across its calls, batch aside: the first shape
+    of each input (by its place in the call) and every other dimension found different since."""
 
-    Inductor compiles for static shapes (see ``_compile``), so every new batch size would cost a
-    compile of seconds. A batch of another size runs in chunks of the largest size compiled so
-    far, the last one padded with copies of its last sample and the padding's outputs dropped
-    (each sample's output is its own in inference); a batch more than ``MAX_CHUNKS`` times that
-    size is compiled for once instead and becomes the chunk size. Outputs whose first dimension
-    is not the batch (a sequence-first model) fall back to a call of the batch's own size.
+    def __init__(self, dynamic: Optional[dict[str, set[int]]] = None):
+        self.first: dict[str, tuple[int, ...]] = {}
+        self.dynamic: dict[str, set[int]] = {path: set(dims) for path, dims in (dynamic or {}).items()}
+
+    def learn(self, call: Call) -> None:
+        for path, tensor in _tensor_leaves(call):
+            first = self.first.setdefault(path, tuple(tensor.shape))
+            if len(first) == tensor.dim():
+                changed = {dim for dim in range(1, tensor.dim()) if tensor.shape[dim] != first[dim]}
+                if changed:
+                    self.dynamic.setdefault(path, set()).update(changed)
+
+
+class CompiledModel:
+    """A compiled model callable like the module it came from (positional arguments or keywords,
+    the same output structure); eval()/train() are no-ops.
+
+    Inductor compiles for static shapes (see ``_compile``) but for the dimensions other than the
+    batch found varying, in the calibration batches (``varying``) or in the calls so far: those
+    are marked dynamic, so one compile serves every sequence length, and a length first seen
+    varying after the first compile costs one more. Every new batch size would cost a compile of
+    seconds, so a batch of another size runs in chunks of the largest size compiled so far, the
+    last one padded with copies of its last sample and the padding's outputs dropped (each
+    sample's output is its own in inference); a batch more than ``MAX_CHUNKS`` times that size
+    is compiled for once instead and becomes the chunk size. Outputs whose first dimension is not
+    the batch (a sequence-first model) fall back to a call of the batch's own size.
     """
 
     MAX_CHUNKS = 8
 
-    def __init__(self, compiled: Any, settings: Any):
+    def __init__(self, compiled: Any, settings: Any, varying: Optional[dict[str, set[int]]] = None):
         self.compiled = compiled
         self.settings = settings
         self.batch_size: Optional[int] = None  # the largest batch compiled for
+        self.shapes = ShapeRecord(varying)
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         import torch
 
-        size = _common_batch_size(args)
+        call = (args, kwargs)
+        self.shapes.learn(call)
+        size = _common_batch_size(call)
         with torch.no_grad(), self.settings():
             if size is None or self.batch_size is None or size == self.batch_size or size > self.MAX_CHUNKS * self.batch_size:
                 self.batch_size = max(self.batch_size or 0, size or 0) or None
-                return self.compiled(*args)
+                return self._run(call)
             chunks = []
             for start in range(0, size, self.batch_size):
-                part = tuple(arg[start:start + self.batch_size] if _batched(arg) else arg for arg in args)
+                part = _sliced(call, start, self.batch_size)
                 length = _common_batch_size(part)
-                trimmed = _trimmed(self.compiled(*_padded(part, self.batch_size)), length, self.batch_size)
+                trimmed = _trimmed(self._run(_padded(part, self.batch_size)), length, self.batch_size)
                 if trimmed is None:
-                    return self.compiled(*args)
+                    return self._run(call)
                 chunks.append(trimmed)
             return _concatenated(chunks)
+
+    def _run(self, call: Call) -> Any:
+        args, kwargs = _marked_dynamic(call, self.shapes.dynamic)
+        return self.compiled(*args, **kwargs)
 
     def eval(self) -> "CompiledModel":
         return self
@@ -398,9 +505,41 @@ class CompiledModel:
         return self
 
 
-def _common_batch_size(args: tuple) -> Optional[int]:
+def _tensor_leaves(call: Call) -> Iterator[tuple[str, Any]]:
+    """(place in the call, tensor) of every tensor argument."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    for path, leaf in tree_flatten_with_path(call)[0]:
+        if _batched(leaf):
+            yield keystr(path), leaf
+
+
+def _map_batched(call: Call, function: Any) -> Call:
+    """``call`` with ``function(place, tensor)`` in place of each tensor argument."""
+    from torch.utils._pytree import keystr, tree_map_with_path
+
+    return tree_map_with_path(lambda path, leaf: function(keystr(path), leaf) if _batched(leaf) else leaf, call)
+
+
+def _marked_dynamic(call: Call, dynamic: dict[str, set[int]]) -> Call:
+    """The call's tensors marked dynamic in the given dimensions (on aliases: the caller's
+    tensors are left unmarked)."""
+    import torch
+
+    def mark(path: str, tensor: Any) -> Any:
+        dims = dynamic.get(path)
+        if not dims:
+            return tensor
+        alias = tensor.detach()
+        torch._dynamo.maybe_mark_dynamic(alias, sorted(dim for dim in dims if dim < alias.dim()))
+        return alias
+
+    return _map_batched(call, mark) if dynamic else call
+
+
+def _common_batch_size(call: Call) -> Optional[int]:
     """The first dimension shared by every tensor argument, or None if they disagree."""
-    sizes = {arg.shape[0] for arg in args if _batched(arg)}
+    sizes = {tensor.shape[0] for _, tensor in _tensor_leaves(call)}
     return sizes.pop() if len(sizes) == 1 else None
 
 
@@ -410,12 +549,15 @@ def _batched(arg: Any) -> bool:
     return isinstance(arg, torch.Tensor) and arg.dim() > 0
 
 
-def _padded(args: tuple, size: int) -> tuple:
+def _sliced(call: Call, start: int, size: int) -> Call:
+    return _map_batched(call, lambda _, tensor: tensor[start:start + size])
+
+
+def _padded(call: Call, size: int) -> Call:
     """Every tensor argument padded to ``size`` samples with copies of its last one."""
     import torch
 
-    return tuple(torch.cat([arg, arg[-1:].expand(size - len(arg), *arg.shape[1:])]) if _batched(arg) else arg
-                 for arg in args)
+    return _map_batched(call, lambda _, arg: torch.cat([arg, arg[-1:].expand(size - len(arg), *arg.shape[1:])]))
 
 
 def _concatenated(chunks: list) -> Any:
@@ -439,6 +581,78 @@ def _trimmed(outputs: Any, size: int, padded: int) -> Any:
     if not any(batched) or any(flag and leaf.shape[0] != padded for leaf, flag in zip(leaves, batched, strict=True)):
         return None
     return tree_unflatten([leaf[:size] if flag else leaf for leaf, flag in zip(leaves, batched, strict=True)], spec)
+
+
+def _first_tensor(output: Any) -> Any:
+    """The first tensor a model returns (logits, for a classifier's ModelOutput, dict or tuple)."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    tensor = next((leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)), None)
+    if tensor is None:
+        raise ModelError(f"the model returned {type(output).__name__}, holding no tensor to measure")
+    return tensor
+
+
+def _placeholder_values(module: Any, call: Call) -> list:
+    """A call's tensors in the order of the graph's inputs (keywords by the names exported)."""
+    spec = getattr(module, "_in_spec", None)
+    if spec is None:
+        return list(call[0])
+    from torch.fx._pytree import tree_flatten_spec
+
+    return tree_flatten_spec(call, spec)
+
+
+def _import_output_types(model_file: Any) -> None:
+    """Import the transformers modules defining the output classes a saved model returns: torch
+    rebuilds an output (a ``ModelOutput``) only as a type registered in this process, and
+    transformers registers each class when its module is imported. Only transformers' own modules
+    are imported, whatever the file names; ``model_file`` is the bytes or a path."""
+    for module in _output_type_modules(model_file):
+        if module.split(".", 1)[0] == "transformers":
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+
+
+def _output_type_modules(model_file: Any) -> set[str]:
+    """The modules of the non-builtin types in a ``torch.export`` archive's input and output specs."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(model_file) if isinstance(model_file, bytes) else model_file) as archive:
+            texts = [archive.read(name) for name in archive.namelist() if "/models/" in name and name.endswith(".json")]
+    except (OSError, zipfile.BadZipFile):
+        return set()  # not an archive: torch.export.load names the problem
+    modules: set[str] = set()
+    for text in texts:
+        with contextlib.suppress(ValueError):
+            for spec in _spec_strings(json.loads(text)):
+                modules |= {name.rpartition(".")[0] for name in _spec_types(json.loads(spec)) if "." in name}
+    return modules
+
+
+def _spec_strings(document: Any) -> Iterator[str]:
+    """The serialized pytree specs (``in_spec``, ``out_spec``) anywhere in an exported program."""
+    if isinstance(document, dict):
+        for key, value in document.items():
+            if key in ("in_spec", "out_spec") and isinstance(value, str):
+                yield value
+            else:
+                yield from _spec_strings(value)
+    elif isinstance(document, list):
+        for value in document:
+            yield from _spec_strings(value)
+
+
+def _spec_types(spec: Any) -> Iterator[str]:
+    """The type names in a serialized pytree spec."""
+    if isinstance(spec, dict):
+        if isinstance(spec.get("type"), str):
+            yield spec["type"]
+        for value in spec.values():
+            yield from _spec_types(value)
+    elif isinstance(spec, list):
+        for value in spec:
+            yield from _spec_types(value)
 
 
 @contextlib.contextmanager
@@ -533,7 +747,7 @@ def _node_outputs(module: Any, nodes: dict[str, str], inputs: Any) -> dict[str, 
             return result
 
     with torch.no_grad():
-        Recorder(module).run(*as_args(inputs))
+        Recorder(module).run(*_placeholder_values(module, as_call(inputs)))
     return outputs
 
 
@@ -544,9 +758,9 @@ def _macs(node: Any, weight: Any) -> int:
         return 0
     per_output = int(np.prod(weight.shape[1:]))
     output_elements = 1
-    for dim in list(value.shape)[1:]:
+    for dim in list(value.shape)[1:]:  # a dynamic length counts as in the example batch
         with contextlib.suppress(TypeError):
-            output_elements *= int(dim)
+            output_elements *= int(getattr(getattr(dim, "node", None), "hint", None) or dim)
     return output_elements * per_output
 
 
@@ -656,8 +870,9 @@ class YamlTraining:
         for _ in range(self.section.start_epoch, self.section.end_epoch):
             for batch in itertools.islice(loader, self.section.iteration):
                 inputs, labels = split_batch(batch)
+                args, kwargs = as_call(inputs)
                 optimizer.zero_grad()
-                loss = criterion(model(torch.as_tensor(inputs)), torch.as_tensor(labels).long())
+                loss = criterion(_first_tensor(model(*args, **kwargs)), torch.as_tensor(labels).long())
                 loss.backward()
                 optimizer.step()
 
