@@ -174,3 +174,28 @@ def test_a_model_file_that_would_run_code_when_unpickled_is_refused_unrun(tmp_pa
     assert not marker.exists()
     torch.load(io.BytesIO(crafted.getvalue()), weights_only=False)  # the same bytes, unpickled freely, do run
     assert marker.exists()
+
+
+def test_compiled_model_makes_a_length_dynamic_once_it_varies_and_keeps_the_output_structure():
+    from torch._dynamo.utils import counters
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(50, 16)
+            self.fc = torch.nn.Linear(16, 8)
+
+        def forward(self, ids):
+            return {"scores": self.fc(self.embedding(ids))}
+
+    model = Tagger().eval()
+    tokens = [torch.randint(0, 50, (4, length)) for length in (6, 9, 3, 12)]
+    adaptor = PyTorchAdaptor()
+    exported = adaptor.load(adaptor.prepare(model, {"ids": tokens[0]}))
+    compiled = adaptor.lower_fp32(exported, {"ids": tokens[0]})  # compiled for length 6
+    before = counters["aot_autograd"]["total"]
+    for ids in tokens[1:]:
+        output = compiled(ids=ids)
+        assert list(output) == ["scores"]
+        torch.testing.assert_close(output["scores"], model(ids)["scores"], rtol=1e-4, atol=1e-5)
+    assert counters["aot_autograd"]["total"] == before + 1  # length 9 made it dynamic; 3 and 12 reuse that

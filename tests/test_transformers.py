@@ -1,6 +1,9 @@
 """Hugging Face transformers as users have them: a BertModel called with a tokenizer's dict
 batches, padded per batch, and an eval_func written for the fp32 model, tuned unchanged."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +200,21 @@ def test_saved_int8_model_reloads_and_is_called_with_a_dict(bert, static_tuning)
             output = loaded.model(**batch)
             assert type(output) is type(bert(**batch))
             torch.testing.assert_close(output.last_hidden_state, result.model(**batch).last_hidden_state)
+
+
+def test_saved_model_loads_in_a_process_that_has_not_imported_transformers(static_tuning):
+    result, _, evaluation, tmp_path, _ = static_tuning
+    folder = result.save(tmp_path / "elsewhere")
+    torch.save(evaluation[0], folder / "batch.pt")
+    script = ("import sys, torch, lpot_ray\n"
+              "assert 'transformers' not in sys.modules\n"
+              "model = lpot_ray.load(sys.argv[1]).model\n"
+              "output = model(**torch.load(sys.argv[2]))\n"
+              "print(type(output).__name__, *output.last_hidden_state.shape)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(folder), str(folder / "batch.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-4:] == ["BaseModelOutputWithPoolingAndCrossAttentions", "4", str(EVALUATION_LENGTHS[0]), "32"]
 
 
 def test_dynamic_tuning_with_labelled_dict_batches_and_a_built_in_metric(tmp_path):
