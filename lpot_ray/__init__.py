@@ -14,6 +14,7 @@ from .result import TuneResult, load
 from .space import Op, OpScheme, TensorScheme, TuneConfig, TuningSpace
 from .strategies.base import Strategy
 from .trial import Trial
+from .warm import workers
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,5 @@ __all__ = [
     "Benchmark", "BenchmarkResult", "Config", "ConfigError", "DataError", "EvaluationError", "HistoryError", "LpotRayError", "Metric",
     "MissingFrameworkError", "ModelError", "Op", "OpScheme", "PluginError", "Quantization", "SpaceError", "Strategy",
     "TensorScheme",
-    "Trial", "TuneConfig", "TuneResult", "TuningSpace", "ZooJob", "load", "load_config", "tune", "tune_many",
+    "Trial", "TuneConfig", "TuneResult", "TuningSpace", "ZooJob", "load", "load_config", "tune", "tune_many", "workers",
 ]

@@ -2,7 +2,8 @@
 
 Every check that needs no worker runs first (``session.prepare``), so bad input fails in
 seconds; then ``session.run`` tunes the job on a ``WorkerPool`` whose driver slot starts at once
-and whose Ray workers join as Ray comes up (see pool.py for when Ray starts).
+and whose Ray workers join as Ray comes up (see pool.py for when Ray starts), or on the warm
+workers of an open ``lpot_ray.workers()`` block (warm.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from typing import Any, Callable, Optional, Union
 
 from . import session
 from .config import Config, load_config
-from .pool import WorkerPool
 from .progress import TuningProgress
 from .ray_session import RayPlan
 from .result import TuneResult
+from .warm import pool_for
 
 
 def tune(
@@ -39,8 +40,8 @@ def tune(
     job = session.prepare(config, model, q_dataloader, q_func, eval_dataloader, eval_func, resume_file)
     progress = TuningProgress()
     try:
-        with WorkerPool({job.name: job.driver_runner()}, plan) as pool:
-            return session.run(job, pool, progress)
+        with pool_for(plan) as pool:
+            return session.run(job, pool.add_job(job.name, job.driver_runner()), progress)
     finally:
         progress.close()
         job.history.close()  # run closes it too; this frees the workspace if the pool never started

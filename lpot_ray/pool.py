@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import math
 import queue
@@ -47,7 +48,7 @@ from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
 from .trial import ExecutorStatus, Finalized, Outcome, Request, Status
 from .user_code import ship_user_code_by_value
-from .worker import TrialRunner, TrialWorker
+from .worker import TrialRunner, TrialWorker, WorkerJob
 
 MAX_RETRIES = 2
 TIMEOUT_GRACE = 10.0  # seconds a timed-out request has to stop before its worker is given up
@@ -110,10 +111,11 @@ class DriverSlot:
     name = "driver"
     is_driver = True
 
-    def __init__(self, runners: dict[str, TrialRunner]):
-        self.runners = runners
+    def __init__(self) -> None:
+        self.runners: dict[str, TrialRunner] = {}
         self.thread = TrialThread()
         self.cancelled: set[tuple[str, int]] = set()
+        self.restore: list[Callable[[], None]] = []  # thread counts to give back, newest last
 
     def run(self, job_id: str, seq: int, request: Request) -> concurrent.futures.Future:
         should_stop = lambda: (job_id, seq) in self.cancelled  # noqa: E731
@@ -132,14 +134,23 @@ class DriverSlot:
         self.cancelled.add((job_id, seq))
 
     def drop(self, job_id: str) -> None:
-        pass  # the models are the user's own, held by the driver anyway; ``close`` restores threads in order
+        """Forget a finished job's runner (its model is the user's); its thread count is given
+        back once no job runs, newest first, so the process ends with the count it began with."""
+        runner = self.runners.pop(job_id, None)
+        if runner is not None:
+            self.restore.append(runner.close)
+
+    def restore_threads(self) -> None:
+        while self.restore:
+            self.restore.pop()()
 
     def close(self, wait: bool = True) -> None:
         """Stop the trial thread once its call returns; without ``wait`` (a call past its time
         limit, maybe blocked for good) give it a moment and leave it."""
         self.thread.close(timeout=None if wait else 1.0)
-        for runner in self.runners.values():
-            runner.close()
+        for job_id in list(self.runners):
+            self.drop(job_id)
+        self.restore_threads()
 
 
 class RaySlot:
@@ -147,12 +158,13 @@ class RaySlot:
 
     is_driver = False
 
-    def __init__(self, actor_class: Any, job_refs: dict[str, Any], name: str, first_job: str):
+    def __init__(self, actor_class: Any, job_refs: dict[str, Any], name: str, first_job: Optional[str]):
         self.name = name
-        self.job_refs = job_refs
+        self.job_refs = job_refs  # the pool's: every job's object-store copy, by job id
         self.actor = actor_class.remote(name)
         self.placed = self.actor.placed.remote().future()  # done once a node took it
-        self.ready = self.actor.ready.remote(first_job, [job_refs[first_job]]).future()
+        first = [job_refs[first_job]] if first_job is not None else []
+        self.ready = self.actor.ready.remote(first_job, first).future()
         self.since = time.monotonic()  # when it was asked for, for the start-up timeout
 
     def run(self, job_id: str, seq: int, request: Request) -> concurrent.futures.Future:
@@ -205,16 +217,17 @@ class JobState:
 class WorkerPool:
     """The workers of one or more jobs, keyed by job id, and the fair dispatch of their requests."""
 
-    def __init__(self, runners: dict[str, TrialRunner], plan: Optional[RayPlan], use_driver: bool = True):
-        self.jobs = {job_id: runner.job for job_id, runner in runners.items()}
+    def __init__(self, plan: Optional[RayPlan], use_driver: bool = True, connect_now: bool = False):
+        self.jobs: dict[str, WorkerJob] = {}  # the unfinished jobs, by job id
+        self.job_refs: dict[str, Any] = {}  # their object-store copies, once Ray workers exist
         self.plan = plan
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # an outcome arrived or the workers changed
-        self.driver = DriverSlot(runners)
+        self.driver = DriverSlot()
         self.slots: list[Any] = [self.driver] if use_driver else []
         self.idle: list[Any] = list(self.slots)
         self.starting: list[Any] = []
-        self.states = {job_id: JobState() for job_id in runners}
+        self.states: dict[str, JobState] = {}
         self.running: dict[concurrent.futures.Future, Running] = {}
         self.lost: dict[tuple[str, int], str] = {}  # why the last worker of a retried request died
         # After each dispatch: job -> (running, waiting) of the jobs with requests in either, to check fairness.
@@ -229,8 +242,25 @@ class WorkerPool:
         self._left = 0  # of the pool's thread and shutdown: the second to leave releases Ray
         self._watcher = threading.Thread(target=self._watch, name="lpot-ray-pool", daemon=True)
         self._watcher.start()
-        if plan is not None and (plan.connect_eagerly() or len(runners) > 1):
+        if plan is not None and (connect_now or plan.connect_eagerly()):
             self._want_ray()
+
+    def add_job(self, name: str, runner: TrialRunner) -> "JobExecutor":
+        """Take a job on (``runner`` is the driver's); its id is ``name``, made unique in this
+        pool. Jobs that are to share the workers fairly from the start are added before any runs:
+        their shares are fixed by how many there are."""
+        copy = self._copy_into_ray(runner.job) if self._slot_factory is not None else None
+        with self.lock:
+            job_id = name if name not in self.states else next(
+                f"{name}-{index}" for index in itertools.count(2) if f"{name}-{index}" not in self.states)
+            self.jobs[job_id] = runner.job
+            self.states[job_id] = JobState()
+            self.driver.runners[job_id] = runner
+            if copy is not None:
+                self.job_refs[job_id] = copy
+            if sum(state.active for state in self.states.values()) > 1:
+                self._want_ray()  # several jobs: more work than the driver alone
+        return JobExecutor(self, job_id)
 
     # --- Ray workers -------------------------------------------------------------------------
     def _want_ray(self) -> None:
@@ -301,21 +331,30 @@ class WorkerPool:
         """Start ``count`` Ray worker actors, spread across nodes; each becomes a slot once ready."""
         import ray
 
-        for job in self.jobs.values():
-            ship_user_code_by_value(job)
         actor_class = ray.remote(TrialWorker).options(num_cpus=cpus_per_worker, resources=dict(resources or {}),
                                                       scheduling_strategy="SPREAD", max_concurrency=2)
-        job_refs = {job_id: ray.put(job) for job_id, job in self.jobs.items()}  # the model and data enter the object store once
+        with self.lock:
+            jobs = dict(self.jobs)
+        copies = {job_id: self._copy_into_ray(job) for job_id, job in jobs.items()}
         with self.lock:
             if self._closed.is_set():
                 return  # the tuning ended while the jobs were copied
-            self._slot_factory = lambda name, first: RaySlot(actor_class, job_refs, name, first)
+            self.job_refs.update((job_id, copy) for job_id, copy in copies.items() if job_id in self.jobs)
+            self._slot_factory = lambda name, first: RaySlot(actor_class, self.job_refs, name, first)
             for index in range(1, count + 1):
                 self._start(f"worker-{index}")
 
+    @staticmethod
+    def _copy_into_ray(job: WorkerJob) -> Any:
+        """The job's model and data into Ray's object store: once per job, whatever the workers."""
+        import ray
+
+        ship_user_code_by_value(job)
+        return ray.put(job)
+
     def _start(self, name: str) -> None:
-        """A worker loads an unfinished job as it starts (a replacement needs no finished one)."""
-        first = next((job_id for job_id, state in self.states.items() if state.active), next(iter(self.states)))
+        """A worker loads an unfinished job as it starts, if there is one, proving its node can."""
+        first = next((job_id for job_id in self.jobs if job_id in self.job_refs), None)
         slot = self._slot_factory(name, first)
         slot.ready.add_done_callback(lambda _: self.events.put(None))  # wakes the pool's thread to admit it
         self.starting.append(slot)
@@ -345,10 +384,10 @@ class WorkerPool:
 
     # --- requests ----------------------------------------------------------------------------
     def planned_share(self) -> int:
-        """Workers each job can expect, known before Ray is up: what the strategies size their
-        rounds by, so that their proposals do not depend on timing."""
+        """Workers each unfinished job can expect, known before Ray is up: what the strategies
+        size their rounds by, so that their proposals do not depend on timing."""
         planned = self.plan.planned_workers() if self.plan is not None else 1
-        return max(1, math.ceil(planned / max(1, len(self.states))))
+        return max(1, math.ceil(planned / max(1, sum(state.active for state in self.states.values()))))
 
     def share(self, job_id: str) -> int:
         """How many more requests a job may submit now: its share of the ready workers, less what
@@ -382,6 +421,8 @@ class WorkerPool:
             slot = next(slot for slot in self.idle if not (item.attempt > 0 and slot.is_driver))
             self.idle.remove(slot)
             state.running += 1
+            if not slot.is_driver and job_id not in self.job_refs:
+                self.job_refs[job_id] = self._copy_into_ray(self.jobs[job_id])  # added as Ray workers started
             future = slot.run(job_id, item.seq, item.request)
             self.running[future] = Running(job_id, item, slot)
             self.snapshots.append({name: (other.running, len(other.waiting)) for name, other in self.states.items()
@@ -521,6 +562,12 @@ class WorkerPool:
             for slot in self.slots:
                 with contextlib.suppress(Exception):
                     slot.drop(job_id)
+            self.driver.drop(job_id)  # a pool the driver takes no part in still holds its runner
+            if not any(other.active for other in self.states.values()):
+                self.driver.restore_threads()
+            self.jobs.pop(job_id, None)
+            self.job_refs.pop(job_id, None)
+            state.outcomes.clear()
             self.changed.notify_all()
 
     def shutdown(self) -> None:
@@ -568,7 +615,8 @@ class WorkerPool:
 
 
 class JobExecutor:
-    """One job's view of the pool: the ``TrialExecutor`` its engine talks to."""
+    """One job's view of the pool: the ``TrialExecutor`` its engine talks to, and what its
+    tuning session asks of the pool (limits, shares, the final compile, the end)."""
 
     def __init__(self, pool: WorkerPool, job_id: str):
         self.pool, self.job_id = pool, job_id
@@ -584,6 +632,21 @@ class JobExecutor:
 
     def status(self) -> ExecutorStatus:
         return self.pool.status(self.job_id)
+
+    def set_trial_timeout(self, seconds: Optional[float]) -> None:
+        self.pool.set_trial_timeout(self.job_id, seconds)
+
+    def check_cluster(self) -> None:
+        self.pool.check_cluster()
+
+    def planned_share(self) -> int:
+        return self.pool.planned_share()
+
+    def finalize(self, config: TuneConfig, measure: bool = True) -> Finalized:
+        return self.pool.finalize(self.job_id, config, measure)
+
+    def done(self) -> None:
+        self.pool.job_done(self.job_id)
 
 
 def lost(seq: int, why: str) -> Outcome:

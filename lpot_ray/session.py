@@ -29,7 +29,7 @@ from .errors import ConfigError, EvaluationError, ModelError
 from .evaluation import user_code_limit, within
 from .history import History
 from .objectives import WeightedObjectives
-from .pool import JobExecutor, WorkerPool
+from .pool import JobExecutor
 from .result import TuneResult
 from .space import BF16, TuneConfig, TuningSpace, describe_capabilities
 from .timings import Stopwatch
@@ -109,31 +109,31 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
                clock)
 
 
-def run(job: Job, pool: WorkerPool, on_progress: Optional[Callable[[Engine], None]] = None) -> TuneResult:
-    """Tune a prepared job on its share of ``pool``; the job's history is closed at the end."""
+def run(job: Job, pool: JobExecutor, on_progress: Optional[Callable[[Engine], None]] = None) -> TuneResult:
+    """Tune a prepared job on its share of a pool (``pool``: the job's view of it, from
+    ``WorkerPool.add_job``); the job's history is closed at the end."""
     config = job.config
     try:
         if config.tuning.exit_policy.performance_only:
             return _default_config_only(job, pool)
         with job.clock.time("baseline"):
             baseline = _baseline(job)
-        pool.set_trial_timeout(job.name, trial_limit(config.tuning.exit_policy, job.history.get_meta("baseline_seconds"),
-                                                     config.quantization.approach))
+        pool.set_trial_timeout(trial_limit(config.tuning.exit_policy, job.history.get_meta("baseline_seconds"),
+                                           config.quantization.approach))
         pool.check_cluster()  # a cluster refusing the connection fails before any trial
         criterion = Criterion.from_config(baseline, config.tuning.accuracy_criterion, job.higher_is_better)
         job.history.set_meta("criterion", dataclasses.asdict(criterion))
         strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
         strategy.parallelism = pool.planned_share()
         samples = job.history.get_meta("evaluation_samples") if config.tuning.exit_policy.early_stopping else None
-        engine = Engine(strategy, JobExecutor(pool, job.name), job.history, criterion, config.tuning.exit_policy,
+        engine = Engine(strategy, pool, job.history, criterion, config.tuning.exit_policy,
                         lambda tune_config: job.objectives.proxy(job.space, tune_config),
                         on_progress or (lambda engine: None), evaluation_samples=samples)
         with job.clock.time("search"):
             outcome = engine.run()
-        return conclude(outcome, criterion, lambda tune_config: pool.finalize(job.name, tune_config, measure=True),
-                        job.history, config.model.framework, job.clock)
+        return conclude(outcome, criterion, pool.finalize, job.history, config.model.framework, job.clock)
     finally:
-        pool.job_done(job.name)
+        pool.done()
         job.history.close()
 
 
@@ -201,13 +201,13 @@ def _timed_finalize(clock: Stopwatch, finalize: Callable[[TuneConfig], Finalized
     return final
 
 
-def _default_config_only(job: Job, pool: WorkerPool) -> TuneResult:
+def _default_config_only(job: Job, pool: JobExecutor) -> TuneResult:
     """LPOT's ``performance_only``: quantize with the default config, no accuracy tuning; measure
     it (and its accuracy, when an evaluation was given)."""
     with job.clock.time("baseline"):
         baseline = _baseline(job) if job.worker_job.evaluation.given else None
     default = job.space.model_wise_configs()[0]
-    final = _timed_finalize(job.clock, lambda config: pool.finalize(job.name, config, measure=True), default)
+    final = _timed_finalize(job.clock, pool.finalize, default)
     common = dict(baseline=baseline, n_trials=0, n_evaluated=0, framework=job.config.model.framework,
                   stopped_by="performance_only", workspace=str(job.history.path.parent), timings=job.clock.seconds)
     return _passed(default, job.space.fp32_macs_fraction(default), final, job.history, [], common)

@@ -148,8 +148,10 @@ class TrialWorker:
     def placed(self) -> str:
         return self.node
 
-    def ready(self, job_id: str, job_ref: list) -> str:
-        self._runner(job_id, job_ref)
+    def ready(self, job_id: Optional[str], job_ref: list) -> str:
+        """The node, once the first job (if any yet) is loaded here."""
+        if job_id is not None:
+            self._runner(job_id, job_ref)
         return self.node
 
     def run(self, job_id: str, job_ref: list, seq: int, request: Request) -> Outcome:

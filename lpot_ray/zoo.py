@@ -20,9 +20,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 from . import session
 from .config import Config, load_config
 from .errors import ConfigError, LpotRayError
-from .pool import WorkerPool
+from .pool import JobExecutor
 from .ray_session import RayPlan
 from .result import TuneResult
+from .warm import pool_for
 from .yaml_file import read_yaml
 
 log = logging.getLogger("lpot_ray")
@@ -72,8 +73,10 @@ def tune_many(jobs: Sequence[Union[ZooJob, dict]], address: Optional[str] = None
     try:
         if prepared:
             plan = RayPlan.resolve([job.config for job in prepared.values()], address, workers, verbose)
-            with WorkerPool({name: job.driver_runner() for name, job in prepared.items()}, plan) as pool:
-                threads = [threading.Thread(target=_run_job, args=(job, pool, results, started[name]),
+            with pool_for(plan) as pool:
+                # Every job joins before any runs: their shares of the workers follow from how many there are.
+                views = {name: pool.add_job(name, job.driver_runner()) for name, job in prepared.items()}
+                threads = [threading.Thread(target=_run_job, args=(job, views[name], results, started[name]),
                                             name=f"lpot-ray-job-{name}") for name, job in prepared.items()]
                 for thread in threads:
                     thread.start()
@@ -85,7 +88,7 @@ def tune_many(jobs: Sequence[Union[ZooJob, dict]], address: Optional[str] = None
     return [results[name] for name in names]
 
 
-def _run_job(job: session.Job, pool: WorkerPool, results: dict[str, TuneResult], started: float) -> None:
+def _run_job(job: session.Job, pool: JobExecutor, results: dict[str, TuneResult], started: float) -> None:
     """One job's tuning, as ``tune`` runs it, on its share of the pool."""
     try:
         result = session.run(job, pool)

@@ -48,7 +48,9 @@ def job_and_space(digits):
 
 def ray_only_pool(job):
     """A pool for one job whose driver runs nothing: only the Ray workers added to it."""
-    return WorkerPool({JOB: TrialRunner(job, "driver")}, plan=None, use_driver=False)
+    pool = WorkerPool(plan=None, use_driver=False)
+    pool.add_job(JOB, TrialRunner(job, "driver"))
+    return pool
 
 
 def wait_for_workers(pool, count, limit=120):
@@ -191,14 +193,13 @@ def test_a_node_without_the_framework_is_named_and_the_tuning_goes_on(ray_sessio
 
 
 class UpAtOnce:
-    """A connection to the Ray this test process runs, ready at once; records its release."""
+    """A connection to the Ray this test process runs; records its release."""
 
     address = "127.0.0.1:1"
     error = None
 
     def __init__(self):
-        self.ready = threading.Event()
-        self.ready.set()
+        self.ready = threading.Event()  # set by the test once its job is in the pool
         self.released = threading.Event()
 
     def cluster_resources(self):
@@ -216,7 +217,9 @@ def test_ray_is_released_only_once_the_pools_thread_no_longer_uses_it(ray_sessio
     monkeypatch.setattr(RayPlan, "connect", lambda self: session)
     monkeypatch.setattr(pool_module, "SHUTDOWN_WAIT", 0.2)
     monkeypatch.setattr(pool_module, "ship_user_code_by_value", lambda job: (copying.set(), go_on.wait(30)))
-    pool = WorkerPool({JOB: TrialRunner(job, "driver")}, plan=RayPlan(address=session.address, workers=2))
+    pool = WorkerPool(plan=RayPlan(address=session.address, workers=2))
+    pool.add_job(JOB, TrialRunner(job, "driver"))
+    session.ready.set()
     assert copying.wait(30)
     pool.shutdown()
     assert not session.released.is_set()  # the pool's thread is still at work in Ray

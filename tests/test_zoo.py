@@ -3,8 +3,10 @@
 import os
 import time
 
+import pytest
+
 import lpot_ray
-from lpot_ray import zoo
+from lpot_ray import warm, zoo
 from lpot_ray.history import History
 
 from conftest import accuracy_of, base_conf
@@ -16,12 +18,12 @@ def test_jobs_share_the_workers_fairly_and_a_broken_job_does_not_stop_the_others
     outliers = outlier_digits[0]
     pools = []
 
-    class RecordedPool(zoo.WorkerPool):
+    class RecordedPool(warm.WorkerPool):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(zoo, "WorkerPool", RecordedPool)
+    monkeypatch.setattr(warm, "WorkerPool", RecordedPool)  # the pool a tuning gets when no workers block is open
 
     def slow_eval(candidate):  # long enough for both jobs to have trials left once the Ray workers have loaded
         time.sleep(0.6)
@@ -168,3 +170,28 @@ def test_tune_and_tune_many_run_a_job_through_the_same_pool(digits, tmp_path, mo
     assert calls[0].count("submit") == calls[1].count("submit") == 3
     assert calls[0].count("finalize") == calls[1].count("finalize") == 1
     assert alone.passed and together.passed and alone.config == together.config and alone.n_trials == together.n_trials
+
+
+def test_tunings_inside_a_workers_block_reuse_its_ray_workers_which_go_at_its_end(ray_session, digits, tmp_path):
+    model, calibration, evaluation = digits
+
+    def conf(name):
+        job_conf = base_conf(tmp_path / name, strategy={"name": "exhaustive"}, exit_policy={"timeout": 600, "max_trials": 4})
+        del job_conf["ray"]  # the block decides the workers
+        return job_conf
+
+    with lpot_ray.workers(2) as pool:
+        first = lpot_ray.tune(model, conf("first"), q_dataloader=calibration, eval_dataloader=evaluation)
+        deadline = time.monotonic() + 120
+        while len(pool.slots) < 2 and time.monotonic() < deadline:  # the Ray worker joins in the background
+            time.sleep(0.2)
+        (ray_worker,) = [slot for slot in pool.slots if not slot.is_driver]
+        second = lpot_ray.tune(model, conf("second"), q_dataloader=calibration, eval_dataloader=evaluation)
+        assert [slot for slot in pool.slots if not slot.is_driver] == [ray_worker]  # the same actor, not a new one
+        workers = {trial.worker for trial in History(tmp_path / "second" / "ws" / "history.db").trials()}
+        assert workers == {"driver", "worker-1"}
+        assert pool.jobs == {} and pool.job_refs == {}  # finished jobs leave nothing behind on the workers' side
+    assert first.passed and second.passed and first.config == second.config
+    assert pool.slots == []
+    with pytest.raises(ray_session.exceptions.RayActorError):  # the block's Ray worker went with it
+        ray_session.get(ray_worker.actor.placed.remote(), timeout=60)
