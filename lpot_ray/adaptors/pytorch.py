@@ -1,7 +1,10 @@
 """PyTorch: real int8 on CPU through torchao's PT2E flow and the X86 inductor quantizer.
 
-The model is exported once (``torch.export`` with a dynamic batch dimension) and travels as
-``torch.export.save`` bytes. A candidate config becomes one X86InductorQuantizer with a
+A batch is a tensor, a tuple or list of them (positional arguments) or a mapping of them (a
+tokenizer's batch, called as ``model(**batch)``). The model is exported once (``torch.export``
+with a dynamic batch dimension and every other dimension the model lets vary, such as a sequence
+length, dynamic too) and travels as ``torch.export.save`` bytes; its outputs keep their structure
+(a transformers ``ModelOutput``, a dict, a tuple) through quantization and compilation. A candidate config becomes one X86InductorQuantizer with a
 per-module QuantizationConfig for each int8 op (no global config, so an op not listed stays fp32).
 Calibration statistics are cached per observed graph node and observer kind: a fallback trial
 loads them into its fresh observers instead of running calibration again. Evaluation runs the
