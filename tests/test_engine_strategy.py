@@ -275,3 +275,43 @@ def test_failures_for_different_reasons_or_after_a_success_do_not_stop_it(tmp_pa
     first_ok = iter([0.5] + [None] * 50)
     outcome, _, _ = run(tmp_path, lambda config: next(first_ok), slots=1, max_trials=6, name="ok-first")
     assert not outcome.stopped_by.startswith("every trial failed") and len(outcome.trials) > 3
+
+
+def bert_like_space():
+    """37 Linear ops named as a 6-layer BERT names them, plus its pooler."""
+    from lpot_ray.config import load_config
+    from lpot_ray.space import Op, OpCapability, OpScheme, TensorScheme, TuningSpace
+
+    int8 = (OpScheme(TensorScheme("int8", "sym", "per_channel"), TensorScheme("uint8", "asym", "per_tensor")),)
+    blocks = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+              "intermediate.dense", "output.dense"]
+    names = [f"encoder.layer.{layer}.{block}" for layer in range(6) for block in blocks] + ["pooler.dense"]
+    capabilities = [OpCapability(Op(name, "Linear", macs=100), int8) for name in names]
+    return TuningSpace.build(capabilities, load_config({"model": {"framework": "pytorch"}}).quantization)
+
+
+def test_ops_are_grouped_as_the_model_groups_them():
+    from lpot_ray.strategies.basic import op_groups
+
+    names = [op.name for op in bert_like_space().ops]
+    groups = op_groups(names, 12)
+    assert [group[0] for group in groups] == [f"encoder.layer.{layer}.attention.self.query" for layer in range(6)] + ["pooler.dense"]
+    assert [len(group) for group in groups] == [6] * 6 + [1]
+    flat = op_groups([f"conv2d_{index}" for index in range(53)], 12)  # no structure in the names: runs in model order
+    assert len(flat) == 7 and sum(flat, []) == [f"conv2d_{index}" for index in range(53)]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_a_36_linear_model_needing_two_ops_in_fp32_passes_within_30_trials_when_ranked_in_groups(tmp_path, monkeypatch, grouped):
+    from lpot_ray.strategies import basic
+
+    if not grouped:
+        monkeypatch.setattr(basic, "GROUPED_ABOVE", 1000)  # one ranking trial per op, as for a small model
+    accuracy = sensitive_ops_accuracy({"encoder.layer.2.intermediate.dense": 0.03, "encoder.layer.2.output.dense": 0.02,
+                                       "encoder.layer.4.attention.self.key": 0.004})
+    outcome, executor, _ = run(tmp_path, accuracy, slots=4, space=bert_like_space(), max_trials=30, name=str(grouped))
+    if grouped:
+        assert set(outcome.passing[0].config.fp32_ops) == {"encoder.layer.2.intermediate.dense", "encoder.layer.2.output.dense"}
+        assert len([trial for trial in outcome.trials if trial.status != Status.CANCELLED]) <= 30
+    else:
+        assert not outcome.passing and outcome.stopped_by == "max_trials 30"  # still ranking ops one by one

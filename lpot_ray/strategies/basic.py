@@ -5,13 +5,17 @@ Phases, each proposing a batch of independent configs:
 1. model-wise: every model-wise config (one int8 scheme everywhere). If one passes, done.
 2. rank: from the most accurate model-wise config, each op alone in fp32, all at once. If one
    passes, done; otherwise the ops are ranked by the accuracy their fallback recovered. (The
-   mse strategy changes only this phase.)
-3. accumulated fallback: the top-2, top-3, ... ranked ops in fp32, proposed as speculative
-   prefixes as fast as workers free up. The smallest passing prefix wins; longer ones in flight
-   become obsolete.
+   mse strategy changes only this phase.) A model of more than ``GROUPED_ABOVE`` int8 ops
+   ranks groups of ops instead, as the model groups them (a transformer layer, a residual
+   stage: ``op_groups``), so that a 36-Linear model needs 7 ranking trials, not 36.
+3. accumulated fallback: the top-2, top-3, ... ranked ops (or groups) in fp32, proposed as
+   speculative prefixes as fast as workers free up. The smallest passing prefix wins; longer ones
+   in flight become obsolete.
 4. prune: from the passing fallback set, give int8 back to each op in parallel; keep the best
    passing smaller set and repeat until no op can be given back. LPOT keeps every accumulated op
-   in fp32; pruning often halves that set.
+   in fp32; pruning often halves that set. After a group fallback, every op whose give-back
+   passed alone is given back at once in one more trial, and pruning goes on from there if it
+   passes (from the best single give-back if not), so a group shrinks in a few rounds.
 
 An op falls back to bf16 where that is one of its choices (a CPU with native bf16), else to fp32,
 as LPOT falls back int8 -> bf16 -> fp32. If no accumulated bf16 fallback passes, phase 3 runs
@@ -31,6 +35,9 @@ from ..space import FP32, TuneConfig, TuningSpace
 from ..trial import EvaluateRequest, Status, Trial
 from .base import Proposal, Strategy
 
+GROUPED_ABOVE = 16  # int8 ops above which ops are ranked in groups
+MAX_GROUPS = 12  # groups ranked at most: one ranking round on a dozen workers
+
 
 class BasicStrategy(Strategy):
     def __init__(self, space: TuningSpace, higher_is_better: bool = True, seed: int = 0):
@@ -41,6 +48,10 @@ class BasicStrategy(Strategy):
         self.outcomes: list[Trial] = []
         self.base: Optional[TuneConfig] = None
         self.ranking: list[str] = []
+        self.prefix_sizes: list[int] = []  # the accumulated prefixes: ops in fp32 for each
+        self.grouped = False  # whether the ops were ranked in groups
+        self.pruning: list[str] = []  # the fallback set being pruned
+        self.single_best: Optional[Trial] = None  # pruning's fallback while all its give-backs are tried at once
         self.to_fp32 = False  # whether fallback skips bf16 (after bf16 fallbacks all failed)
         self._obsolete: set[str] = set()
         self._done = False
@@ -85,22 +96,40 @@ class BasicStrategy(Strategy):
             self.base = max(outcomes, key=self.score).config
             self._start("rank", self._ranking_proposals())
         elif self.phase == "rank":
-            ranking = self._rank(outcomes)
-            if ranking is None:
+            if passing:
+                return self._prune_from(self._best(passing))  # a group fallback passed: make it smaller
+            ranked = self._rank(outcomes)
+            if ranked is None:
                 return self._finish()
-            self.ranking = ranking
+            self.ranking = [name for group in ranked for name in group]
+            self.prefix_sizes = [sum(map(len, ranked[:count])) for count in range(1, len(ranked) + 1)]
             self._start("accumulate", self._accumulated(self.first_prefix))
+        elif self.phase == "combine":
+            best, self.single_best = (passing[0] if passing else self.single_best), None
+            self._prune_from(best)
         elif self.phase in ("accumulate", "prune"):
             if not passing:
                 if self.phase == "accumulate" and not self.to_fp32 and self._uses_bf16():
                     self.to_fp32 = True  # bf16 was not enough: the same ranking, in fp32
                     return self._start("accumulate", self._accumulated(1))
                 return self._finish()
-            best = min(passing, key=lambda trial: (trial.objective, -self.score(trial), trial.key))
-            fallback = _fallen_back(self.base, best.config)
-            if len(fallback) <= 1:
-                return self._finish()
-            self._start("prune", [_verdict(self._fall_back(set(fallback) - {name})) for name in fallback])
+            best = self._best(passing)
+            if self.phase == "prune" and self.grouped and len(passing) > 1:
+                given_back = set().union(*(set(self.pruning) - set(_fallen_back(self.base, trial.config))
+                                           for trial in passing))
+                self.single_best = best
+                return self._start("combine", [_verdict(self._fall_back(set(self.pruning) - given_back))])
+            self._prune_from(best)
+
+    def _best(self, passing: list[Trial]) -> Trial:
+        return min(passing, key=lambda trial: (trial.objective, -self.score(trial), trial.key))
+
+    def _prune_from(self, best: Trial) -> None:
+        """Give int8 back to each op ``best`` has in fp32, one op per trial, all at once."""
+        self.pruning = _fallen_back(self.base, best.config)
+        if len(self.pruning) <= 1:
+            return self._finish()
+        self._start("prune", [_verdict(self._fall_back(set(self.pruning) - {name})) for name in self.pruning])
 
     def _fall_back(self, names) -> TuneConfig:
         """The base with ``names`` one step down: bf16 where it is a choice, else fp32."""
@@ -110,25 +139,29 @@ class BasicStrategy(Strategy):
             for name, scheme in self.base.op_schemes))
 
     def _accumulated(self, first: int) -> list[Proposal]:
-        return [_verdict(self._fall_back(self.ranking[:size])) for size in range(first, len(self.ranking) + 1)]
+        """The ranked prefixes from the ``first``-th on (1-based), each a verdict-only trial."""
+        return [_verdict(self._fall_back(self.ranking[:size])) for size in self.prefix_sizes[first - 1:]]
 
     def _uses_bf16(self) -> bool:
         return any(self.space.fallback_for(name) != FP32 for name in self.ranking)
 
     # --- how ops are ranked for fallback (the part other strategies change) -------------------
-    first_prefix = 2  # one-op fallbacks were the ranking trials themselves
+    first_prefix = 2  # the first ranked op (or group) alone was a ranking trial itself
 
     def _ranking_proposals(self) -> list[Proposal]:
-        """Each int8 op of the base alone in fp32, all at once."""
-        return [self._fall_back([name]) for name in self.base.int8_ops]
+        """Each int8 op of the base (or each group of ops, in a large model) alone in fp32, all at once."""
+        ops = list(self.base.int8_ops)
+        self.grouped = len(ops) > GROUPED_ABOVE
+        groups = op_groups(ops, MAX_GROUPS) if self.grouped else [[name] for name in ops]
+        return [self._fall_back(group) for group in groups]
 
-    def _rank(self, outcomes: list[Trial]) -> Optional[list[str]]:
-        """Ops by the accuracy their own fallback recovered; None ends the search (a one-op
-        fallback passed, or there is nothing to accumulate)."""
-        if any(trial.passed for trial in outcomes) or len(outcomes) < 2:
+    def _rank(self, outcomes: list[Trial]) -> Optional[list[list[str]]]:
+        """Groups of ops (single ops in a small model), by the accuracy their own fallback
+        recovered, most first; None ends the search (nothing to accumulate)."""
+        if len(outcomes) < 2:
             return None
-        ranked = sorted(outcomes, key=self.score, reverse=True)  # stable: ties keep op order
-        return [_new_fallback(self.base, trial.config) for trial in ranked]
+        ranked = sorted(outcomes, key=self.score, reverse=True)  # stable: ties keep model order
+        return [_fallen_back(self.base, trial.config) for trial in ranked]
 
     def _start(self, phase: str, configs: list[Proposal]) -> None:
         self.phase = phase
@@ -152,7 +185,20 @@ def _fallen_back(base: TuneConfig, config: TuneConfig) -> list[str]:
     return [name for name, scheme in config.op_schemes if scheme != schemes[name]]
 
 
-def _new_fallback(base: TuneConfig, config: TuneConfig) -> str:
-    """The op a one-op fallback config moves off the base's scheme."""
-    (name,) = _fallen_back(base, config)
-    return name
+def op_groups(names: list[str], most: int) -> list[list[str]]:
+    """Ops grouped as the model groups them, in model order: by the module path prefix (``a.b`` of
+    ``a.b.c.d``) of the deepest level that makes between 2 and ``most`` groups, an op never being
+    a group of its own below the top level; where names have no such structure (``dense_3``),
+    consecutive runs of about equal size."""
+    best: list[list[str]] = []
+    for depth in range(1, max(len(name.split(".")) for name in names)):
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            parts = name.split(".")
+            groups.setdefault(".".join(parts[:min(depth, max(1, len(parts) - 1))]), []).append(name)
+        if 2 <= len(groups) <= most:
+            best = list(groups.values())
+    if best:
+        return best
+    size = -(-len(names) // min(most, max(2, round(len(names) ** 0.5))))
+    return [names[start:start + size] for start in range(0, len(names), size)]

@@ -27,15 +27,15 @@ class MseStrategy(BasicStrategy):
     def _ranking_proposals(self) -> list[Proposal]:
         return [InspectRequest(self.base)]
 
-    def _rank(self, outcomes: list[Trial]) -> Optional[list[str]]:
+    def _rank(self, outcomes: list[Trial]) -> Optional[list[list[str]]]:
         if not outcomes or outcomes[0].status != Status.OK:
             log.warning("mse: no per-op errors (%s); falling back in model order",
                         outcomes[0].reason if outcomes else "inspection cancelled")
-            return list(self.base.int8_ops)
+            return [[name] for name in self.base.int8_ops]
         errors = outcomes[0].figures["op_errors"]
 
         def error(name: str) -> float:  # NaN or inf means: the op broke; fall it back first
             value = errors.get(name, 0.0)
             return math.inf if not math.isfinite(value) else value
 
-        return sorted(self.base.int8_ops, key=lambda name: -error(name))  # stable on ties
+        return [[name] for name in sorted(self.base.int8_ops, key=lambda name: -error(name))]  # stable on ties
