@@ -6,6 +6,7 @@ Ray actor. Per request only a config arrives and only figures leave.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import traceback
@@ -15,11 +16,13 @@ from typing import Any, Callable, Optional
 
 from .config import Approach
 from .errors import ClusterError
-from .evaluation import Evaluation, TrialCancelled, TrialHopeless
+from .evaluation import Evaluation, TrialCancelled, TrialHopeless, split_batch
 from .objectives import paired_latency_ms, peak_rss_growth
 from .space import Op, TuneConfig
 from .timings import Stopwatch
 from .trial import EvaluateRequest, Finalized, InspectRequest, Kind, Outcome, Request, Status
+
+TIMING_BATCHES = 4  # evaluation batches latency is measured on, in turn
 
 
 @dataclass
@@ -109,14 +112,24 @@ class TrialRunner:
             return self.adaptor.quantize_aware(self.model, config, self.job.q_func, self.job.calibration)
         return self.adaptor.quantize(self.model, config, self.job.calibration)
 
+    def _timing_inputs(self) -> list:
+        """What latency is measured on: the inputs of the first evaluation batches, as the model
+        will run (their real sizes and lengths), or the calibration batches where the evaluation
+        is an eval_func."""
+        loader = self.job.evaluation.dataloader
+        batches = [split_batch(batch)[0] for batch in itertools.islice(loader, TIMING_BATCHES)] if loader is not None else []
+        return batches or list(self.job.calibration[:TIMING_BATCHES])
+
     def _measure(self, int8_model: Any, int8_bytes: int, clock: Stopwatch) -> dict:
         """Latency per batch and memory footprint, int8 against fp32 compiled the same way."""
         if self._fp32_compiled is None:
             with clock.time("lower_fp32"):
                 self._fp32_compiled = self.adaptor.lower_fp32(self.model, self.example)
         fp32_model = self._fp32_compiled
-        run_int8 = lambda: self.adaptor.predict(int8_model, self.example)  # noqa: E731
-        run_fp32 = lambda: self.adaptor.predict(fp32_model, self.example)  # noqa: E731
+        batches = self._timing_inputs()
+        int8_batches, fp32_batches = itertools.cycle(batches), itertools.cycle(batches)  # called in alternation: in step
+        run_int8 = lambda: self.adaptor.predict(int8_model, next(int8_batches))  # noqa: E731
+        run_fp32 = lambda: self.adaptor.predict(fp32_model, next(fp32_batches))  # noqa: E731
         # Memory first, before hundreds of timed runs have warmed the allocator's free lists.
         with clock.time("footprint"):
             int8_peak, fp32_peak = peak_rss_growth(run_int8), peak_rss_growth(run_fp32)
