@@ -170,6 +170,8 @@ class PyTorchAdaptor(Adaptor):
         # Per fp32 model: [(int8 op schemes trained for, trained parameters, fake-quant states)].
         self.trained_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.trainings = 0  # q_func calls: once per set of int8 op schemes
+        # Per fp32 model: the lengths that varied across its calibration batches (for lower_fp32).
+        self.varying_dims: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
     def training_from_yaml(cls, section: TrainSection) -> "YamlTraining":
@@ -274,7 +276,7 @@ class PyTorchAdaptor(Adaptor):
                 quantizer.set_module_name_qconfig(name, self.quantization_config(scheme))
         prepared = self.quantize_pt2e.prepare_pt2e(model.module(), quantizer)
         self._calibrate(prepared, calibration, config.sampling_size, self.calibration_cache.setdefault(model, {}))
-        return self._converted(prepared, config, calibration)
+        return self._converted(model, prepared, config, calibration)
 
     def quantize_aware(self, model: Any, config: TuneConfig, q_func: Any, calibration: Sequence[Any]) -> Any:
         """Quantization-aware training through torchao's ``prepare_qat_pt2e``.
@@ -307,17 +309,19 @@ class PyTorchAdaptor(Adaptor):
                 if key in states:
                     module.load_state_dict(states[key])
             self.pt2e.move_exported_model_to_eval(prepared)
-        return self._converted(prepared, config, calibration)
+        return self._converted(model, prepared, config, calibration)
 
-    def _converted(self, prepared: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
+    def _converted(self, model: Any, prepared: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
         """The int8 model from a calibrated or trained one, bf16 ops cast, the fp32 weights int8
-        ones replaced dropped; it remembers the lengths that varied in the calibration batches,
-        which its compiled form then takes as dynamic from the first compile."""
+        ones replaced dropped; it and the adaptor (for the fp32 ``model``) remember the lengths
+        that varied in the calibration batches, which a compiled form takes as dynamic from its
+        first compile."""
         converted = self.quantize_pt2e.convert_pt2e(prepared)
         _to_bf16(converted, set(config.bf16_ops))
         _drop_unreferenced_tensors(converted)
         self.pt2e.allow_exported_model_train_eval(converted)
-        converted.meta[VARYING_DIMS] = _varying_dims([as_call(inputs) for inputs in calibration])
+        varying = self.varying_dims[model] = _varying_dims([as_call(inputs) for inputs in calibration])
+        converted.meta[VARYING_DIMS] = varying
         return converted
 
     def _prepare_qat(self, model: Any, int8: dict[str, OpScheme]) -> Any:
@@ -403,7 +407,7 @@ class PyTorchAdaptor(Adaptor):
         return Lowered(compiled, int8_ops, fp32_ops, bf16_ops)
 
     def lower_fp32(self, model: Any, example_inputs: Any) -> Any:
-        compiled = self._compile(model.module())
+        compiled = self._compile(model.module(), self.varying_dims.get(model))
         args, kwargs = as_call(example_inputs)
         compiled(*args, **kwargs)
         return compiled
