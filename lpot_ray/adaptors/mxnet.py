@@ -232,7 +232,7 @@ class MXNetAdaptor(Adaptor):
             qsym, qargs, aux = mx.contrib.quantization.calib_graph(
                 qsym=qsym, arg_params=model.arg_params, aux_params=model.aux_params, collector=collector,
                 calib_mode="naive", quantized_dtype="auto", logger=None)
-            qsym = qsym.get_backend_symbol("MKLDNN_QUANTIZE")
+            qsym = fit_sums_to_their_buffers(mx, qsym.get_backend_symbol("MKLDNN_QUANTIZE"), model.input_names)
         return QuantizedModel(qsym, qargs, aux, symbol_block(mx, qsym, qargs, aux))
 
     def _fused(self, model: MXNetModel) -> "FusedGraph":
@@ -431,6 +431,55 @@ def graph_nodes(symbol: Any) -> list[dict]:
     return json.loads(symbol.tojson())["nodes"]
 
 
+def fit_sums_to_their_buffers(mx: Any, symbol: Any, names: list[str]) -> Any:
+    """The quantized graph with each int8 conv+sum whose sum operand is int8 but whose output is
+    uint8 (a ReLU after the sum) given twice its calibrated output range.
+
+    oneDNN adds the sum in place: the conv writes its output into the operand's buffer, which
+    keeps the operand's int8 type, so a uint8 output saturates at 127, half its range (a residual
+    block whose shortcut is a conv+BN without ReLU, as in ResNet v1's downsampling blocks). With
+    the range doubled, the output's values fit in 0..127, which its consumers read as uint8 at the
+    doubled range's scale: the resolution of a signed int8 tensor, and no clipping.
+    """
+    spec = json.loads(symbol.tojson())
+    nodes = spec["nodes"]
+    if not any(_is_quantized_sum(node) for node in nodes):
+        return symbol
+    types = _output_types(symbol, names)
+    widened = [node for node in nodes if _sum_into_int8(node, nodes, types)]
+    for node in widened:
+        node["attrs"]["max_calib_range"] = repr(2 * float(node["attrs"]["max_calib_range"]))
+    return mx.sym.load_json(json.dumps(spec)) if widened else symbol
+
+
+def _is_quantized_sum(node: dict) -> bool:
+    attrs = node.get("attrs") or {}
+    return (node["op"] == "_sg_mkldnn_conv" and _true(attrs.get("quantized")) and _true(attrs.get("with_sum"))
+            and "max_calib_range" in attrs)
+
+
+def _sum_into_int8(node: dict, nodes: list[dict], types: dict[str, Any]) -> bool:
+    """A quantized conv+sum writing a uint8 output into an int8 sum operand."""
+    if not _is_quantized_sum(node):
+        return False
+    source, index, _ = node["inputs"][len(node["inputs"]) - 5]  # sum, then data and sum min/max
+    return types.get((nodes[source]["name"], index)) == np.int8 and types.get((node["name"], 0)) == np.uint8
+
+
+def _output_types(symbol: Any, names: list[str]) -> dict[tuple[str, int], Any]:
+    """Every output's dtype, keyed by (node name, output index) as the graph's inputs refer to them."""
+    internals = symbol.get_internals()
+    with _quiet():
+        _, types, _ = internals.infer_type(**dict.fromkeys(names, "float32"))
+    spec = json.loads(internals.tojson())
+    heads = [(spec["nodes"][node]["name"], index) for node, index, *_ in spec["heads"]]
+    return dict(zip(heads, types, strict=True))
+
+
+def _true(value: Any) -> bool:
+    return str(value).lower() == "true"
+
+
 def int8_ops_of(symbol: Any) -> list[str]:
     """The layers that run int8 in a quantized graph, read from its nodes."""
     int8 = []
@@ -545,13 +594,16 @@ def entropy_threshold(mx: Any, tensor: str, low: float, histogram: tuple) -> tup
 # --- running graphs --------------------------------------------------------------------------
 def symbol_block(mx: Any, symbol: Any, arg_params: dict, aux_params: dict, names: Optional[list[str]] = None,
                  static: bool = False) -> Any:
-    """A hybridized SymbolBlock of ``symbol`` with its parameters loaded (int8 ones stay int8)."""
+    """A hybridized SymbolBlock of ``symbol`` with its parameters loaded (int8 ones stay int8);
+    ``static`` allocates its memory once, for measured runs."""
     names = names or input_names(symbol, arg_params, aux_params)
     with _quiet():
         block = mx.gluon.SymbolBlock(symbol, [mx.sym.var(name) for name in names])
     block.collect_params().load_dict(_params_dict(arg_params, aux_params), ctx=mx.cpu(), cast_dtype=True,
                                      dtype_source="saved", allow_missing=False, ignore_extra=True)
-    block.hybridize(static_alloc=static, static_shape=static)
+    # Static memory, but not static shapes: with ``static_shape`` a graph whose conv adds a residual
+    # sum in place fails on its second call (the sum's buffer is left in oneDNN's layout).
+    block.hybridize(static_alloc=static)
     return block
 
 
