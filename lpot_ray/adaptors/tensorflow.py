@@ -444,16 +444,26 @@ def _op_names(content: bytes, layer_names: set[str]) -> dict[str, str]:
 
     The converter names a weight after its layer's path, e.g. ``digits_cnn_1/conv1_1/convolution``
     for layer ``conv1`` (Keras adds the ``_1`` while tracing), so a weight belongs to the deepest
-    path component that is, or with one ``_N`` suffix removed is, a layer's name.
+    path component that is, or with one ``_N`` suffix removed is, a layer's name. A weight the
+    converter folded a BatchNorm into is named after several ops joined by ``;``, the BatchNorm's
+    first (``block_1_depthwise_BN_1/batchnorm/mul_1;block_1_depthwise_1/depthwise;...``): each
+    path is tried in turn, and a BatchNorm has no kernel, so the convolution's layer is found.
     """
     names = {}
     for graph_op in TFLiteModel(content).ops():
-        for component in reversed(graph_op.weight_name.split(";")[0].split("/")):
+        name = _layer_of(graph_op.weight_name, layer_names)
+        if name is not None:
+            names[graph_op.weight_name] = name
+    return names
+
+
+def _layer_of(weight_name: str, layer_names: set[str]) -> str | None:
+    for path in weight_name.split(";"):
+        for component in reversed(path.split("/")):
             matches = [name for name in (component, re.sub(r"_\d+$", "", component)) if name in layer_names]
             if matches:
-                names[graph_op.weight_name] = matches[0]
-                break
-    return names
+                return matches[0]
+    return None
 
 
 def _weight_path(tensor_name: str) -> str:
