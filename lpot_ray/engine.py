@@ -45,6 +45,7 @@ class Engine:
         objective: Callable[[TuneConfig], float],
         on_progress: Callable[["Engine"], None] = lambda engine: None,
         evaluation_samples: Optional[int] = None,
+        shards_at_most: int = 1,
     ):
         self.strategy = strategy
         self.executor = executor
@@ -56,6 +57,8 @@ class Engine:
         # Samples in the whole evaluation (counted on the baseline): what lets a verdict-only
         # trial stop once hopeless. None: every trial is evaluated in full.
         self.evaluation_samples = evaluation_samples
+        # Workers one trial's evaluation may be split across, when more are free than configs to try.
+        self.shards_at_most = shards_at_most
         # Outcomes to replay instead of re-running; a trial lost to dying workers is run again.
         self.known: dict[str, Trial] = {trial.key: trial for trial in history.trials()
                                         if trial.status != Status.WORKER_LOST}
@@ -115,10 +118,12 @@ class Engine:
     # --- proposing ---------------------------------------------------------------------------
     def _propose(self) -> bool:
         budget = self.exit_policy.max_trials - self.counted
-        wanted = min(self.executor.status().free, budget)
+        free = self.executor.status().free
+        wanted = min(free, budget)
         if wanted <= 0:
             return False
         proposals = self.strategy.ask(wanted)
+        submitted: list[tuple[int, Request]] = []
         for item in map(as_request, proposals):
             self.strategy.space.check(item.config)
             seq = len(self.proposals)
@@ -129,8 +134,23 @@ class Engine:
                 pass  # answered when the identical in-flight proposal finishes
             else:
                 self.in_flight[seq] = item
-                self.executor.submit(seq, self._with_give_up(item))
+                submitted.append((seq, self._with_give_up(item)))
+        for (seq, request), shards in zip(submitted, self._shards(free - len(submitted), submitted)):
+            self.executor.submit(seq, replace(request, shards=shards) if shards > 1 else request)
         return bool(proposals)
+
+    def _shards(self, spare: int, submitted: list[tuple[int, Request]]) -> list[int]:
+        """Workers for each submitted request: the free ones no config needs go to splitting the
+        evaluations that can be split (not those that may stop early), evenly."""
+        splittable = [index for index, (_, request) in enumerate(submitted)
+                      if isinstance(request, EvaluateRequest) and request.give_up is None]
+        shards = [1] * len(submitted)
+        if self.shards_at_most <= 1 or spare <= 0 or not splittable:
+            return shards
+        for turn in range(spare):
+            index = splittable[turn % len(splittable)]
+            shards[index] = min(self.shards_at_most, shards[index] + 1)
+        return shards
 
     def _with_give_up(self, request: Request) -> Request:
         """A trial whose accuracy the strategy does not use may stop once it can't pass."""

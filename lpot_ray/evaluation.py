@@ -80,6 +80,18 @@ class Evaluation:
     def given(self) -> bool:
         return self.eval_func is not None or self.dataloader is not None
 
+    def shards_at_most(self) -> int:
+        """How many workers one evaluation can be split across: one per batch for a built-in
+        metric whose parts merge exactly; 1 for an eval_func, which is one call that can't be divided."""
+        if self.eval_func is not None or self.dataloader is None or not make_metric(self.metric).merges_exactly:
+            return 1
+        return max(1, _length(self.dataloader))
+
+    def run_shard(self, adaptor: Any, model: Any, shard: tuple[int, int],
+                  should_stop: Callable[[], bool] = lambda: False) -> Any:
+        """The metric's state over shard ``index`` of ``count``: every count-th batch from ``index``."""
+        return self._metric_over(adaptor, model, should_stop, None, shard)[0]
+
     def run(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False,
             give_up: Optional[GiveUp] = None) -> float:
         """The model's accuracy; ``give_up`` raises TrialHopeless once it can't meet the criterion."""
@@ -90,15 +102,23 @@ class Evaluation:
         """The accuracy and the samples it was measured on (None for an eval_func, which can
         neither be counted nor stopped early)."""
         if self.eval_func is not None:
-            return _as_accuracy(self.eval_func(adaptor.user_model(model))), None
+            return as_accuracy(self.eval_func(adaptor.user_model(model))), None
         value, samples = self._run_metric(adaptor, model, should_stop, give_up)
-        return _as_accuracy(value), samples
+        return as_accuracy(value), samples
 
     def _run_metric(self, adaptor: Any, model: Any, should_stop: Callable[[], bool],
                     give_up: Optional[GiveUp]) -> tuple[float, int]:
+        metric, samples = self._metric_over(adaptor, model, should_stop, give_up)
+        return metric.result(), samples
+
+    def _metric_over(self, adaptor: Any, model: Any, should_stop: Callable[[], bool], give_up: Optional[GiveUp],
+                     shard: tuple[int, int] = (0, 1)) -> tuple[Any, int]:
         metric = make_metric(self.metric)
         batches = samples = 0
-        for batch in self.dataloader:
+        index, count = shard
+        for position, batch in enumerate(self.dataloader):
+            if position % count != index:
+                continue
             if should_stop():
                 raise TrialCancelled()
             inputs, labels = split_batch(batch)
@@ -111,10 +131,17 @@ class Evaluation:
                 reachable = metric.reachable(give_up.samples - samples)
                 if give_up.hopeless(reachable):
                     raise TrialHopeless(reachable, batches, samples)
-        return metric.result(), samples
+        return metric, samples
 
 
-def _as_accuracy(value: Any) -> float:
+def _length(loader: Any) -> int:
+    try:
+        return len(loader)
+    except TypeError:  # a loader without a length: not split
+        return 0
+
+
+def as_accuracy(value: Any) -> float:
     try:
         accuracy = float(value)
     except (TypeError, ValueError):

@@ -118,7 +118,7 @@ def calibration_batches(config: Config, q_dataloader: Any, eval_dataloader: Any)
     batches = within(limit, lambda: _batches(q_dataloader, wanted, "q_dataloader"),
                      DataError(f"q_dataloader: no calibration batch after {limit:g} s "
                                "(tuning.exit_policy.trial_timeout); is it waiting for something?"))
-    held = sum(samples_in(inputs) for inputs in batches)
+    held = sum(Adaptor.batch_size(inputs) for inputs in batches)
     if approach.calibrates and held < wanted:
         log.warning("quantization.calibration.sampling_size: %d samples asked, q_dataloader holds %d; calibrating on %d",
                     wanted, held, held)
@@ -143,18 +143,10 @@ def _batches(loader: Any, samples: int, name: str) -> list:
             raise DataError(f"{name}: reading batch {len(batches) + 1} failed: {type(error).__name__}: {error}") from error
         inputs, _ = split_batch(batch)
         batches.append(inputs)
-        seen += samples_in(inputs)
+        seen += Adaptor.batch_size(inputs)
     if not batches:
         raise DataError(f"{name}: yielded no batches")
     return batches
-
-
-def samples_in(inputs: Any) -> int:
-    """The samples in one batch's inputs: the length of its first tensor, the first value's for a
-    mapping (a tokenizer's batch, whose own length is its number of keys)."""
-    if isinstance(inputs, collections.abc.Mapping):
-        inputs = next(iter(inputs.values()), ())
-    return Adaptor.batch_size(inputs)
 
 
 def objectives_from(config: Config) -> WeightedObjectives:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .errors import ClusterError
+from .evaluation import as_accuracy
 from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
 from .trial import ExecutorStatus, Finalized, Outcome, Request, Status
@@ -209,6 +211,7 @@ class JobState:
     running: int = 0
     cancelled: set = field(default_factory=set)
     outcomes: list = field(default_factory=list)
+    partials: dict = field(default_factory=dict)  # seq -> its shards' outcomes so far (None: not in yet)
     submitted: int = 0
     active: bool = True
     trial_timeout: Optional[float] = None  # seconds a request may run; None: no limit
@@ -398,9 +401,17 @@ class WorkerPool:
             return max(0, math.ceil(len(self.slots) / max(1, active)) - state.running - len(state.waiting))
 
     def submit(self, job_id: str, seq: int, request: Request) -> None:
+        """Queue a request; one with ``shards`` > 1 becomes that many parts of its evaluation,
+        whose metric states are merged into one outcome when the last is in."""
         with self.lock:
             state = self.states[job_id]
-            state.waiting.append(Waiting(seq, request))
+            count = getattr(request, "shards", 1)
+            if count > 1:
+                state.partials[seq] = [None] * count
+                state.waiting.extend(Waiting(seq, dataclasses.replace(request, shards=1, shard=(index, count)))
+                                     for index in range(count))
+            else:
+                state.waiting.append(Waiting(seq, request))
             state.submitted += 1
             if state.submitted == 2:  # the first request did not end the job: more work than the driver alone
                 self._want_ray()
@@ -433,6 +444,8 @@ class WorkerPool:
         """With no Ray worker left or coming, a request that killed one can't be retried: lost."""
         for job_id, state in self.states.items():
             for item in [item for item in state.waiting if item.attempt > 0]:
+                if item not in state.waiting:
+                    continue  # a shard whose request another shard's loss has ended
                 state.waiting.remove(item)
                 reason = self.lost.get((job_id, item.seq), "?")
                 self._deliver(job_id, lost(item.seq, f"no Ray worker is left to retry it after: {reason}"))
@@ -459,16 +472,29 @@ class WorkerPool:
                 else:
                     outcome = lost(item.seq, f"worker failed {item.attempt + 1} times running this trial; last: {reason}")
             if outcome is not None:
-                self._deliver(job_id, outcome)
+                self._deliver(job_id, outcome, item.request)
             self.changed.notify_all()  # a worker is free: the engines may propose more
             self._dispatch()
 
-    def _deliver(self, job_id: str, outcome: Outcome) -> None:
-        """Hand an outcome to its job's engine; cancelled requests report nothing."""
+    def _deliver(self, job_id: str, outcome: Outcome, request: Optional[Request] = None) -> None:
+        """Hand an outcome to its job's engine; cancelled requests report nothing. A shard's
+        outcome waits for the others of its request; a failed one stands for all of them."""
         state = self.states[job_id]
-        if outcome.seq not in state.cancelled and outcome.status != Status.CANCELLED:
-            state.outcomes.append(outcome)
-            self.changed.notify_all()
+        if outcome.seq in state.cancelled or outcome.status == Status.CANCELLED:
+            return
+        parts = state.partials.get(outcome.seq)
+        if parts is not None:
+            shard = getattr(request, "shard", None)
+            if outcome.status == Status.OK and shard is not None:
+                parts[shard[0]] = outcome
+                if any(part is None for part in parts):
+                    return
+                outcome = merged_shards(parts)
+            else:
+                self.cancel(job_id, outcome.seq)  # the other shards no longer matter
+            del state.partials[outcome.seq]
+        state.outcomes.append(outcome)
+        self.changed.notify_all()
 
     def _replace(self, slot: Any) -> None:
         self.slots.remove(slot)
@@ -647,6 +673,27 @@ class JobExecutor:
 
     def done(self) -> None:
         self.pool.job_done(self.job_id)
+
+
+def merged_shards(parts: list[Outcome]) -> Outcome:
+    """One outcome from the shards of an evaluation: their metric states merged (exactly: only
+    metrics that merge exactly are split), their worker-seconds summed, the span they took."""
+    metric = parts[0].metric_state
+    for part in parts[1:]:
+        metric.merge(part.metric_state)
+    started = min(part.started for part in parts)
+    seconds: dict[str, float] = collections.Counter()
+    for part in parts:
+        seconds.update(part.figures.get("seconds", {}))
+    outcome = Outcome(parts[0].seq, Status.OK, worker="+".join(dict.fromkeys(part.worker for part in parts)),
+                      started=started, duration=max(part.started + part.duration for part in parts) - started,
+                      figures={"seconds": dict(seconds), "shards": len(parts),
+                               "calibration_passes": sum(part.figures.get("calibration_passes", 0) for part in parts)})
+    try:
+        outcome.accuracy = as_accuracy(metric.result())
+    except Exception as error:  # e.g. a NaN: the trial fails as an undivided one would
+        outcome.status, outcome.reason = Status.FAILED, f"{type(error).__name__}: {error}"
+    return outcome
 
 
 def lost(seq: int, why: str) -> Outcome:

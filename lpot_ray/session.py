@@ -84,6 +84,7 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
     q_func = inputs.training_function(config, adaptor_class, q_func)
     approach = config.quantization.approach
     adaptor = adaptor_class.for_approach(approach)
+    adaptor.warm_up_lowering()  # the driver compiles the chosen config at the end
 
     calibration = inputs.calibration_batches(config, q_dataloader, eval_dataloader)
     with clock.time("prepare.export"):
@@ -128,7 +129,9 @@ def run(job: Job, pool: JobExecutor, on_progress: Optional[Callable[[Engine], No
         samples = job.history.get_meta("evaluation_samples") if config.tuning.exit_policy.early_stopping else None
         engine = Engine(strategy, pool, job.history, criterion, config.tuning.exit_policy,
                         lambda tune_config: job.objectives.proxy(job.space, tune_config),
-                        on_progress or (lambda engine: None), evaluation_samples=samples)
+                        on_progress or (lambda engine: None), evaluation_samples=samples,
+                        shards_at_most=1 if config.quantization.approach == Approach.QAT  # trained per worker: parts differ
+                        else job.worker_job.evaluation.shards_at_most())
         with job.clock.time("search"):
             outcome = engine.run()
         return conclude(outcome, criterion, pool.finalize, job.history, config.model.framework, job.clock)

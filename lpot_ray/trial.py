@@ -85,11 +85,15 @@ class EvaluateRequest(Request):
 
     ``verdict_only``: the strategy uses only whether it passes, not its accuracy (basic's
     accumulated fallback prefixes, say), so the engine may let it stop once hopeless (``give_up``).
+    ``shards``: workers to split its evaluation across, when more are free than configs to try;
+    the pool sends each a ``shard`` (index, count) and merges the metric states they return.
     """
 
     kind: ClassVar[Kind] = Kind.TRIAL
     verdict_only: bool = False
     give_up: Optional[GiveUp] = None
+    shards: int = 1
+    shard: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class Outcome:
     accuracy: Optional[float] = None
     reason: str = ""
     figures: dict = field(default_factory=dict)
+    metric_state: Any = None  # a shard's metric, for the pool to merge (never stored)
 
 
 @dataclass

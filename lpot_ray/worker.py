@@ -81,7 +81,10 @@ class TrialRunner:
         calibrate = self.adaptor.calibration_seconds - calibrating
         outcome.figures["calibration_passes"] = self.adaptor.calibration_passes - passes
         try:
-            outcome.accuracy = self.job.evaluation.run(self.adaptor, quantized, should_stop, request.give_up)
+            if request.shard is not None:  # a part of the evaluation: the pool merges the parts
+                outcome.metric_state = self.job.evaluation.run_shard(self.adaptor, quantized, request.shard, should_stop)
+            else:
+                outcome.accuracy = self.job.evaluation.run(self.adaptor, quantized, should_stop, request.give_up)
         finally:  # a trial stopped early has its timings too
             outcome.figures["seconds"] = {"quantize": quantized_at - started - calibrate, "calibrate": calibrate,
                                           "evaluate": time.perf_counter() - quantized_at}

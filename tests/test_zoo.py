@@ -195,3 +195,35 @@ def test_tunings_inside_a_workers_block_reuse_its_ray_workers_which_go_at_its_en
     assert pool.slots == []
     with pytest.raises(ray_session.exceptions.RayActorError):  # the block's Ray worker went with it
         ray_session.get(ray_worker.actor.placed.remote(), timeout=60)
+
+
+def test_a_config_alone_is_evaluated_in_parts_on_idle_workers_with_the_whole_evaluations_value(ray_session, digits, tmp_path):
+    from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+    from lpot_ray.evaluation import Evaluation
+
+    model, calibration, evaluation = digits
+    # The parts of one evaluation merge to exactly the whole's value.
+    adaptor, fp32 = PyTorchAdaptor(), model.eval()
+    whole = Evaluation(dataloader=evaluation, metric={"topk": 1})
+    parts = [whole.run_shard(adaptor, fp32, (index, 3)) for index in range(3)]
+    for part in parts[1:]:
+        parts[0].merge(part)
+    assert parts[0].result() == whole.run(adaptor, fp32)
+
+    def conf(name, **ray):
+        job_conf = base_conf(tmp_path / name, exit_policy={"timeout": 600, "max_trials": 1})
+        job_conf["quantization"] = {"model_wise": {"activation": {"algorithm": "minmax"}}}  # one config to try
+        job_conf["ray"] = ray
+        return job_conf
+
+    alone = lpot_ray.tune(model, conf("alone", workers=1), q_dataloader=calibration, eval_dataloader=evaluation)
+    with lpot_ray.workers(2) as pool:
+        deadline = time.monotonic() + 120
+        while len(pool.slots) < 2 and time.monotonic() < deadline:  # both workers idle before the config comes
+            time.sleep(0.2)
+        split = lpot_ray.tune(model, conf("split"), q_dataloader=calibration, eval_dataloader=evaluation)
+    (trial,) = History(tmp_path / "split" / "ws" / "history.db").trials()
+    assert trial.figures["shards"] == 2 and set(trial.worker.split("+")) == {"driver", "worker-1"}
+    (reference,) = History(tmp_path / "alone" / "ws" / "history.db").trials()
+    assert trial.config == reference.config and trial.accuracy == reference.accuracy and "shards" not in reference.figures
+    assert split.passed and split.config == alone.config

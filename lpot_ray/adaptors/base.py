@@ -8,6 +8,7 @@ chosen config to the framework's real int8 kernels. Framework imports live insid
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import time
 from abc import ABC, abstractmethod
@@ -79,6 +80,10 @@ class Adaptor(ABC):
         return threads
 
     # --- driver side -------------------------------------------------------------------------
+    def warm_up_lowering(self) -> None:
+        """Start, in the background, the one-off work the driver's first ``lower`` would do, so
+        that it overlaps the search instead of lengthening the end of the tuning."""
+
     # Optional abilities: an adaptor without them says so with the key that asked for them.
     def load_file(self, path: str) -> Any:
         """Read a model from a file named in the YAML (``model.path``)."""
@@ -165,6 +170,10 @@ class Adaptor(ABC):
 
     @staticmethod
     def batch_size(inputs: Any) -> int:
+        """The samples in one batch's inputs: the length of its first tensor, or of a mapping's
+        first value (a tokenizer's batch, whose own length is its number of keys)."""
+        if isinstance(inputs, collections.abc.Mapping):
+            inputs = next(iter(inputs.values()), ())
         return len(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
 
 

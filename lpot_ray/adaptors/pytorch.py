@@ -46,9 +46,8 @@ import numpy as np
 from ..config import Approach, TrainSection
 from ..cpu import bf16_unavailable_reason
 from ..errors import DataError, MissingFrameworkError, ModelError
-from ..inputs import samples_in
 from ..space import BF16, Op, OpCapability, OpScheme, TensorScheme, TuneConfig
-from .base import Adaptor, Lowered
+from .base import Adaptor, Lowered, take_samples
 
 
 
@@ -117,19 +116,6 @@ def _call_tensors(call: Call) -> list:
     return [*call[0], *call[1].values()]
 
 
-def _take_samples(batches: Sequence[Any], sampling_size: int) -> list:
-    """``take_samples`` counting a mapping batch's samples, not its keys."""
-    taken, seen = [], 0
-    for inputs in batches:
-        if seen >= sampling_size:
-            break
-        taken.append(inputs)
-        seen += samples_in(inputs)
-    if not taken:
-        raise DataError("calibration loader: yielded no batches")
-    return taken
-
-
 def _dynamic_shapes(torch: Any, call: Call, lengths: bool) -> Any:
     """torch.export's ``dynamic_shapes`` for ``call``: the first dimension of every input is one
     shared batch dimension; with ``lengths``, every other dimension of more than one element is
@@ -183,6 +169,15 @@ class PyTorchAdaptor(Adaptor):
         return previous
 
     # --- driver side -------------------------------------------------------------------------
+    def warm_up_lowering(self) -> None:
+        """Inductor's first compile in a process probes which vector instructions the CPU runs
+        by building and loading small programs in subprocesses (about 1.5 s); that probe touches
+        no tracing state, so it runs in a thread now. Nothing else of inductor's set-up is
+        thread-safe beside a trial's tracing."""
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        threading.Thread(target=pick_vec_isa, name="lpot-ray-inductor-probe", daemon=True).start()
+
     def load_file(self, path: str) -> Any:
         """A model saved with ``torch.export.save`` (``.pt2``), for tuning from a YAML alone."""
         file = Path(path)
@@ -292,7 +287,7 @@ class PyTorchAdaptor(Adaptor):
         trained = next((entry for entry in cache if entry[0] == int8), None)
         if trained is None:
             with self.torch.no_grad():  # ranges from the example batches first, in case training is short
-                for inputs in _take_samples(calibration, config.sampling_size):
+                for inputs in take_samples(calibration, config.sampling_size):
                     args, kwargs = as_call(inputs)
                     prepared(*args, **kwargs)
             self.pt2e.move_exported_model_to_train(prepared)
@@ -364,7 +359,7 @@ class PyTorchAdaptor(Adaptor):
                 observer.load_state_dict(cache[key])
             return
         with self.calibrating(), self.torch.no_grad():
-            for inputs in _take_samples(calibration, sampling_size):
+            for inputs in take_samples(calibration, sampling_size):
                 args, kwargs = as_call(inputs)
                 prepared(*args, **kwargs)
                 self.calibration_passes += 1
@@ -378,7 +373,7 @@ class PyTorchAdaptor(Adaptor):
                            for name in config.int8_ops}
         signal = dict.fromkeys(quantized_alone, 0.0)
         noise = dict.fromkeys(quantized_alone, 0.0)
-        for inputs in _take_samples(calibration, config.sampling_size):  # one batch of op outputs at a time
+        for inputs in take_samples(calibration, config.sampling_size):  # one batch of op outputs at a time
             reference = _node_outputs(fp32, nodes, inputs)
             for name, quantized in quantized_alone.items():
                 output = _node_outputs(quantized, {name: nodes[name]}, inputs)[name]

@@ -12,6 +12,10 @@ class Metric(ABC):
     """update(preds, labels) per batch, result() at the end, merge(other) across splits."""
 
     higher_is_better = True
+    # Whether merging the states of parts gives exactly the whole's result (counts do; float
+    # sums may differ in the last bit): only such a metric's evaluation is split across workers,
+    # so that a result never depends on how many were free.
+    merges_exactly = False
 
     @abstractmethod
     def update(self, preds: Any, labels: Any) -> None: ...
@@ -65,6 +69,7 @@ class ShareCorrect(SummedMetric):
     still to come can only be right or wrong."""
 
     SUMS = ("correct", "total")
+    merges_exactly = True
 
     def result(self) -> float:
         return self.sums["correct"] / self.require("total")

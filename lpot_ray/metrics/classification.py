@@ -73,6 +73,7 @@ class F1(SummedMetric):
     """F1 score of binary classification (positive class 1), from summed tp / fp / fn."""
 
     SUMS = ("tp", "fp", "fn", "total")
+    merges_exactly = True
 
     def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
         preds, labels = _labels(preds, labels, "F1")
