@@ -5,7 +5,8 @@ The job is the digits CNN with activation outliers under a criterion that needs 
 that Ray workers are started and used; its evaluation (an eval_func on the real model) waits
 ``--eval-seconds`` more per trial, as a larger evaluation set would. Each mode runs in a fresh
 process (imports and Ray's start-up counted as a user sees them); the table gives each tune()'s
-wall time, the trials the Ray workers ran and the total.
+wall time, the trials the Ray workers ran (alone or as a part of a split evaluation), the trials
+whose evaluation was split across workers, and the total.
 
     python benchmarks/warm_workers.py [--tunings 3] [--workers 2] [--eval-seconds 0.5]
 """
@@ -54,7 +55,8 @@ def child(mode: str, tunings: int, workers: int, eval_seconds: float, root: Path
             result = lpot_ray.tune(model, config, q_dataloader=calibration, eval_func=evaluate)
             trials = History(root / f"{mode}-{index}" / "history.db").trials()
             runs.append({"wall": time.perf_counter() - began, "passed": result.passed, "trials": len(trials),
-                         "on_ray": sum(trial.worker != "driver" for trial in trials), "fp32_ops": list(result.fp32_ops)})
+                         "on_ray": sum(trial.worker != "driver" for trial in trials), "fp32_ops": list(result.fp32_ops),
+                         "split": sum("shards" in trial.figures for trial in trials)})
     print(json.dumps({"runs": runs, "total": time.perf_counter() - started}))
 
 
@@ -78,13 +80,13 @@ def main() -> None:
                 sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
             results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"{args.tunings} tunings of the fallback job, {args.workers} workers, evaluation + {args.eval_seconds:g} s")
-    print(f"{'':<12}{'cold: own workers each':>26}{'warm: one workers block':>26}")
+    print(f"{'':<12}{'cold: own workers each':>36}{'warm: one workers block':>36}")
     for index in range(args.tunings):
-        cells = [f"{run['wall']:.2f} s, {run['on_ray']}/{run['trials']} on Ray"
+        cells = [f"{run['wall']:.2f} s, {run['on_ray']}/{run['trials']} on Ray, {run['split']} split"
                  for run in (results["cold"]["runs"][index], results["warm"]["runs"][index])]
-        print(f"{f'tune() {index + 1}':<12}" + "".join(f"{cell:>26}" for cell in cells))
-    print(f"{'total':<12}" + "".join(f"{results[mode]['total']:>24.2f} s" for mode in ("cold", "warm")))
-    print(f"{'same choice':<12}{str(all(cold['fp32_ops'] == warm['fp32_ops'] for cold, warm in zip(results['cold']['runs'], results['warm']['runs']))):>26}")
+        print(f"{f'tune() {index + 1}':<12}" + "".join(f"{cell:>36}" for cell in cells))
+    print(f"{'total':<12}" + "".join(f"{results[mode]['total']:>34.2f} s" for mode in ("cold", "warm")))
+    print(f"{'same choice':<12}{str(all(cold['fp32_ops'] == warm['fp32_ops'] for cold, warm in zip(results['cold']['runs'], results['warm']['runs']))):>36}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -90,31 +91,27 @@ class Evaluation:
     def run_shard(self, adaptor: Any, model: Any, shard: tuple[int, int],
                   should_stop: Callable[[], bool] = lambda: False) -> Any:
         """The metric's state over shard ``index`` of ``count``: every count-th batch from ``index``."""
-        return self._metric_over(adaptor, model, should_stop, None, shard)[0]
+        return self._metric_over(adaptor, model, should_stop, None, shard).metric
 
     def run(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False,
             give_up: Optional[GiveUp] = None) -> float:
         """The model's accuracy; ``give_up`` raises TrialHopeless once it can't meet the criterion."""
-        return self.run_counting(adaptor, model, should_stop, give_up)[0]
+        return self.measure(adaptor, model, should_stop, give_up).value
 
-    def run_counting(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False,
-                     give_up: Optional[GiveUp] = None) -> tuple[float, Optional[int]]:
-        """The accuracy and the samples it was measured on (None for an eval_func, which can
-        neither be counted nor stopped early)."""
+    def measure(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False,
+                give_up: Optional[GiveUp] = None) -> "Measured":
+        """The accuracy, with what the fp32 baseline tells the tuning about its evaluation."""
         if self.eval_func is not None:
-            return as_accuracy(self.eval_func(adaptor.user_model(model))), None
-        value, samples = self._run_metric(adaptor, model, should_stop, give_up)
-        return as_accuracy(value), samples
-
-    def _run_metric(self, adaptor: Any, model: Any, should_stop: Callable[[], bool],
-                    give_up: Optional[GiveUp]) -> tuple[float, int]:
-        metric, samples = self._metric_over(adaptor, model, should_stop, give_up)
-        return metric.result(), samples
+            return Measured(as_accuracy(self.eval_func(adaptor.user_model(model))))
+        measured = self._metric_over(adaptor, model, should_stop, give_up)
+        measured.value = as_accuracy(measured.metric.result())
+        return measured
 
     def _metric_over(self, adaptor: Any, model: Any, should_stop: Callable[[], bool], give_up: Optional[GiveUp],
-                     shard: tuple[int, int] = (0, 1)) -> tuple[Any, int]:
+                     shard: tuple[int, int] = (0, 1)) -> "Measured":
         metric = make_metric(self.metric)
         batches = samples = 0
+        inference = 0.0
         index, count = shard
         for position, batch in enumerate(self.dataloader):
             if position % count != index:
@@ -125,13 +122,27 @@ class Evaluation:
             if labels is None:
                 raise EvaluationError("eval_dataloader: batches must be (inputs, labels) for a built-in metric")
             labels = as_numpy(labels)
-            metric.update(adaptor.predict(model, inputs), labels)
+            started = time.perf_counter()
+            predictions = adaptor.predict(model, inputs)
+            inference += time.perf_counter() - started
+            metric.update(predictions, labels)
             batches, samples = batches + 1, samples + len(labels)
             if give_up is not None and samples <= give_up.samples:
                 reachable = metric.reachable(give_up.samples - samples)
                 if give_up.hopeless(reachable):
                     raise TrialHopeless(reachable, batches, samples)
-        return metric, samples
+        return Measured(metric=metric, samples=samples, inference_seconds=inference)
+
+
+@dataclass
+class Measured:
+    """An evaluation's result; for a built-in metric also its state, the samples it saw and the
+    seconds spent in the model (the rest is reading the data)."""
+
+    value: float = 0.0
+    metric: Any = None
+    samples: Optional[int] = None  # None for an eval_func, which can't be counted or stopped early
+    inference_seconds: Optional[float] = None
 
 
 def _length(loader: Any) -> int:

@@ -37,6 +37,7 @@ from .trial import Finalized, Status
 from .worker import TrialRunner, WorkerJob
 
 FINALISTS = 3  # passing configs compiled at most, best first, until one still passes compiled
+SPLIT_WORTH_SECONDS = 2.0  # fp32 inference seconds of the evaluation from which it is split across idle workers
 TRIAL_LIMIT_FACTOR, TRIAL_LIMIT_ALLOWANCE = 10, 300.0  # the default trial limit: 10 baselines + 5 minutes
 log = logging.getLogger("lpot_ray")
 
@@ -129,9 +130,7 @@ def run(job: Job, pool: JobExecutor, on_progress: Optional[Callable[[Engine], No
         samples = job.history.get_meta("evaluation_samples") if config.tuning.exit_policy.early_stopping else None
         engine = Engine(strategy, pool, job.history, criterion, config.tuning.exit_policy,
                         lambda tune_config: job.objectives.proxy(job.space, tune_config),
-                        on_progress or (lambda engine: None), evaluation_samples=samples,
-                        shards_at_most=1 if config.quantization.approach == Approach.QAT  # trained per worker: parts differ
-                        else job.worker_job.evaluation.shards_at_most())
+                        on_progress or (lambda engine: None), evaluation_samples=samples, shards_at_most=_shards_at_most(job))
         with job.clock.time("search"):
             outcome = engine.run()
         return conclude(outcome, criterion, pool.finalize, job.history, config.model.framework, job.clock)
@@ -216,6 +215,17 @@ def _default_config_only(job: Job, pool: JobExecutor) -> TuneResult:
     return _passed(default, job.space.fp32_macs_fraction(default), final, job.history, [], common)
 
 
+def _shards_at_most(job: Job) -> int:
+    """Workers one trial's evaluation may be split across: those the evaluation allows, where the
+    fp32 model's inference took long enough (``SPLIT_WORTH_SECONDS``) to pay for each part's own
+    quantizing and reading of every batch; never under quantization-aware training, whose
+    workers would each train weights of their own."""
+    inference = job.history.get_meta("inference_seconds")
+    if job.config.quantization.approach == Approach.QAT or not inference or inference < SPLIT_WORTH_SECONDS:
+        return 1
+    return job.worker_job.evaluation.shards_at_most()
+
+
 def trial_limit(policy: ExitPolicy, baseline_seconds: Optional[float], approach: Approach) -> Optional[float]:
     """Seconds a trial may run: ``trial_timeout`` if given (0: none), else ten times the fp32
     baseline's evaluation plus an allowance for quantizing; none for quantization-aware training,
@@ -234,18 +244,20 @@ def _baseline(job: Job) -> float:
     limit = user_code_limit(job.config.tuning.exit_policy)
     started = time.perf_counter()
     try:
-        baseline, samples = within(limit, lambda: job.worker_job.evaluation.run_counting(job.adaptor, job.baseline_model),
+        measured = within(limit, lambda: job.worker_job.evaluation.measure(job.adaptor, job.baseline_model),
                           EvaluationError(f"no result after {limit:g} s (tuning.exit_policy.trial_timeout); is the "
                                           "eval_func or the eval_dataloader waiting for something?"))
     except EvaluationError as error:
         raise EvaluationError(f"fp32 baseline: {error}") from None
     except Exception as error:  # the user's code or data: say so before any worker starts
         raise EvaluationError(f"fp32 baseline: evaluating the original model failed: {type(error).__name__}: {error}") from error
+    baseline = measured.value
     if job.higher_is_better and baseline == 0:
         raise EvaluationError(f"fp32 baseline: the original model scores {baseline} on the evaluation, so any int8 "
                               "model would meet a criterion relative to it; check the labels, the metric and "
                               "that the model is the trained one")
     job.history.set_meta("baseline", baseline)
     job.history.set_meta("baseline_seconds", time.perf_counter() - started)
-    job.history.set_meta("evaluation_samples", samples)
+    job.history.set_meta("evaluation_samples", measured.samples)
+    job.history.set_meta("inference_seconds", measured.inference_seconds)
     return baseline

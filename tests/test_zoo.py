@@ -197,11 +197,14 @@ def test_tunings_inside_a_workers_block_reuse_its_ray_workers_which_go_at_its_en
         ray_session.get(ray_worker.actor.placed.remote(), timeout=60)
 
 
-def test_a_config_alone_is_evaluated_in_parts_on_idle_workers_with_the_whole_evaluations_value(ray_session, digits, tmp_path):
+def test_a_config_alone_is_evaluated_in_parts_on_idle_workers_with_the_whole_evaluations_value(
+        ray_session, digits, tmp_path, monkeypatch):
+    from lpot_ray import session
     from lpot_ray.adaptors.pytorch import PyTorchAdaptor
     from lpot_ray.evaluation import Evaluation
 
     model, calibration, evaluation = digits
+    monkeypatch.setattr(session, "SPLIT_WORTH_SECONDS", 0.0)  # the digits evaluation is split however short
     # The parts of one evaluation merge to exactly the whole's value.
     adaptor, fp32 = PyTorchAdaptor(), model.eval()
     whole = Evaluation(dataloader=evaluation, metric={"topk": 1})
