@@ -199,3 +199,36 @@ def test_compiled_model_makes_a_length_dynamic_once_it_varies_and_keeps_the_outp
         assert list(output) == ["scores"]
         torch.testing.assert_close(output["scores"], model(ids)["scores"], rtol=1e-4, atol=1e-5)
     assert counters["aot_autograd"]["total"] == before + 1  # length 9 made it dynamic; 3 and 12 reuse that
+
+
+class ResidualBlock(torch.nn.Module):
+    """torchvision's BasicBlock pattern: one ReLU module called twice, the second after the add."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(channels)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(channels)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def test_a_module_called_twice_like_torchvisions_residual_relu_quantizes_and_lowers_to_int8(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), ResidualBlock(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    images = torch.randn(64, 3, 16, 16)
+    labels = model(images).argmax(1)
+    conf = {"model": {"name": "residual", "framework": "pytorch"}, "evaluation": {"accuracy": {"metric": {"topk": 1}}},
+            "tuning": {"workspace": {"path": str(tmp_path / "ws")}, "accuracy_criterion": {"absolute": 0.5}},
+            "ray": {"workers": 1}}
+    import lpot_ray
+
+    result = lpot_ray.tune(model, conf, q_dataloader=[images[start:start + 16] for start in range(0, 64, 16)],
+                           eval_dataloader=[(images[start:start + 16], labels[start:start + 16]) for start in range(0, 64, 16)])
+    assert result.passed, result.reason  # it failed every trial: "Input partition has more than one output node"
+    assert result.int8_ops == ("0", "2.conv1", "2.conv2", "5") and result.fp32_ops == ()

@@ -231,7 +231,9 @@ class PyTorchAdaptor(Adaptor):
     # --- both sides --------------------------------------------------------------------------
     def load(self, payload: bytes) -> Any:
         _import_output_types(payload)
-        return self.torch.export.load(io.BytesIO(payload))
+        program = self.torch.export.load(io.BytesIO(payload))
+        _separate_repeated_calls(program.graph)
+        return program
 
     def weights_digest(self, model: Any) -> str:
         digest = hashlib.sha256()
@@ -731,6 +733,22 @@ def _quantizable_nodes(module: Any) -> Iterator[tuple[str, str, Any]]:
         if QUANTIZABLE_MODULES.get(op_type) == str(node.target).split(".")[1] and path not in seen:
             seen.add(path)
             yield path, op_type, node
+
+
+def _separate_repeated_calls(graph: Any) -> None:
+    """Give each call of a module called more than once (torchvision's residual blocks call one
+    ``self.relu`` twice) a source name of its own: the quantizer groups the nodes of one module
+    path into one pattern, and one ReLU with two outputs is a pattern it refuses ("Input
+    partition has more than one output node"). Only calls of modules other than the quantizable
+    ones are renamed, so an op with weights keeps its one name however often it is called."""
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key, (path, type_name) = list(stack.items())[-1]
+        call = key.rpartition("@")[2] if "@" in key else ""
+        if call.isdigit() and type_name.rsplit(".", 1)[-1] not in QUANTIZABLE_MODULES:
+            stack[key] = (f"{path}@{call}", type_name)
 
 
 def _node_outputs(module: Any, nodes: dict[str, str], inputs: Any) -> dict[str, Any]:
