@@ -172,6 +172,10 @@ class RaySlot:
     def run(self, job_id: str, seq: int, request: Request) -> concurrent.futures.Future:
         return self.actor.run.remote(job_id, [self.job_refs[job_id]], seq, request).future()
 
+    def load(self, job_id: str) -> None:
+        """Load a job's model and data now, ahead of its first request (a failure shows then)."""
+        self.actor.ready.remote(job_id, [self.job_refs[job_id]])
+
     def cancel(self, job_id: str, seq: int) -> None:
         self.actor.cancel.remote(job_id, seq)
 
@@ -261,6 +265,9 @@ class WorkerPool:
             self.driver.runners[job_id] = runner
             if copy is not None:
                 self.job_refs[job_id] = copy
+                for slot in self.slots:  # running workers load it while the driver measures the baseline
+                    if not slot.is_driver:
+                        slot.load(job_id)
             if sum(state.active for state in self.states.values()) > 1:
                 self._want_ray()  # several jobs: more work than the driver alone
         return JobExecutor(self, job_id)

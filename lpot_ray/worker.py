@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 import traceback
 import warnings
@@ -158,6 +159,7 @@ class TrialWorker:
 
         self.name = name
         self.runners: dict[str, TrialRunner] = {}
+        self.loading = threading.Lock()
         self.cancelled: set[tuple[str, int]] = set()
         self.node = ray.get_runtime_context().get_node_id()  # recorded with each trial: where it ran
 
@@ -176,11 +178,12 @@ class TrialWorker:
         return outcome
 
     def _runner(self, job_id: str, job_ref: list) -> TrialRunner:
-        if job_id not in self.runners:
-            import ray
+        with self.loading:  # a request waits for a load already under way instead of loading again
+            if job_id not in self.runners:
+                import ray
 
-            self.runners[job_id] = load_runner(ray.get(job_ref[0]), self.name)
-        return self.runners[job_id]
+                self.runners[job_id] = load_runner(ray.get(job_ref[0]), self.name)
+            return self.runners[job_id]
 
     def cancel(self, job_id: str, seq: int) -> None:
         self.cancelled.add((job_id, seq))
