@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from .errors import LpotRayError
 from .history import History, resolve_db_path
+from .session import rejection
 from .trial import Trial
 
 EXIT_OK, EXIT_NO_PASS, EXIT_BAD_INPUT, EXIT_FAILED = 0, 1, 2, 3
@@ -218,6 +219,7 @@ def _row(trial: Trial, result: dict) -> dict:
         "bf16_ops": list(trial.config.bf16_ops),
         "worker": trial.worker, "duration": trial.duration, "reason": trial.reason,
         "chosen": trial.key == result.get("key"), "config": trial.config.to_dict(),
+        "rejected": next((rejection(item) for item in result.get("rejected", []) if item["key"] == trial.key), None),
     }
 
 
@@ -239,7 +241,10 @@ def _print_table(trials: list[Trial], result: dict, title: str) -> None:
             ", ".join([*trial.config.fp32_ops, *(f"({name})" for name in trial.config.bf16_ops)]) or "-",
             trial.worker, f"{trial.duration:.2f}",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for item in result.get("rejected", []):  # passed as a trial, then not once compiled
+        console.print(rejection(item), markup=False)
 
 
 if __name__ == "__main__":

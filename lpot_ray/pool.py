@@ -18,6 +18,11 @@ Fairness: every job has its own queue; a free worker goes to the job with the fe
 requests among the jobs with one waiting (ties: the job listed first), and a job may have at
 most its share of the ready workers (workers / unfinished jobs, rounded up) running or queued.
 
+Jobs join with ``add_job`` and leave with ``job_done``, which frees their models on every worker;
+inside a ``lpot_ray.workers()`` block (warm.py) the pool outlives them, and running Ray workers
+load a job as it joins. A request that asks for ``shards`` (more workers free than configs to
+try) runs as that many parts of its evaluation, whose metric states are merged into one outcome.
+
 Failures: a worker that dies costs only its running request, which is retried elsewhere up to
 ``MAX_RETRIES`` times, on Ray workers only: never in the driver, whose death would end every
 job. A worker that waits longer than ``ray.worker_start_timeout`` for a node is dropped with a
@@ -26,7 +31,7 @@ log line, so that no request waits for it forever.
 Concurrency: one lock guards the pool's state. Requests are dispatched as they are submitted
 (in the engine's thread) and as workers finish; the pool's own thread takes finished requests,
 starts workers once Ray is up and admits them; each job's engine waits on a condition for its
-outcomes.
+outcomes. Ray is released only once that thread has stopped and the pool holds no Ray handle.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from .errors import ClusterError
 from .evaluation import as_accuracy
 from .ray_session import RayPlan, RaySession
 from .space import TuneConfig
-from .trial import ExecutorStatus, Finalized, Outcome, Request, Status
+from .trial import EvaluateRequest, ExecutorStatus, Finalized, Outcome, Request, Status
 from .user_code import ship_user_code_by_value
 from .worker import TrialRunner, TrialWorker, WorkerJob
 
@@ -412,7 +417,7 @@ class WorkerPool:
         whose metric states are merged into one outcome when the last is in."""
         with self.lock:
             state = self.states[job_id]
-            count = getattr(request, "shards", 1)
+            count = request.shards if isinstance(request, EvaluateRequest) else 1
             if count > 1:
                 state.partials[seq] = [None] * count
                 state.waiting.extend(Waiting(seq, dataclasses.replace(request, shards=1, shard=(index, count)))
@@ -491,7 +496,7 @@ class WorkerPool:
             return
         parts = state.partials.get(outcome.seq)
         if parts is not None:
-            shard = getattr(request, "shard", None)
+            shard = request.shard if isinstance(request, EvaluateRequest) else None
             if outcome.status == Status.OK and shard is not None:
                 parts[shard[0]] = outcome
                 if any(part is None for part in parts):

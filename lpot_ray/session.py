@@ -174,13 +174,17 @@ def conclude(outcome: EngineOutcome, criterion: Criterion, finalize: Callable[[T
 def _why_nothing_passed(outcome: EngineOutcome, rejected: list) -> str:
     """One line for the result and the log: what the history says of a tuning that found nothing."""
     if rejected:
-        return "; ".join(f"finalist {item['key']} " + (f"failed to compile: {item['error']}" if "error" in item
-                                                       else f"scored {item['compiled_accuracy']} compiled")
-                         for item in rejected)
+        return "; ".join(map(rejection, rejected))
     if common := common_failure(outcome.trials):
         return common
     failed = sum(trial.status.is_failure for trial in outcome.trials)
     return f"{outcome.stopped_by}; {len(outcome.trials)} trials, {failed} of them failed (see the history for why)"
+
+
+def rejection(item: dict) -> str:
+    """Why a finalist that passed its trial was not chosen, as the history records it."""
+    return f"finalist {item['key']} " + (f"failed to compile: {item['error']}" if "error" in item
+                                         else f"scored {item['compiled_accuracy']} compiled")
 
 
 def _passed(config: TuneConfig, proxy: float, final: Finalized, history: History, rejected: list,

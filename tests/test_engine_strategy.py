@@ -165,6 +165,21 @@ def test_a_finalist_that_fails_once_compiled_gives_way_to_the_next(tmp_path):
     assert history.get_meta("result")["rejected"] == [{"key": passing[0].key, "compiled_accuracy": 0.5}]
 
 
+def test_lpot_ray_history_says_why_a_finalist_was_rejected(tmp_path, capsys):
+    import json
+
+    from lpot_ray.cli import show_history
+
+    outcome, _, history = run(tmp_path, sensitive_ops_accuracy({"op1": 0.05, "op3": 0.05}))
+    finalize(outcome, CompilingExecutor({outcome.passing[0].key: 0.5}, {}), history)
+    assert show_history(str(tmp_path / "h.db"), "seq", as_json=True) == 0
+    rows = {row["key"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows[outcome.passing[0].key]["rejected"] == f"finalist {outcome.passing[0].key} scored 0.5 compiled"
+    assert rows[outcome.passing[1].key]["chosen"] and rows[outcome.passing[1].key]["rejected"] is None
+    assert show_history(str(tmp_path / "h.db"), "seq", as_json=False) == 0
+    assert f"finalist {outcome.passing[0].key} scored 0.5 compiled" in capsys.readouterr().out
+
+
 def test_exhaustive_and_random_are_lazy_distinct_and_fill_every_worker():
     from lpot_ray.strategies.exhaustive import ExhaustiveStrategy
     from lpot_ray.strategies.random_search import RandomStrategy
