@@ -225,7 +225,8 @@ def _accuracy(config: Config, subject: _Subject, b_dataloader: Any) -> Benchmark
     """The metric over the accuracy dataloader, in this process, as the tuner computes it: on
     the fp32 baseline model, or on the compiled int8 model."""
     accuracy = config.evaluation.accuracy
-    loader = b_dataloader if b_dataloader is not None else _yaml_loader(accuracy, "evaluation.accuracy.dataloader")
+    loader = b_dataloader if b_dataloader is not None else _yaml_loader(accuracy, "evaluation.accuracy.dataloader",
+                                                                        config.model.framework)
     make_metric(accuracy.metric)
     inputs = _batches(loader, 1)
     adaptor = subject.adaptor_class()
@@ -256,10 +257,10 @@ class _Counting:
             yield batch
 
 
-def _yaml_loader(section: Any, key: str) -> Any:
+def _yaml_loader(section: Any, key: str, framework: str) -> Any:
     from .data import build_loader
 
-    return build_loader(section.dataloader, key, section.postprocess)
+    return build_loader(section.dataloader, key, section.postprocess, framework)
 
 
 def _batches(loader: Any, limit: Optional[int]) -> list:
@@ -326,7 +327,8 @@ def _cores_by_physical_core(cpus: list[int]) -> list[int]:
 
 def _performance(config: Config, subject: _Subject, b_dataloader: Any) -> BenchmarkResult:
     section = config.evaluation.performance or PerformanceSection()
-    loader = b_dataloader if b_dataloader is not None else _yaml_loader(section, "evaluation.performance.dataloader")
+    loader = b_dataloader if b_dataloader is not None else _yaml_loader(section, "evaluation.performance.dataloader",
+                                                                        config.model.framework)
     wanted = None if section.iteration == -1 else section.warmup + section.iteration
     batches = _full_batches(_batches(loader, wanted))
     iterations = len(batches) if section.iteration == -1 else section.iteration

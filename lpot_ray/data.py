@@ -30,7 +30,7 @@ import numpy as np
 from .config import DataloaderSection, PostprocessSection
 from .datasets import DATASETS, Sample, digits_arrays  # noqa: F401 (digits_arrays: the demos' data)
 from .errors import ConfigError
-from .transforms import TRANSFORMS, takes_label
+from .transforms import takes_label, transforms_for
 
 
 class ArrayDataset:
@@ -61,12 +61,15 @@ class ArrayLoader:
         return -(-len(self.dataset) // self.batch_size)
 
 
-def build_loader(section: DataloaderSection, key: str, postprocess: Optional[PostprocessSection] = None) -> ArrayLoader:
-    """The loader a YAML ``dataloader`` section describes; ``key`` is its path, for errors."""
+def build_loader(section: DataloaderSection, key: str, postprocess: Optional[PostprocessSection] = None,
+                 framework: str = "pytorch") -> ArrayLoader:
+    """The loader a YAML ``dataloader`` section describes, with ``framework``'s transforms (LPOT's
+    Resize differs between them); ``key`` is its path, for errors."""
     (name, params), = section.dataset.items()
     samples = _call(DATASETS, name, params, f"{key}.dataset")
+    transforms = transforms_for(framework)
     for transform_name, transform_params in (section.transform or {}).items():
-        transform = _call(TRANSFORMS, transform_name, transform_params, f"{key}.transform")
+        transform = _call(transforms, transform_name, transform_params, f"{key}.transform")
         with _named(f"{key}.transform.{transform_name}"):
             samples = [transform(sample) if takes_label(transform) else (transform(sample[0]), sample[1])
                        for sample in samples]

@@ -31,9 +31,10 @@ def yaml_loaders(config: Config, q_dataloader: Any, eval_dataloader: Any, eval_f
 
     calibration, accuracy = config.quantization.calibration.dataloader, config.evaluation.accuracy
     if q_dataloader is None and calibration is not None:
-        q_dataloader = build_loader(calibration, "quantization.calibration.dataloader")
+        q_dataloader = build_loader(calibration, "quantization.calibration.dataloader", framework=config.model.framework)
     if eval_dataloader is None and eval_func is None and accuracy.dataloader is not None:
-        eval_dataloader = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess)
+        eval_dataloader = build_loader(accuracy.dataloader, "evaluation.accuracy.dataloader", accuracy.postprocess,
+                                       config.model.framework)
     return q_dataloader, eval_dataloader
 
 
@@ -94,7 +95,7 @@ def training_function(config: Config, adaptor_class: type, q_func: Optional[Call
         if train.dataloader is None:
             raise ConfigError("`quantization.train.dataloader`: training from the YAML needs the data to train on; "
                               "give it, or pass q_func")
-        build_loader(train.dataloader, "quantization.train.dataloader")
+        build_loader(train.dataloader, "quantization.train.dataloader", framework=framework)
         q_func = adaptor_class.training_from_yaml(train)
     if q_func is None:
         raise ConfigError("q_func: quant_aware_training needs q_func(model), the function that trains the "

@@ -91,6 +91,14 @@ def resize(size: Any, interpolation: str = "bilinear") -> Callable:
     return apply
 
 
+def square_resize(size: Any, interpolation: str = "bilinear") -> Callable:
+    """LPOT's Resize for TensorFlow and MXNet: an int (or ``[N]``) makes the image N x N, its
+    aspect ratio not kept; [h, w] resizes to exactly that."""
+    _filter(interpolation)
+    height, width = _size(size)
+    return lambda image: resize_to(image, height, width, interpolation)
+
+
 def _crop(array: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
     if top < 0 or left < 0 or top + height > array.shape[0] or left + width > array.shape[1]:
         raise ConfigError(f"{height}x{width} is larger than the image, {array.shape[0]}x{array.shape[1]}")
@@ -380,6 +388,15 @@ TRANSFORMS: dict[str, Callable[..., Callable]] = {
     "RandomHorizontalFlip": random_horizontal_flip, "BilinearImagenet": bilinear_imagenet,
     "ResizeCropImagenet": resize_crop_imagenet, "ResizeWithRatio": resize_with_ratio,
 }
+# Where LPOT's transform of a name differs by framework: the table above is its PyTorch one.
+FRAMEWORK_TRANSFORMS: dict[str, dict[str, Callable[..., Callable]]] = {
+    "tensorflow": {"Resize": square_resize}, "mxnet": {"Resize": square_resize},
+}
+
+
+def transforms_for(framework: str) -> dict[str, Callable[..., Callable]]:
+    """The transforms of LPOT's table for ``framework``."""
+    return {**TRANSFORMS, **FRAMEWORK_TRANSFORMS.get(framework, {})}
 
 
 def takes_label(transform: Callable) -> bool:

@@ -247,13 +247,13 @@ def gradient(height=40, width=60):
     return np.stack([rows * 5 % 256, columns * 4 % 256, (rows + columns) % 256], axis=-1).astype(np.uint8)
 
 
-def transformed(transform, image, label=0):
+def transformed(transform, image, label=0, framework="pytorch"):
     """``image`` after the transforms of a YAML ``transform`` section, in order."""
     from lpot_ray import data
 
     sample = (image, label)
     for name, params in transform.items():
-        apply = data._call(data.TRANSFORMS, name, params, "transform")
+        apply = data._call(data.transforms_for(framework), name, params, "transform")
         sample = apply(sample) if data.takes_label(apply) else (apply(sample[0]), sample[1])
     return sample[0]
 
@@ -346,3 +346,10 @@ def test_rescale_cast_and_align_image_channel():
 def test_bad_transform_parameters_name_the_key_the_value_and_what_is_expected(transform, message):
     with pytest.raises(ConfigError, match=r"`evaluation.accuracy.dataloader.transform\." + message):
         loader({"dummy_v2": {"input_shape": [6, 6, 3], "length": 2}}, transform=transform)
+
+
+@pytest.mark.parametrize("framework, shape", [("pytorch", (8, 12, 3)), ("tensorflow", (8, 8, 3)), ("mxnet", (8, 8, 3))])
+def test_resize_to_an_int_keeps_the_aspect_ratio_only_for_pytorch_as_in_lpot(framework, shape):
+    image = np.zeros((20, 30, 3), dtype=np.uint8)
+    assert transformed({"Resize": {"size": 8}}, image, framework=framework).shape == shape
+    assert transformed({"Resize": {"size": [8, 10]}}, image, framework=framework).shape == (8, 10, 3)
