@@ -28,10 +28,11 @@ def workers(count: Optional[int] = None, address: Optional[str] = None, cpus_per
     """Workers that stay up for the tunings inside the block: ``count`` workers, the driver
     included (default: one per ``cpus_per_worker`` of the machine or cluster), on the Ray at
     ``address`` (default as in ``tune``). Ray starts at once, while the first model is prepared."""
-    plan = RayPlan(address=address, workers=count, cpus_per_worker=cpus_per_worker,
-                   resources_per_worker=dict(resources_per_worker or {}))
-    plan.check_reachable()
-    pool = WorkerPool(plan, connect_now=True)
+    plan = None if count == 1 else RayPlan(address=address, workers=count, cpus_per_worker=cpus_per_worker,
+                                           resources_per_worker=dict(resources_per_worker or {}))
+    if plan is not None:
+        plan.check_reachable()
+    pool = WorkerPool(plan, connect_now=True)  # workers(1): the driver alone, no Ray
     with _open_lock:
         _open.append(pool)
     try:
@@ -57,8 +58,8 @@ def pool_for(plan: Optional[RayPlan]) -> Iterator[WorkerPool]:
 def _serving(plan: Optional[RayPlan]) -> Optional[WorkerPool]:
     with _open_lock:
         warm = _open[-1] if _open else None
-    if warm is None or plan is None:
-        return None
+    if warm is None or plan is None or warm.plan is None:
+        return None  # a tuning without Ray, or a block of the driver alone: nothing warm to share
     ours = warm.plan
     if (plan.cluster_address() == ours.cluster_address() and plan.cpus_per_worker == ours.cpus_per_worker
             and plan.resources_per_worker == ours.resources_per_worker and plan.workers in (None, ours.workers)):
