@@ -4,6 +4,11 @@ Proposals are numbered in the order the strategy made them (``seq``). Outcomes m
 order, but each is committed to the history at once and told to the strategy strictly in
 proposal order, so the search, the stop at the first passing config (``timeout: 0``) and the
 final choice never depend on which worker was faster or how many there were.
+
+Two things save time without changing any result: a trial whose accuracy the strategy does not
+use (``verdict_only``) gets a ``GiveUp`` bound, so its worker stops it once it can't pass; and
+workers no config needs are given to splitting the evaluations of those submitted (``shards``),
+for metrics whose parts merge exactly.
 """
 
 from __future__ import annotations
