@@ -4,7 +4,7 @@ Every valid LPOT key gets one of three answers: implemented (the schema in confi
 with a one-line warning saying why it changes nothing here (``IGNORED``), or refused by name as
 an LPOT option lpot_ray does not support yet (``LPOT_ONLY_KEYS``, ``LPOT_ONLY_VALUES``,
 ``LPOT_ONLY_FRAMEWORKS``). LPOT's value forms are read as LPOT reads them: ``'50, 100'`` is a
-list, ``pytorch_fx`` is PyTorch.
+list, ``pytorch_fx`` is PyTorch, ``onnxrt_integerops`` is ONNX Runtime's dynamic quantization.
 """
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ from .errors import ConfigError
 log = logging.getLogger("lpot_ray")
 
 # LPOT frameworks lpot_ray has no adaptor for: refused before anything else is checked.
-LPOT_ONLY_FRAMEWORKS = frozenset({"onnxrt_integerops", "onnxrt_qlinearops", "onnxrt_integer", "onnxrt_qlinear", "engine"})
+LPOT_ONLY_FRAMEWORKS = frozenset({"engine"})
 # LPOT framework names that run on one of lpot_ray's adaptors, and what their own keys mean here.
 FRAMEWORK_ALIASES = {
     "pytorch_fx": ("pytorch", "lpot_ray's PyTorch path quantizes a torch.export graph, which is what FX mode asks for"),
     "pytorch_ipex": ("pytorch", "int8 runs on inductor's oneDNN kernels rather than through IPEX"),
+}
+_STATIC, _DYNAMIC = "post_training_static_quant", "post_training_dynamic_quant"
+# LPOT's ONNX Runtime names: the framework itself, each with the approach its name stands for
+# (QLinear ops are calibrated, integer ops quantize their inputs at run time; QDQ is calibrated).
+ONNXRT_ALIASES = {
+    "onnxrt_qlinearops": _STATIC, "onnxrt_qlinear": _STATIC, "onnxrt_qdq": _STATIC, "onnxrt_qdqops": _STATIC,
+    "onnxrt_integerops": _DYNAMIC, "onnxrt_integer": _DYNAMIC,
 }
 
 # Dotted key paths LPOT 1.x accepts that lpot_ray does not implement yet.
@@ -34,6 +41,12 @@ LPOT_ONLY_KEYS = frozenset({
     "quantization.train.execution_mode",
     "quantization.optimization",
     "evaluation.accuracy.multi_metrics",
+    "evaluation.accuracy.metric.GLUE",  # LPOT's MRPC accuracy/F1 of a GLUE task's labels
+    "evaluation.accuracy.metric.COCOmAPv2",  # COCOmAP with a mapping of the model's output order
+    # compare_label: False measures the int8 outputs against the fp32 model's, not the labels
+    "evaluation.accuracy.metric.MSE.compare_label",
+    "evaluation.accuracy.metric.MAE.compare_label",
+    "evaluation.accuracy.metric.RMSE.compare_label",
     "pruning",
     "distillation",
     "graph_optimization",
@@ -81,9 +94,9 @@ def adapt(raw: dict, origin: str) -> dict:
     framework = model.get("framework") if isinstance(model, dict) and isinstance(model.get("framework"), str) else None
     if framework in LPOT_ONLY_FRAMEWORKS:
         raise ConfigError(f"{origin}: `model.framework: {framework}` is an LPOT framework lpot_ray does not support "
-                          "yet; it has pytorch, tensorflow and mxnet")
+                          "yet; it has pytorch, tensorflow, mxnet and onnxrt")
     for path, value in list(walk(raw)):
-        if path in LPOT_ONLY_KEYS:
+        if path in LPOT_ONLY_KEYS and not _registered_metric(path):
             raise ConfigError(f"{origin}: `{path}` is an LPOT option lpot_ray does not support yet")
         if isinstance(value, str) and value in LPOT_ONLY_VALUES.get(path, ()) and not _registered(path, value):
             raise ConfigError(f"{origin}: `{path}: {value}` is an LPOT option lpot_ray does not support yet")
@@ -92,7 +105,25 @@ def adapt(raw: dict, origin: str) -> dict:
     if framework in FRAMEWORK_ALIASES:
         adapted["model"]["framework"], why = FRAMEWORK_ALIASES[framework]
         log.warning("%s: `model.framework: %s` runs as pytorch: %s", origin, framework, why)
+    if framework in ONNXRT_ALIASES:
+        _as_onnxrt(adapted, framework, origin)
     return adapted
+
+
+def _as_onnxrt(adapted: dict, framework: str, origin: str) -> None:
+    """LPOT's ONNX Runtime name as framework ``onnxrt`` with the approach the name stands for: set
+    where the YAML has none; a different one is overridden with a warning, since the name decides
+    which int8 ops the quantizer makes."""
+    adapted["model"]["framework"] = "onnxrt"
+    approach = ONNXRT_ALIASES[framework]
+    quantization = adapted.setdefault("quantization", {})
+    if not isinstance(quantization, dict):
+        return  # the schema names the bad section
+    given = quantization.get("approach")
+    if given is not None and given != approach:
+        log.warning("%s: `quantization.approach: %s` changes nothing here: `model.framework: %s` means %s",
+                    origin, given, framework, approach)
+    quantization["approach"] = approach
 
 
 def as_list(value: Any) -> Any:
@@ -121,6 +152,14 @@ def _drop_ignored(tree: dict, prefix: str, origin: str) -> None:
             log.warning("%s: `%s` changes nothing here: %s", origin, path, why)
         elif isinstance(tree[key], dict) and path not in NAMES_NOT_KEYS:
             _drop_ignored(tree[key], path + ".", origin)
+
+
+def _registered_metric(path: str) -> bool:
+    """A plug-in may register a metric LPOT has and lpot_ray lacks (say, GLUE)."""
+    from . import registry
+
+    prefix = "evaluation.accuracy.metric."
+    return path.startswith(prefix) and path[len(prefix):] in registry.metrics.names()
 
 
 def _registered(path: str, value: str) -> bool:

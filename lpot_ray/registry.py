@@ -94,6 +94,7 @@ objectives = Registry("objective", "tuning.objective", "lpot_ray.objectives", ("
 adaptors.register("pytorch", "lpot_ray.adaptors.pytorch:PyTorchAdaptor")
 adaptors.register("tensorflow", "lpot_ray.adaptors.tensorflow:TensorFlowAdaptor")
 adaptors.register("mxnet", "lpot_ray.adaptors.mxnet:MXNetAdaptor")
+adaptors.register("onnxrt", "lpot_ray.adaptors.onnxrt:OnnxRuntimeAdaptor")
 strategies.register("basic", "lpot_ray.strategies.basic:BasicStrategy")
 strategies.register("bayesian", "lpot_ray.strategies.bayesian:BayesianStrategy")
 strategies.register("mse", "lpot_ray.strategies.mse:MseStrategy")

@@ -92,7 +92,7 @@ def resize(size: Any, interpolation: str = "bilinear") -> Callable:
 
 
 def square_resize(size: Any, interpolation: str = "bilinear") -> Callable:
-    """LPOT's Resize for TensorFlow and MXNet: an int (or ``[N]``) makes the image N x N, its
+    """LPOT's Resize for TensorFlow, MXNet and ONNX Runtime: an int (or ``[N]``) makes the image N x N, its
     aspect ratio not kept; [h, w] resizes to exactly that."""
     _filter(interpolation)
     height, width = _size(size)
@@ -390,7 +390,7 @@ TRANSFORMS: dict[str, Callable[..., Callable]] = {
 }
 # Where LPOT's transform of a name differs by framework: the table above is its PyTorch one.
 FRAMEWORK_TRANSFORMS: dict[str, dict[str, Callable[..., Callable]]] = {
-    "tensorflow": {"Resize": square_resize}, "mxnet": {"Resize": square_resize},
+    "tensorflow": {"Resize": square_resize}, "mxnet": {"Resize": square_resize}, "onnxrt": {"Resize": square_resize},
 }
 
 

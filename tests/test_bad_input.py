@@ -39,7 +39,7 @@ def test_malformed_yaml(digits, tmp_path):
     [
         ("strategy", {"tuning": {"strategy": {"name": "fancy"}}}, "unknown strategy 'fancy'; registered: basic, bayesian, exhaustive, .*mse, random"),
         ("metric", {"evaluation": {"accuracy": {"metric": {"top5": 1}}}}, "unknown metric 'top5'; registered: Accuracy, .*topk"),
-        ("framework", {"model": {"framework": "caffe"}}, "unknown framework 'caffe'; registered: mxnet, pytorch, tensorflow"),
+        ("framework", {"model": {"framework": "caffe"}}, "unknown framework 'caffe'; registered: mxnet, onnxrt, pytorch, tensorflow"),
         ("metric parameter", {"evaluation": {"accuracy": {"metric": {"topk": 0}}}}, "topk`: 0 must be a positive integer"),
     ],
 )

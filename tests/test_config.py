@@ -140,8 +140,8 @@ def test_lpot_value_forms_and_aliases_read_as_lpot_reads_them(caplog):
 
 
 def test_an_lpot_framework_lpot_ray_lacks_is_named_before_anything_else():
-    with pytest.raises(ConfigError, match="`model.framework: onnxrt_integerops` is an LPOT framework lpot_ray does not"):
-        load_config({"model": {"framework": "onnxrt_integerops"}, "quantization": {"calibration": {"sampling_size": "x"}}})
+    with pytest.raises(ConfigError, match="`model.framework: engine` is an LPOT framework lpot_ray does not"):
+        load_config({"model": {"framework": "engine"}, "quantization": {"calibration": {"sampling_size": "x"}}})
 
 
 def test_yaml_merge_keys_and_framework_forms_read_as_yaml_and_lpot_mean_them(tmp_path):

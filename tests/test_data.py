@@ -348,7 +348,7 @@ def test_bad_transform_parameters_name_the_key_the_value_and_what_is_expected(tr
         loader({"dummy_v2": {"input_shape": [6, 6, 3], "length": 2}}, transform=transform)
 
 
-@pytest.mark.parametrize("framework, shape", [("pytorch", (8, 12, 3)), ("tensorflow", (8, 8, 3)), ("mxnet", (8, 8, 3))])
+@pytest.mark.parametrize("framework, shape", [("pytorch", (8, 12, 3)), ("tensorflow", (8, 8, 3)), ("mxnet", (8, 8, 3)), ("onnxrt", (8, 8, 3))])
 def test_resize_to_an_int_keeps_the_aspect_ratio_only_for_pytorch_as_in_lpot(framework, shape):
     image = np.zeros((20, 30, 3), dtype=np.uint8)
     assert transformed({"Resize": {"size": 8}}, image, framework=framework).shape == shape
