@@ -12,8 +12,8 @@ tokenizer gives, dicts padded per batch. The ``eval_func`` measures embedding fi
 over the evaluation sentences, of the cosine similarity of the candidate's sentence embedding
 (``last_hidden_state`` mean-pooled over the real tokens, as sentence-transformers pools) to the
 fp32 model's, which is computed once. A criterion is an absolute fidelity loss: ``0.01`` keeps
-fidelity at 0.99 or more, and all-int8 meets it (0.993); a tighter one, ``0.005``, is missed by
-all-int8 in both approaches, so ops must fall back to fp32.
+fidelity at 0.99 or more, and all-int8 meets it (0.993 in both approaches); a tighter one,
+``0.004``, is missed by all-int8, so ops must fall back to fp32 (two of the six layers' ``Linear``).
 
 Each run (approach x workers x criterion) tunes in a process of its own, so compiler warm-up and
 Ray start-up count as a user sees them (imports, model loading and the fp32 references are timed
@@ -26,7 +26,7 @@ summed over trials); the names of the ops left fp32 follow it.
 
     python benchmarks/transformer.py [--approaches static dynamic] [--workers 1 2] [--criteria 0.01 0.004] [--timeout 0]
 
-The default (8 runs) takes about 10 minutes on 2 cores; ``--approaches static --workers 1
+The default (8 runs) takes about 8 minutes on 2 cores; ``--approaches static --workers 1
 --criteria 0.01`` is a quick run of one.
 """
 
