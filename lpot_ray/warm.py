@@ -14,6 +14,7 @@ import logging
 import threading
 from typing import Iterator, Optional
 
+from .config import load_config
 from .pool import WorkerPool
 from .ray_session import RayPlan
 
@@ -27,9 +28,14 @@ def workers(count: Optional[int] = None, address: Optional[str] = None, cpus_per
             resources_per_worker: Optional[dict[str, float]] = None) -> Iterator[WorkerPool]:
     """Workers that stay up for the tunings inside the block: ``count`` workers, the driver
     included (default: one per ``cpus_per_worker`` of the machine or cluster), on the Ray at
-    ``address`` (default as in ``tune``). Ray starts at once, while the first model is prepared."""
-    plan = None if count == 1 else RayPlan(address=address, workers=count, cpus_per_worker=cpus_per_worker,
-                                           resources_per_worker=dict(resources_per_worker or {}))
+    ``address`` (default as in ``tune``). Ray starts at once, while the first model is prepared.
+    The arguments are those of the YAML's ``ray`` section and checked by its rules."""
+    ray = {"workers": count, "address": address, "cpus_per_worker": cpus_per_worker,
+           "resources_per_worker": resources_per_worker or {}}
+    section = load_config({"model": {"framework": "pytorch"}, "ray": ray}).ray  # a bad value names its key
+    plan = None if section.workers == 1 else RayPlan(address=section.address, workers=section.workers,
+                                                     cpus_per_worker=section.cpus_per_worker,
+                                                     resources_per_worker=dict(section.resources_per_worker))
     if plan is not None:
         plan.check_reachable()
     pool = WorkerPool(plan, connect_now=True)  # workers(1): the driver alone, no Ray

@@ -52,6 +52,7 @@ class TrialRunner:
         self.model = model if model is not None else self.adaptor.load(job.model_payload)
         self.example = job.calibration[0]
         self._fp32_compiled: Any = None  # compiled once, for every finalist's measurements
+        self._timing_batches: Optional[list] = None
         self._handlers: dict[Kind, Callable[[Any, Outcome, Callable[[], bool]], None]] = {
             Kind.TRIAL: self._evaluate, Kind.INSPECTION: self._inspect}
 
@@ -120,9 +121,11 @@ class TrialRunner:
         """What latency is measured on: the inputs of the first evaluation batches, as the model
         will run (their real sizes and lengths), or the calibration batches where the evaluation
         is an eval_func."""
-        loader = self.job.evaluation.dataloader
-        batches = [split_batch(batch)[0] for batch in itertools.islice(loader, TIMING_BATCHES)] if loader is not None else []
-        return batches or list(self.job.calibration[:TIMING_BATCHES])
+        if self._timing_batches is None:  # read once: every finalist is timed on the same batches
+            loader = self.job.evaluation.dataloader
+            batches = [split_batch(batch)[0] for batch in itertools.islice(loader, TIMING_BATCHES)] if loader is not None else []
+            self._timing_batches = batches or list(self.job.calibration[:TIMING_BATCHES])
+        return self._timing_batches
 
     def _measure(self, int8_model: Any, int8_bytes: int, clock: Stopwatch) -> dict:
         """Latency per batch and memory footprint, int8 against fp32 compiled the same way."""

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 
@@ -157,3 +158,16 @@ def test_yaml_merge_keys_and_framework_forms_read_as_yaml_and_lpot_mean_them(tmp
         load_config(path)
     with pytest.raises(ConfigError, match="`model.framework`: \\['pytorch'\\]"):
         load_config({"model": {"framework": ["pytorch"]}})
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"count": 0}, "`ray.workers`: 0 input should be greater than or equal to 1"),
+    ({"cpus_per_worker": -1}, "`ray.cpus_per_worker`: -1 input should be greater than 0"),
+    ({"resources_per_worker": {"GPU": 1}}, "`ray.resources_per_worker`: {'GPU': 1} names GPU"),
+])
+def test_a_workers_block_checks_its_arguments_as_the_ray_section_before_starting_anything(arguments, message):
+    import lpot_ray
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        with lpot_ray.workers(**arguments):
+            raise AssertionError("the block ran")
