@@ -35,6 +35,9 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
+# The fp32 model's outputs for the evaluation batch at a position, given its inputs.
+Fp32Outputs = Callable[[int, Any], Any]
+
 USER_CODE_LIMIT = 3600.0  # seconds the baseline or reading the calibration data may take by default
 
 
@@ -89,26 +92,28 @@ class Evaluation:
         return max(1, _length(self.dataloader))
 
     def run_shard(self, adaptor: Any, model: Any, shard: tuple[int, int],
-                  should_stop: Callable[[], bool] = lambda: False) -> Any:
+                  should_stop: Callable[[], bool] = lambda: False, fp32: Optional[Fp32Outputs] = None) -> Any:
         """The metric's state over shard ``index`` of ``count``: every count-th batch from ``index``."""
-        return self._metric_over(adaptor, model, should_stop, None, shard).metric
+        return self._metric_over(adaptor, model, should_stop, None, fp32, shard).metric
 
     def run(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False,
-            give_up: Optional[GiveUp] = None) -> float:
-        """The model's accuracy; ``give_up`` raises TrialHopeless once it can't meet the criterion."""
-        return self.measure(adaptor, model, should_stop, give_up).value
+            give_up: Optional[GiveUp] = None, fp32: Optional[Fp32Outputs] = None) -> float:
+        """The model's accuracy; ``give_up`` raises TrialHopeless once it can't meet the criterion.
+        ``fp32`` gives the fp32 model's outputs, for a metric that compares with them."""
+        return self.measure(adaptor, model, should_stop, give_up, fp32).value
 
     def measure(self, adaptor: Any, model: Any, should_stop: Callable[[], bool] = lambda: False,
-                give_up: Optional[GiveUp] = None) -> "Measured":
-        """The accuracy, with what the fp32 baseline tells the tuning about its evaluation."""
+                give_up: Optional[GiveUp] = None, fp32: Optional[Fp32Outputs] = None) -> "Measured":
+        """The accuracy, with what the fp32 baseline tells the tuning about its evaluation (the
+        baseline passes no ``fp32``: its own outputs are the fp32 ones)."""
         if self.eval_func is not None:
             return Measured(as_accuracy(self.eval_func(adaptor.user_model(model))))
-        measured = self._metric_over(adaptor, model, should_stop, give_up)
+        measured = self._metric_over(adaptor, model, should_stop, give_up, fp32)
         measured.value = as_accuracy(measured.metric.result())
         return measured
 
     def _metric_over(self, adaptor: Any, model: Any, should_stop: Callable[[], bool], give_up: Optional[GiveUp],
-                     shard: tuple[int, int] = (0, 1)) -> "Measured":
+                     fp32: Optional[Fp32Outputs], shard: tuple[int, int] = (0, 1)) -> "Measured":
         metric = make_metric(self.metric)
         batches = samples = 0
         inference = 0.0
@@ -119,12 +124,14 @@ class Evaluation:
             if should_stop():
                 raise TrialCancelled()
             inputs, labels = split_batch(batch)
-            if labels is None:
+            if labels is None and not metric.compares_to_fp32:
                 raise EvaluationError("eval_dataloader: batches must be (inputs, labels) for a built-in metric")
-            labels = as_numpy(labels)
             started = time.perf_counter()
             predictions = adaptor.predict(model, inputs)
             inference += time.perf_counter() - started
+            if metric.compares_to_fp32:
+                labels = predictions if fp32 is None else fp32(position, inputs)
+            labels = as_numpy(labels)
             metric.update(predictions, labels)
             batches, samples = batches + 1, samples + len(labels)
             if give_up is not None and samples <= give_up.samples:

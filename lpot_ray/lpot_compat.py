@@ -35,18 +35,10 @@ ONNXRT_ALIASES = {
 
 # Dotted key paths LPOT 1.x accepts that lpot_ray does not implement yet.
 LPOT_ONLY_KEYS = frozenset({
-    "quantization.train.frequency",
     "quantization.train.postprocess",
-    "quantization.train.hostfile",
     "quantization.train.execution_mode",
     "quantization.optimization",
     "evaluation.accuracy.multi_metrics",
-    "evaluation.accuracy.metric.GLUE",  # LPOT's MRPC accuracy/F1 of a GLUE task's labels
-    "evaluation.accuracy.metric.COCOmAPv2",  # COCOmAP with a mapping of the model's output order
-    # compare_label: False measures the int8 outputs against the fp32 model's, not the labels
-    "evaluation.accuracy.metric.MSE.compare_label",
-    "evaluation.accuracy.metric.MAE.compare_label",
-    "evaluation.accuracy.metric.RMSE.compare_label",
     "pruning",
     "distillation",
     "graph_optimization",
@@ -77,6 +69,10 @@ IGNORED = {
     "evaluation.performance.configs.kmp_affinity": _THREADS,
     "evaluation.performance.configs.inter_num_of_threads": _THREADS,
     "evaluation.performance.configs.intra_num_of_threads": _THREADS,
+    "quantization.train.frequency": "LPOT's pruning schedule reads it; quantization-aware training steps the "
+                                    "optimizer on every batch",
+    "quantization.train.hostfile": "LPOT reserves it for multi-node training; lpot_ray's workers come from "
+                                   "the Ray cluster (`ray.address`)",
     "quantization.recipes": "the search space comes from each framework's int8 kernels",
     "tuning.tensorboard": "`lpot-ray report` shows the trials and ops instead",
     "tuning.diagnosis": "`lpot-ray report` shows the trials and ops instead",
@@ -155,7 +151,7 @@ def _drop_ignored(tree: dict, prefix: str, origin: str) -> None:
 
 
 def _registered_metric(path: str) -> bool:
-    """A plug-in may register a metric LPOT has and lpot_ray lacks (say, GLUE)."""
+    """A plug-in may register a metric LPOT has and lpot_ray lacks."""
     from . import registry
 
     prefix = "evaluation.accuracy.metric."

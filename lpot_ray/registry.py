@@ -105,7 +105,7 @@ for _name, _path in {
     "Loss": "regression:Loss", "MAE": "regression:MAE", "MSE": "regression:MSE", "RMSE": "regression:RMSE",
     "SquadF1": "text:SquadF1", "BLEU": "text:BLEU",
     "mAP": "detection:mAP", "VOCmAP": "detection:VOCmAP", "COCOmAP": "detection:COCOmAP",
-    "mIOU": "segmentation:MIoU",
+    "COCOmAPv2": "detection:COCOmAPv2", "mIOU": "segmentation:MIoU", "GLUE": "glue:GLUE",
 }.items():
     metrics.register(_name, f"lpot_ray.metrics.{_path}")
 objectives.register("performance", "lpot_ray.objectives:Performance")

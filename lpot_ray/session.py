@@ -260,6 +260,11 @@ def _baseline(job: Job) -> float:
         raise EvaluationError(f"fp32 baseline: the original model scores {baseline} on the evaluation, so any int8 "
                               "model would meet a criterion relative to it; check the labels, the metric and "
                               "that the model is the trained one")
+    relative = job.config.tuning.accuracy_criterion.absolute is None
+    if not job.higher_is_better and baseline == 0 and relative:
+        raise EvaluationError("fp32 baseline: the original model's error is 0 (as it is against its own outputs, "
+                              "with `compare_label: false`), so a relative criterion allows no error at all; give "
+                              "`tuning.accuracy_criterion.absolute`, the error an int8 model may have")
     job.history.set_meta("baseline", baseline)
     job.history.set_meta("baseline_seconds", time.perf_counter() - started)
     job.history.set_meta("evaluation_samples", measured.samples)

@@ -53,6 +53,7 @@ class TrialRunner:
         self.example = job.calibration[0]
         self._fp32_compiled: Any = None  # compiled once, for every finalist's measurements
         self._timing_batches: Optional[list] = None
+        self._fp32_outputs: dict[int, Any] = {}  # by evaluation batch, for a metric that compares with them
         self._handlers: dict[Kind, Callable[[Any, Outcome, Callable[[], bool]], None]] = {
             Kind.TRIAL: self._evaluate, Kind.INSPECTION: self._inspect}
 
@@ -84,12 +85,21 @@ class TrialRunner:
         outcome.figures["calibration_passes"] = self.adaptor.calibration_passes - passes
         try:
             if request.shard is not None:  # a part of the evaluation: the pool merges the parts
-                outcome.metric_state = self.job.evaluation.run_shard(self.adaptor, quantized, request.shard, should_stop)
+                outcome.metric_state = self.job.evaluation.run_shard(self.adaptor, quantized, request.shard, should_stop,
+                                                                     self.fp32_outputs)
             else:
-                outcome.accuracy = self.job.evaluation.run(self.adaptor, quantized, should_stop, request.give_up)
+                outcome.accuracy = self.job.evaluation.run(self.adaptor, quantized, should_stop, request.give_up,
+                                                           self.fp32_outputs)
         finally:  # a trial stopped early has its timings too
             outcome.figures["seconds"] = {"quantize": quantized_at - started - calibrate, "calibrate": calibrate,
                                           "evaluate": time.perf_counter() - quantized_at}
+
+    def fp32_outputs(self, position: int, inputs: Any) -> Any:
+        """The fp32 model's outputs for evaluation batch ``position``, computed once per runner
+        (LPOT keeps them too): what LPOT's ``compare_label: false`` compares a candidate with."""
+        if position not in self._fp32_outputs:
+            self._fp32_outputs[position] = self.adaptor.predict(self.model, inputs)
+        return self._fp32_outputs[position]
 
     def _inspect(self, request: InspectRequest, outcome: Outcome, should_stop: Callable[[], bool]) -> None:
         outcome.figures["op_errors"] = self.adaptor.inspect_tensors(self.model, request.config, self.job.calibration)
@@ -103,7 +113,8 @@ class TrialRunner:
                 quantized = self._quantize(config)
                 lowered = self.adaptor.lower(quantized, self.job.ops, config, self.example)
             with clock.time("validate"):
-                accuracy = self.job.evaluation.run(self.adaptor, lowered.model) if self.job.evaluation.given else None
+                accuracy = (self.job.evaluation.run(self.adaptor, lowered.model, fp32=self.fp32_outputs)
+                            if self.job.evaluation.given else None)
             with clock.time("serialize"):
                 model_bytes = self.adaptor.serialize(quantized, self.example)
             figures = {"model_size_bytes": len(model_bytes), "fp32_model_size_bytes": len(self.job.model_payload)}

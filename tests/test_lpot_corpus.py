@@ -18,8 +18,11 @@ FILES = sorted(CORPUS.glob("*.yaml")) if CORPUS.is_dir() else []
 pytestmark = pytest.mark.skipif(not FILES, reason=f"the LPOT YAML corpus is not at {CORPUS}")
 
 NAMED_REFUSAL = re.compile(r"is an LPOT (option|framework) lpot_ray does not support yet")
-# Files LPOT itself can't read: its graph-optimization template is not valid YAML.
+# Files LPOT itself can't read: its graph-optimization template is not valid YAML, and its QAT
+# template puts the performance section's warmup and iteration inside the dataloader, whose
+# schema (in LPOT as here) has no such keys.
 MALFORMED = {"tensorflow__template__graph_optimization.yaml"}
+NOT_LPOTS_SCHEMA = {"pytorch__template__qat.yaml": "`evaluation.performance.dataloader.warmup` is not a known key"}
 def outcome(path: Path) -> str:
     try:
         config = load_config(path)
@@ -38,6 +41,8 @@ def test_each_lpot_file_loads_or_is_refused_naming_what_lpot_ray_lacks(path, cap
     result = outcome(path)
     if path.name in MALFORMED:
         assert "malformed YAML" in result
+    elif path.name in NOT_LPOTS_SCHEMA:
+        assert NOT_LPOTS_SCHEMA[path.name] in result
     elif result != "loads":
         assert NAMED_REFUSAL.search(result), result
     for record in caplog.records:  # what is accepted but changes nothing says why, in one line
@@ -46,4 +51,4 @@ def test_each_lpot_file_loads_or_is_refused_naming_what_lpot_ray_lacks(path, cap
 
 def test_most_of_the_corpus_loads():
     loaded = [path.name for path in FILES if outcome(path) == "loads"]
-    assert len(loaded) >= 106, f"{len(loaded)} of {len(FILES)} load"
+    assert len(loaded) >= 114, f"{len(loaded)} of {len(FILES)} load"

@@ -45,6 +45,9 @@ CASES = {
     "mAP": ({"mAP": None}, [d for d, _ in DETECTIONS], [t for _, t in DETECTIONS]),
     "COCOmAP": ({"COCOmAP": None}, [d for d, _ in DETECTIONS], [t for _, t in DETECTIONS]),
     "mIOU": ({"mIOU": {"num_classes": 4}}, RNG.random((30, 4, 5, 5)), RNG.integers(0, 5, size=(30, 5, 5))),
+    "GLUE mrpc": ({"GLUE": {"task": "mrpc"}}, SCORES[:, :2], BINARY),
+    "GLUE cola": ({"GLUE": {"task": "cola"}}, SCORES[:, :2], BINARY),
+    "GLUE sts-b": ({"GLUE": {"task": "sts-b"}}, VALUES[:, 0], TARGETS[:, 0]),
 }
 
 
@@ -128,8 +131,8 @@ def test_sigmoid_outputs_and_one_hot_labels():
 def test_metric_parameters_it_does_not_take_are_a_config_error():
     from lpot_ray.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"`evaluation.accuracy.metric.MSE`: \{'compare_label': False\} are not its parameters"):
-        make_metric({"MSE": {"compare_label": False}})
+    with pytest.raises(ConfigError, match=r"`evaluation.accuracy.metric.MSE`: \{'squared': False\} are not its parameters"):
+        make_metric({"MSE": {"squared": False}})
 
 
 def test_an_error_metric_makes_the_criterion_lower_is_better_unless_the_yaml_says():
@@ -170,3 +173,60 @@ def test_miou_known_value_and_ignored_pixels():
     # class 0: 1 right of 2 labelled; class 1: 1 right, 1 extra predicted; class 2: never labelled or predicted
     assert math.isclose(metric.result(), (1 / 2 + 1 / 2) / 2)
 
+
+
+def test_glue_reports_each_tasks_own_figure_as_lpot_does():
+    from scipy import stats
+    from sklearn.metrics import matthews_corrcoef
+
+    def value(task, preds, labels):
+        metric = make_metric({"GLUE": {"task": task}})
+        metric.update([preds], labels)  # a model's only output, as a list of one array
+        return metric.result()
+
+    logits = SCORES[:, :2]
+    assert value("mrpc", logits, BINARY) == (logits.argmax(1) == BINARY).mean()
+    assert math.isclose(value("cola", logits, BINARY), matthews_corrcoef(BINARY, logits.argmax(1)))
+    pearson, spearman = stats.pearsonr(VALUES[:, 0], TARGETS[:, 0])[0], stats.spearmanr(VALUES[:, 0], TARGETS[:, 0])[0]
+    assert math.isclose(value("sts-b", VALUES[:, 0], TARGETS[:, 0]), (pearson + spearman) / 2)
+    assert make_metric({"GLUE": {"task": "mrpc"}}).merges_exactly
+    assert not make_metric({"GLUE": {"task": "sts-b"}}).merges_exactly  # float sums in another order
+    with pytest.raises(ConfigError, match=r"GLUE.task`: 'squad' must be one of mrpc, qqp"):
+        make_metric({"GLUE": {"task": "squad"}})
+
+
+def test_coco_map_v2_reads_the_models_batched_outputs_through_its_index_mapping():
+    truth = [t for _, t in DETECTIONS]
+    per_image = make_metric({"COCOmAP": None})
+    per_image.update([d for d, _ in DETECTIONS], truth)
+    # an exported detector's outputs: boxes [B, N, 4], classes [B, N], scores [B, N], padded to N = 5
+    # with junk detections that a count [B] leaves out
+    padded = [(np.vstack([b, np.full((2, 4), 7.0)]), np.append(s, [0.99, 0.99]), np.append(c, [2, 2]))
+              for (b, s, c), _ in DETECTIONS]
+    outputs = (np.stack([b for b, _, _ in padded]), np.stack([c for _, _, c in padded]),
+               np.stack([s for _, s, _ in padded]), np.full(len(padded), 3))
+    mapping = {"boxes": 0, "classes": 1, "scores": 2, "num_detections": 3}
+    v2 = make_metric({"COCOmAPv2": {"output_index_mapping": mapping}})
+    v2.update(outputs, truth)
+    assert v2.result() == per_image.result() > 0
+    with pytest.raises(ConfigError, match=r"output_index_mapping`: unknown output\(s\) labels; known: num_detections"):
+        make_metric({"COCOmAPv2": {"output_index_mapping": {"labels": 1}}})
+    with pytest.raises(EvaluationError, match="the model gives 2 outputs; output_index_mapping"):
+        v2.update(outputs[:2], truth)
+
+
+def test_compare_label_false_measures_the_outputs_against_the_fp32_models():
+    from lpot_ray.evaluation import Evaluation
+
+    class Scaling:  # an adaptor whose "models" are factors applied to the inputs
+        @staticmethod
+        def predict(model, inputs):
+            return np.asarray(inputs) * model
+
+    batches = [(np.arange(4.0) + i, np.zeros(4)) for i in range(3)]  # labels that compare_label ignores
+    evaluation = Evaluation(dataloader=batches, metric={"MSE": {"compare_label": False}})
+    fp32 = lambda position, inputs: Scaling.predict(1.0, inputs)  # noqa: E731
+    assert evaluation.run(Scaling, 1.0) == 0.0  # the baseline: the fp32 model against itself
+    inputs = np.concatenate([b for b, _ in batches])
+    assert math.isclose(evaluation.run(Scaling, 1.1, fp32=fp32), float(((0.1 * inputs) ** 2).mean()))
+    assert Evaluation(dataloader=batches, metric={"MSE": None}).run(Scaling, 1.0) == float((inputs ** 2).mean())

@@ -127,3 +127,31 @@ def test_onnxruntime_is_imported_only_by_its_adaptor(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(MissingFrameworkError, match=r"pip install 'lpot_ray\[onnxrt\]'"):
         OnnxRuntimeAdaptor()
+
+
+def test_lpots_compare_label_false_tunes_on_the_error_against_the_fp32_outputs(onnx_digits, tmp_path):
+    """As in LPOT's ONNX GPT-2 example: `MSE: {compare_label: false}`, the labels unused."""
+    import numpy as np
+
+    model, calibration, evaluation = onnx_digits
+    settings = conf(tmp_path, "onnxrt_integerops")
+    settings["evaluation"]["accuracy"]["metric"] = {"MSE": {"compare_label": False}}
+    settings["tuning"]["accuracy_criterion"] = {"absolute": 0.5}
+    result = lpot_ray.tune(model, settings, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.baseline == 0.0 and result.passed
+
+    def logits(session):
+        return np.concatenate([session.run(None, {"image": images.numpy()})[0] for images, _ in evaluation])
+
+    providers = ["CPUExecutionProvider"]
+    fp32 = logits(onnxruntime.InferenceSession(model.SerializeToString(), providers=providers))
+    folder = result.save(tmp_path / "saved")
+    int8 = logits(onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=providers))
+    assert 0 < result.accuracy <= 0.5
+    assert result.accuracy == pytest.approx(float(((int8 - fp32) ** 2).mean()), rel=1e-4)
+
+    settings["tuning"]["accuracy_criterion"] = {"relative": 0.01}
+    settings["tuning"]["workspace"]["path"] = str(tmp_path / "relative")
+    with pytest.raises(lpot_ray.errors.EvaluationError, match="a relative criterion allows no error at all; give "
+                                                              "`tuning.accuracy_criterion.absolute`"):
+        lpot_ray.tune(model, settings, q_dataloader=calibration, eval_dataloader=evaluation)

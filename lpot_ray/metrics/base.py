@@ -16,6 +16,9 @@ class Metric(ABC):
     # sums may differ in the last bit): only such a metric's evaluation is split across workers,
     # so that a result never depends on how many were free.
     merges_exactly = False
+    # Whether the labels are the fp32 model's outputs on the same batch rather than the dataset's
+    # (LPOT's ``compare_label: false``): the fp32 model itself then scores 0 error.
+    compares_to_fp32 = False
 
     @abstractmethod
     def update(self, preds: Any, labels: Any) -> None: ...

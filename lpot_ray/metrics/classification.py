@@ -23,7 +23,7 @@ def _class_labels(labels: np.ndarray, metric: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _labels(preds: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def predicted_classes(preds: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Predicted classes (argmax of scores, or classes given) and labels, checked to match."""
     preds, labels = np.asarray(preds), _class_labels(labels, metric)
     if preds.ndim == 2:  # scores: one column is a sigmoid's probability of class 1
@@ -65,7 +65,7 @@ class Accuracy(ShareCorrect):
     """Exact-match accuracy of predicted classes (argmax of scores, or classes given directly)."""
 
     def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
-        preds, labels = _labels(preds, labels, "Accuracy")
+        preds, labels = predicted_classes(preds, labels, "Accuracy")
         self.add(correct=(preds == labels).sum(), total=labels.shape[0])
 
 
@@ -76,7 +76,7 @@ class F1(SummedMetric):
     merges_exactly = True
 
     def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
-        preds, labels = _labels(preds, labels, "F1")
+        preds, labels = predicted_classes(preds, labels, "F1")
         predicted, actual = preds == 1, labels == 1
         self.add(tp=(predicted & actual).sum(), fp=(predicted & ~actual).sum(), fn=(~predicted & actual).sum(),
                  total=labels.shape[0])

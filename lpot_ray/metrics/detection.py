@@ -106,3 +106,37 @@ class VOCmAP(_COCOMetric):
 
 class mAP(_COCOMetric):  # noqa: N801 (LPOT's name)
     STAT = 1
+
+
+class COCOmAPv2(COCOmAP):
+    """LPOT's COCOmAPv2: COCOmAP of a model that outputs batched arrays in its own order
+    (an exported detector's boxes [B, N, 4], scores [B, N], classes [B, N] and, where it has
+    one, a detection count [B]), picked out by ``output_index_mapping``."""
+
+    MAPPING = {"num_detections": -1, "boxes": 0, "scores": 1, "classes": 2}  # LPOT's default; -1: no such output
+
+    def __init__(self, map_key: Optional[str] = None, output_index_mapping: Optional[dict] = None) -> None:
+        where = "`evaluation.accuracy.metric.COCOmAPv2.output_index_mapping`"
+        unknown = set(output_index_mapping or {}) - set(self.MAPPING)
+        if unknown:
+            raise ConfigError(f"{where}: unknown output(s) {', '.join(sorted(unknown))}; known: {', '.join(self.MAPPING)}")
+        self.mapping = {**self.MAPPING, **(output_index_mapping or {})}
+        if not all(isinstance(index, int) and not isinstance(index, bool) and index >= -1 for index in self.mapping.values()) \
+                or min(self.mapping["boxes"], self.mapping["scores"], self.mapping["classes"]) < 0:
+            raise ConfigError(f"{where}: {self.mapping} must give each of boxes, scores and classes the index of a "
+                              "model output (0, 1, ...); num_detections may be -1 (none)")
+        super().__init__(map_key)
+
+    def update(self, preds: Sequence[Any], labels: Sequence[Any]) -> None:
+        outputs = list(preds)
+        needed = max(self.mapping.values())
+        if len(outputs) <= needed:
+            raise EvaluationError(f"COCOmAPv2: the model gives {len(outputs)} outputs; output_index_mapping "
+                                  f"{self.mapping} needs at least {needed + 1}")
+        boxes, scores, classes = (np.asarray(outputs[self.mapping[name]]) for name in ("boxes", "scores", "classes"))
+        counts = self.mapping["num_detections"]
+        images = []
+        for image in range(len(boxes)):
+            kept = int(np.asarray(outputs[counts]).reshape(-1)[image]) if counts >= 0 else len(boxes[image])
+            images.append((boxes[image][:kept], scores[image][:kept], classes[image][:kept]))
+        super().update(images, labels)

@@ -7,7 +7,7 @@ from abc import abstractmethod
 
 import numpy as np
 
-from ..errors import EvaluationError
+from ..errors import ConfigError, EvaluationError
 from .base import SummedMetric
 
 
@@ -35,10 +35,18 @@ class Loss(SummedMetric):
 
 
 class _MeanError(SummedMetric):
-    """Mean of an element-wise error between predictions and labels."""
+    """Mean of an element-wise error between predictions and labels, or, with LPOT's
+    ``compare_label: false``, between the outputs and the fp32 model's outputs."""
 
     higher_is_better = False
     SUMS = ("error", "count")
+
+    def __init__(self, compare_label: bool = True) -> None:
+        if not isinstance(compare_label, bool):
+            raise ConfigError(f"`evaluation.accuracy.metric.{type(self).__name__}.compare_label`: {compare_label!r} "
+                              "must be true or false")
+        self.compares_to_fp32 = not compare_label
+        super().__init__()
 
     @staticmethod
     @abstractmethod
