@@ -168,9 +168,11 @@ class TrainSection(_Section):
 
 class QuantizationSection(_Section):
     approach: Approach = Approach.STATIC
-    # bf16 as a per-op choice between int8 and fp32, where the CPU computes bf16 natively. Off by
-    # default: on small models the casts around a bf16 op cost more than its faster kernel saves.
-    use_bf16: bool = False
+    # bf16 where the CPU computes it natively. true: a per-op choice between int8 and fp32 in the
+    # search; unset: not searched, but the chosen config's fp32 fallback ops are compiled in bf16
+    # too at the end and kept so if that passes and runs faster (on small models the casts around
+    # a bf16 op cost more than its kernel saves); false: never.
+    use_bf16: Optional[bool] = None
     train: Optional[TrainSection] = None  # quant_aware_training without a q_func
     calibration: CalibrationSection = CalibrationSection()
     model_wise: OpRestriction = OpRestriction()

@@ -13,6 +13,7 @@ busy, and the best passing config is compiled to real kernels in the driver and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ from .worker import TrialRunner, WorkerJob
 
 FINALISTS = 3  # passing configs compiled at most, best first, until one still passes compiled
 SPLIT_WORTH_SECONDS = 2.0  # fp32 inference seconds of the evaluation from which it is split across idle workers
+BF16_WORTH = 1.1  # how much faster a bf16 twin must run than its fp32 fallback to be kept
 TRIAL_LIMIT_FACTOR, TRIAL_LIMIT_ALLOWANCE = 10, 300.0  # the default trial limit: 10 baselines + 5 minutes
 log = logging.getLogger("lpot_ray")
 
@@ -128,12 +130,13 @@ def run(job: Job, pool: JobExecutor, on_progress: Optional[Callable[[Engine], No
         strategy = job.strategy_class(job.space, criterion.higher_is_better, config.tuning.random_seed)
         strategy.parallelism = pool.planned_share()
         samples = job.history.get_meta("evaluation_samples") if config.tuning.exit_policy.early_stopping else None
-        engine = Engine(strategy, pool, job.history, criterion, config.tuning.exit_policy,
-                        lambda tune_config: job.objectives.proxy(job.space, tune_config),
+        proxy = functools.partial(job.objectives.proxy, job.space)
+        engine = Engine(strategy, pool, job.history, criterion, config.tuning.exit_policy, proxy,
                         on_progress or (lambda engine: None), evaluation_samples=samples, shards_at_most=_shards_at_most(job))
         with job.clock.time("search"):
             outcome = engine.run()
-        return conclude(outcome, criterion, pool.finalize, job.history, config.model.framework, job.clock)
+        return conclude(outcome, criterion, pool.finalize, job.history, config.model.framework, job.clock,
+                        job.space.bf16_twin, proxy)
     finally:
         pool.done()
         job.history.close()
@@ -141,10 +144,13 @@ def run(job: Job, pool: JobExecutor, on_progress: Optional[Callable[[Engine], No
 
 # --- the result ------------------------------------------------------------------------------
 def conclude(outcome: EngineOutcome, criterion: Criterion, finalize: Callable[[TuneConfig], Finalized],
-             history: History, framework: str, clock: Optional[Stopwatch] = None) -> TuneResult:
+             history: History, framework: str, clock: Optional[Stopwatch] = None,
+             bf16_twin: Callable[[TuneConfig], Optional[TuneConfig]] = lambda config: None,
+             proxy: Optional[Callable[[TuneConfig], float]] = None) -> TuneResult:
     """Compile the best passing config to real int8 kernels and measure it there; if it no longer
     passes compiled (or fails to compile), fall to the next finalist. The choice stays the
-    proxy's, which is deterministic; the measured figures are reported."""
+    proxy's, which is deterministic; the measured figures are reported. The chosen config's
+    ``bf16_twin`` (its fp32 ops in bf16) replaces it if that passes compiled and runs faster."""
     clock = clock or Stopwatch()
     clock.add_trials(trial.figures.get("seconds", {}) for trial in outcome.evaluated)
     common = dict(baseline=criterion.baseline, n_trials=len(history), n_evaluated=outcome.n_evaluated,
@@ -160,7 +166,9 @@ def conclude(outcome: EngineOutcome, criterion: Criterion, finalize: Callable[[T
         if not criterion.passes(final.accuracy):
             rejected.append({"key": trial.key, "compiled_accuracy": final.accuracy})
             continue
-        return _passed(trial.config, trial.objective, final, history, rejected, common)
+        config, final = _faster_of(trial.config, final, bf16_twin(trial.config), criterion, finalize, history, clock)
+        objective = trial.objective if config is trial.config or proxy is None else proxy(config)
+        return _passed(config, objective, final, history, rejected, common)
     evaluated = [trial for trial in outcome.trials if trial.status == Status.OK and trial.accuracy is not None]
     best_failing = min(evaluated, key=lambda trial: (criterion.loss(trial.accuracy), trial.key), default=None)
     history.set_meta("result", {"key": None, "rejected": rejected})
@@ -197,6 +205,29 @@ def _passed(config: TuneConfig, proxy: float, final: Finalized, history: History
     return TuneResult(model=final.model, config=config, accuracy=final.accuracy, objectives=figures,
                       int8_ops=tuple(final.int8_ops), fp32_ops=tuple(final.fp32_ops), bf16_ops=tuple(final.bf16_ops),
                       passed=True, model_bytes=final.model_bytes, **common)
+
+
+def _faster_of(config: TuneConfig, final: Finalized, twin: Optional[TuneConfig], criterion: Criterion,
+               finalize: Callable[[TuneConfig], Finalized], history: History,
+               clock: Stopwatch) -> tuple[TuneConfig, Finalized]:
+    """The chosen config or its bf16 twin: the twin if it passes too and runs at least
+    ``BF16_WORTH`` times as fast compiled (each is timed in step with the same compiled fp32
+    model, so the ratios compare on a noisy machine; a closer call is noise). The comparison is
+    recorded (``bf16_twin`` in the history's meta)."""
+    if twin is None or "latency_ratio" not in final.figures:
+        return config, final
+    try:
+        twin_final = _timed_finalize(clock, finalize, twin)
+    except Exception as error:  # bf16 lowering failed: the fp32 fallback stands
+        history.set_meta("bf16_twin", {"key": twin.key, "error": f"{type(error).__name__}: {error}"[:500]})
+        return config, final
+    speed_up, fp32_speed_up = twin_final.figures["latency_ratio"], final.figures["latency_ratio"]
+    kept = criterion.passes(twin_final.accuracy) and speed_up > BF16_WORTH * fp32_speed_up
+    history.set_meta("bf16_twin", {"key": twin.key, "bf16_ops": list(twin.bf16_ops), "accuracy": twin_final.accuracy,
+                                   "latency_ratio": speed_up, "fp32_fallback_latency_ratio": fp32_speed_up, "kept": kept})
+    log.info("%d fallback op(s) in bf16: %.2fx the speed of fp32 (%.2fx with them in fp32), accuracy %s: %s",
+             len(twin.bf16_ops), speed_up, fp32_speed_up, twin_final.accuracy, "bf16 kept" if kept else "fp32 kept")
+    return (twin, twin_final) if kept else (config, final)
 
 
 def _timed_finalize(clock: Stopwatch, finalize: Callable[[TuneConfig], Finalized], config: TuneConfig) -> Finalized:

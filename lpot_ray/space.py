@@ -173,6 +173,9 @@ class TuningSpace:
     choices: dict[str, tuple[OpScheme, ...]] = field(hash=False)
     sampling_sizes: tuple[int, ...]
     approach: Approach = Approach.STATIC  # the adaptor offered the schemes of this approach
+    # Ops whose fp32 fallback may run in bf16 instead: offered and allowed, but not searched
+    # (``use_bf16`` unset); see ``bf16_twin``.
+    bf16_after_search: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, capabilities: list[OpCapability], quantization: QuantizationSection) -> "TuningSpace":
@@ -183,16 +186,25 @@ class TuningSpace:
                 raise ConfigError(
                     f"`quantization.op_wise`: {pattern!r} matches no op of the model; its ops are: {', '.join(names)}"
                 )
-        choices = {}
+        choices, bf16_after_search = {}, set()
         for capability in capabilities:
             restriction = quantization.model_wise
             for pattern, regex in patterns.items():
                 if regex.fullmatch(capability.op.name):
                     restriction = _overlay(restriction, quantization.op_wise[pattern])
-            schemes = tuple(scheme for scheme in capability.schemes if scheme.dtype != "bf16" or quantization.use_bf16)
-            choices[capability.op.name] = _restrict(schemes, restriction) + (FP32,)
+            allowed = _restrict(capability.schemes, restriction)
+            if quantization.use_bf16 is None and BF16 in allowed:
+                bf16_after_search.add(capability.op.name)
+            searched = tuple(scheme for scheme in allowed if scheme.dtype != "bf16" or quantization.use_bf16)
+            choices[capability.op.name] = searched + (FP32,)
         return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size),
-                   quantization.approach)
+                   quantization.approach, frozenset(bf16_after_search))
+
+    def bf16_twin(self, config: TuneConfig) -> Optional[TuneConfig]:
+        """``config`` with its fp32 fallback ops in bf16 where they may be, or None where none
+        may: what the tuning compiles beside a chosen config and keeps if it runs faster."""
+        ops = [name for name in config.fp32_ops if name in self.bf16_after_search]
+        return config.with_fallback(ops, BF16) if ops else None
 
     # --- lazy enumeration: a config is a mixed-radix number over the per-op choices ----------
     @property

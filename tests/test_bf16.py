@@ -174,3 +174,22 @@ def test_tuning_ends_with_the_outlier_ops_in_bf16_not_fp32(ray_session, outlier_
     assert 0 < result.objectives["fp32_macs_fraction"] < 0.5  # bf16 ops counted at half their MACs
     loaded = lpot_ray.load(result.save(tmp_path / "saved"))
     assert loaded.bf16_ops == result.bf16_ops and loaded.config == result.config
+
+
+def test_unset_use_bf16_keeps_bf16_out_of_the_search_but_offers_the_fallback_ops_a_bf16_twin():
+    capabilities = [OpCapability(Op(f"op{i}", "Linear", macs=100), (INT8, BF16)) for i in range(3)]
+
+    def space(**quantization):
+        return TuningSpace.build(capabilities, load_config({"model": {"framework": "pytorch"},
+                                                            "quantization": quantization}).quantization)
+
+    unset = space(op_wise={"op2": {"activation": {"dtype": "fp32"}}})  # the user keeps op2 in fp32
+    assert all(BF16 not in choices for choices in unset.choices.values())
+    fallback = TuneConfig(tuple((f"op{i}", INT8 if i == 0 else FP32) for i in range(3)), 100)
+    twin = unset.bf16_twin(fallback)
+    assert twin.bf16_ops == ("op1",) and twin.fp32_ops == ("op2",) and twin.int8_ops == ("op0",)
+    assert unset.bf16_twin(fallback.with_fallback(["op1"], INT8)) is None  # nothing the search put in fp32
+    assert space(use_bf16=False).bf16_twin(fallback) is None
+    assert space(model_wise={"weight": {"dtype": ["int8", "fp32"]}}).bf16_twin(fallback) is None
+    searched = space(use_bf16=True)  # in the search already: no twin at the end
+    assert BF16 in searched.choices["op1"] and searched.bf16_twin(fallback) is None

@@ -143,15 +143,35 @@ class CompilingExecutor:
         from lpot_ray.trial import Finalized
 
         self.finalized.append(config.key)
-        figures = {"latency_ms": self.latency.get(config.key, 1.0), "fp32_latency_ms": 2.0,
+        latency = self.latency.get(config.key, 1.0)
+        figures = {"latency_ms": latency, "fp32_latency_ms": 2.0, "latency_ratio": 2.0 / latency,
                    "model_size_bytes": 10, "fp32_model_size_bytes": 40}
-        return Finalized(self.accuracy.get(config.key, 0.9), config.int8_ops, config.fp32_ops, figures, b"model", b"model")
+        return Finalized(self.accuracy.get(config.key, 0.9), config.int8_ops, config.fp32_ops, figures, b"model", b"model",
+                         config.bf16_ops)
 
 
-def finalize(outcome, executor, history):
+def finalize(outcome, executor, history, **twins):
     from lpot_ray.session import conclude
 
-    return conclude(outcome, Criterion(0.9, absolute=0.01), executor.finalize, history, "pytorch")
+    return conclude(outcome, Criterion(0.9, absolute=0.01), executor.finalize, history, "pytorch", **twins)
+
+
+@pytest.mark.parametrize("twin_latency, twin_accuracy, kept", [(0.5, 0.9, True), (0.95, 0.9, False), (0.5, 0.5, False)])
+def test_the_chosen_configs_bf16_twin_is_kept_only_if_it_passes_and_runs_faster(tmp_path, twin_latency, twin_accuracy, kept):
+    from lpot_ray.space import BF16
+
+    outcome, _, history = run(tmp_path, sensitive_ops_accuracy({"op1": 0.05}))
+    chosen = outcome.passing[0].config
+    twin = chosen.with_fallback(chosen.fp32_ops, BF16)
+    executor = CompilingExecutor({twin.key: twin_accuracy}, {twin.key: twin_latency})
+    result = finalize(outcome, executor, history, bf16_twin=lambda config: twin if config == chosen else None,
+                      proxy=lambda config: 0.25)
+    assert executor.finalized == [chosen.key, twin.key]
+    assert result.config == (twin if kept else chosen) and result.bf16_ops == (("op1",) if kept else ())
+    assert result.objectives["fp32_macs_fraction"] == (0.25 if kept else outcome.passing[0].objective)
+    recorded = history.get_meta("bf16_twin")
+    assert recorded["kept"] is kept and recorded["bf16_ops"] == ["op1"]
+    assert recorded["latency_ratio"] == 2.0 / twin_latency and recorded["fp32_fallback_latency_ratio"] == 2.0
 
 
 def test_a_finalist_that_fails_once_compiled_gives_way_to_the_next(tmp_path):
