@@ -1,7 +1,7 @@
 """The ``lpot-ray`` command line.
 
     lpot-ray tune CONF.yaml [--address A] [--workers N] [--resume] [--verbose]
-    lpot-ray history WORKSPACE [--sort accuracy|objective|duration|seq] [--json]
+    lpot-ray history WORKSPACE [--sort accuracy|objective|duration|seq] [--pareto] [--json]
     lpot-ray report WORKSPACE [-o report.html]
     lpot-ray benchmark CONF.yaml [--model PATH] [--mode performance|accuracy] [--json]
     lpot-ray zoo ZOO.yaml [--address A] [--workers N]
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from . import pareto
 from .errors import LpotRayError
 from .history import History, resolve_db_path
 from .session import rejection
@@ -53,6 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     history = commands.add_parser("history", help="every trial of a tuning workspace, as a table")
     history.add_argument("workspace", help="the workspace folder, or its history.db")
     history.add_argument("--sort", choices=sorted(SORT_KEYS), default="seq", help="order of the rows (default: seq)")
+    history.add_argument("--pareto", action="store_true",
+                         help="only the passing trials no other passing trial beats on both accuracy and objective")
     history.add_argument("--json", action="store_true", help="machine-readable output")
     report = commands.add_parser("report", help="a self-contained HTML report with plots")
     report.add_argument("workspace", help="the workspace folder, or its history.db")
@@ -80,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(write_report(args.workspace, args.output))
             return EXIT_OK
-        return show_history(args.workspace, args.sort, args.json)
+        return show_history(args.workspace, args.sort, args.json, args.pareto)
     except LpotRayError as error:
         print(f"lpot-ray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -194,17 +197,21 @@ def run_benchmark(config_path: str, model: Optional[str], mode: Optional[str], a
     return EXIT_OK
 
 
-def show_history(workspace: str, sort: str, as_json: bool) -> int:
+def show_history(workspace: str, sort: str, as_json: bool, pareto_only: bool = False) -> int:
     path = resolve_db_path(workspace)
     if not path.is_file():
         print(f"lpot-ray: {path}: no tuning history there", file=sys.stderr)
         return EXIT_BAD_INPUT
     history = History(path, read_only=True)
     try:
-        trials = sorted(history.trials(), key=SORT_KEYS[sort])
+        trials = history.trials()
         result = history.get_meta("result") or {}
+        criterion = history.get_meta("criterion") or {}
     finally:
         history.close()
+    if pareto_only:
+        trials = pareto.front(trials, criterion.get("higher_is_better", True))
+    trials = sorted(trials, key=SORT_KEYS[sort])
     if as_json:
         print(json.dumps([_row(trial, result) for trial in trials], indent=2))
         return EXIT_OK

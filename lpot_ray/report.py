@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from . import timings
+from . import pareto, timings
 from .criterion import Criterion
 from .errors import ConfigError, HistoryError
 from .history import History, resolve_db_path
@@ -83,6 +83,11 @@ def _accuracy_plot(trials: list[Trial], meta: dict, chosen: Optional[str]) -> by
         axes.axhline(threshold, color="grey", linestyle="--", label="criterion")
     if meta.get("baseline") is not None:
         axes.axhline(meta["baseline"], color="black", linewidth=0.8, label="fp32 baseline")
+    higher_is_better = (meta.get("criterion") or {}).get("higher_is_better", True)
+    on_front = pareto.front(trials, higher_is_better)
+    if on_front:
+        axes.step([trial.objective for trial in on_front], [trial.accuracy for trial in on_front], where="post",
+                  color="tab:green", linewidth=1, label="Pareto front")
     best = [trial for trial in evaluated if trial.key == chosen]
     if best:
         axes.scatter([best[0].objective], [best[0].accuracy], marker="*", s=300, facecolors="none",
@@ -148,10 +153,16 @@ def _page(trials: list[Trial], meta: dict, chosen: Optional[str], plots: dict[st
         f"<td>{trial.duration:.2f}</td></tr>"
         for trial in trials
     )
+    higher_is_better = (meta.get("criterion") or {}).get("higher_is_better", True)
+    front = "".join(
+        f"<tr{' class=chosen' if trial.key == chosen else ''}><td>{trial.seq}</td><td>{_number(trial.accuracy)}</td>"
+        f"<td>{_number(trial.objective)}</td><td>{html.escape(_fallen_back(trial.config))}</td></tr>"
+        for trial in pareto.front(trials, higher_is_better)
+    ) or '<tr><td colspan="4">no trial passed</td></tr>'
     summary = (f"chosen trial key {html.escape(chosen)}, accuracy {_number(result.get('accuracy'))}"
                if chosen else "no config met the criterion")
     return TEMPLATE.format(
-        summary=summary, baseline=_number(meta.get("baseline")), count=len(trials), figures=figures, rows=rows,
+        summary=summary, baseline=_number(meta.get("baseline")), count=len(trials), figures=figures, rows=rows, front=front,
         result=html.escape(json.dumps(result, indent=2, sort_keys=True)),
         timings=html.escape(timings.table(meta.get("timings") or {}) or "not recorded"),
         config=html.escape(json.dumps(job.get("config", {}), indent=2, sort_keys=True)),
@@ -183,6 +194,10 @@ tr.chosen {{ background: #ffe9a8; font-weight: bold; }} pre {{ background: #f5f5
 <h2>Trials</h2>
 <table><tr><th>seq</th><th>status</th><th>accuracy</th><th>passed</th><th>objective</th><th>fp32 (bf16) ops</th>
 <th>worker</th><th>seconds</th></tr>{rows}</table>
+<h2>Pareto front</h2>
+<p>The passing trials no other passing trial beats on both accuracy and the objective, fastest first:
+a faster model with less margin, or a safer one.</p>
+<table id="pareto"><tr><th>seq</th><th>accuracy</th><th>objective</th><th>fp32 (bf16) ops</th></tr>{front}</table>
 <h2>Result</h2><pre>{result}</pre>
 <h2>Where the time went</h2><pre>{timings}</pre>
 <h2>Configuration</h2><pre>{config}</pre>

@@ -40,6 +40,9 @@ class TuneResult:
     reason: str = ""  # why no config passed, in one line (the log says it too)
     wall_time: float = 0.0  # seconds, as tune_many measured them
     timings: dict = field(default_factory=dict)  # seconds per phase (timings.py says which)
+    # The passing trials no other passing trial beats on both accuracy and the objective, fastest
+    # first (``pareto.front``): a faster model with less margin, or a safer one, to pick from.
+    pareto: tuple[Trial, ...] = ()
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the quantized model and its config into the folder ``path``."""

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from . import inputs, registry
+from . import inputs, pareto, registry
 from .adaptors.base import Adaptor
 from .config import Approach, Config, ExitPolicy
 from .cpu import bf16_unavailable_reason
@@ -155,7 +155,7 @@ def conclude(outcome: EngineOutcome, criterion: Criterion, finalize: Callable[[T
     clock.add_trials(trial.figures.get("seconds", {}) for trial in outcome.evaluated)
     common = dict(baseline=criterion.baseline, n_trials=len(history), n_evaluated=outcome.n_evaluated,
                   framework=framework, stopped_by=outcome.stopped_by, workspace=str(history.path.parent),
-                  timings=clock.seconds)
+                  timings=clock.seconds, pareto=tuple(pareto.front(outcome.trials, criterion.higher_is_better)))
     rejected = []
     for trial in outcome.passing[:FINALISTS]:
         try:

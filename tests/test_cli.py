@@ -136,6 +136,7 @@ def test_report_is_one_offline_page_with_its_plots_and_the_chosen_trial(trained_
     chosen = json.loads(lpot_ray("history", str(tmp_path / "ws"), "--json").stdout)
     (chosen_key,) = [row["key"] for row in chosen if row["chosen"]]
     assert f"chosen trial key {chosen_key}" in page and "<tr class=chosen>" in page
+    assert '<table id="pareto">' in page and "Pareto front" in page
     assert '"conv2"' in page or "conv2" in page  # the ops and the configuration are shown
     assert "Where the time went" in page and "lower_int8" in page
 
