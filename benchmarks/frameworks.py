@@ -37,6 +37,7 @@ JOB = textwrap.dedent(
     conf = demo_config(workspace / "run", 1, framework)
     if strict:
         conf["tuning"]["accuracy_criterion"] = {"absolute": 0.02}
+        conf["quantization"]["recipes"] = False  # a fallback job: equalization would spare it the fallback
         conf["tuning"]["exit_policy"] = {"timeout": 600, "max_trials": 40}
         if framework == "pytorch":
             from lpot_ray.demo.torch_digits import with_activation_outliers

@@ -35,6 +35,7 @@ def run(model, strategy: str, workers: int, workspace: Path, max_trials: int, cr
         "tuning": {"strategy": {"name": strategy}, "accuracy_criterion": criterion,
                    "exit_policy": {"timeout": 3600, "max_trials": max_trials}, "workspace": {"path": str(workspace)}},
         "ray": {"workers": workers, "cpus_per_worker": 1},
+        "quantization": {"recipes": False},  # the fallback search itself is compared
     }
     if "eval_dataloader" in loaders:
         conf["evaluation"] = {"accuracy": {"metric": {"topk": 1}}}

@@ -39,6 +39,7 @@ def child(job: str, workers: int, workspace: Path, early_stopping: bool) -> None
     if job != "first-pass":
         model = with_activation_outliers(model, calibration)
         config["tuning"]["accuracy_criterion"] = {"absolute": 0.02}
+        config["quantization"]["recipes"] = False  # a fallback job: equalization would spare it the fallback
     if job == "search":
         config["tuning"]["exit_policy"]["timeout"] = 30
     config["tuning"]["exit_policy"]["early_stopping"] = early_stopping

@@ -25,8 +25,10 @@ fidelity reached on the compiled int8 model, the ``Linear`` ops left fp32, the c
 summed over trials); the names of the ops left fp32 follow it.
 
     python benchmarks/transformer.py [--approaches static dynamic] [--workers 1 2] [--criteria 0.01 0.004] [--timeout 0]
+                                     [--recipes on off]
 
-The default (8 runs) takes about 8 minutes on 2 cores; ``--approaches static --workers 1
+``--recipes on off`` tunes each run with the accuracy-recovery recipes searched before fallback
+(the default) and without (``recipes: false``). The default (8 runs) takes about 8 minutes on 2 cores; ``--approaches static --workers 1
 --criteria 0.01`` is a quick run of one.
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import random
@@ -137,7 +140,7 @@ def fidelity_func(fp32_model, batches):
     return fidelity
 
 
-def child(approach: str, workers: int, criterion: float, timeout: float, workspace: Path) -> None:
+def child(approach: str, workers: int, criterion: float, timeout: float, recipes: bool, workspace: Path) -> None:
     """One tuning in this process; its figures as JSON on the last line."""
     started = time.perf_counter()
     import lpot_ray
@@ -156,6 +159,8 @@ def child(approach: str, workers: int, criterion: float, timeout: float, workspa
                    "exit_policy": {"timeout": timeout, "max_trials": 100}, "workspace": {"path": str(workspace)}},
         "ray": {"workers": workers},
     }
+    if not recipes:
+        config["quantization"]["recipes"] = False
     started = time.perf_counter()
     result = lpot_ray.tune(model, config, q_dataloader=calibration, eval_func=fidelity)
     wall = time.perf_counter() - started
@@ -167,7 +172,7 @@ def child(approach: str, workers: int, criterion: float, timeout: float, workspa
         "linears": len(result.int8_ops) + len(result.fp32_ops), "fp32_ops": list(result.fp32_ops),
         "latency_ratio": result.objectives.get("latency_ratio"), "timings": result.timings,
         "workers": dict(sorted(collections.Counter(trial.worker for trial in trials).items())),
-        "reason": result.reason,
+        "reason": result.reason, "recipes": list(result.config.recipes) if result.config else [],
     }))
 
 
@@ -179,28 +184,29 @@ def main() -> None:
                         help="absolute fidelity losses allowed, one job each")
     parser.add_argument("--timeout", type=float, default=0,
                         help="exit_policy.timeout: 0 stops at the first passing config, more searches on for fewer fp32 ops")
-    parser.add_argument("--child", nargs=5, metavar=("APPROACH", "WORKERS", "CRITERION", "TIMEOUT", "WORKSPACE"),
+    parser.add_argument("--recipes", nargs="+", choices=("on", "off"), default=["on"],
+                        help="search accuracy-recovery recipes before fallback (the default), or not: both to compare")
+    parser.add_argument("--child", nargs=6, metavar=("APPROACH", "WORKERS", "CRITERION", "TIMEOUT", "RECIPES", "WORKSPACE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), float(args.child[2]), float(args.child[3]), Path(args.child[4]))
+        child(args.child[0], int(args.child[1]), float(args.child[2]), float(args.child[3]), args.child[4] == "on",
+              Path(args.child[5]))
         return
 
     runs = {}
     with tempfile.TemporaryDirectory() as root:
-        for criterion in args.criteria:
-            for approach in args.approaches:
-                for workers in args.workers:
-                    workspace = Path(root) / f"{approach}-{workers}-{criterion}"
-                    output = subprocess.run(
-                        [sys.executable, __file__, "--child", approach, str(workers), str(criterion), str(args.timeout),
-                         str(workspace)],
-                        capture_output=True, text=True,
-                        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
-                    if output.returncode != 0:
-                        sys.exit(f"{approach} with {workers} workers, criterion {criterion}, failed:\n"
-                                 f"{output.stderr[-3000:]}")
-                    runs[(approach, workers, criterion)] = json.loads(output.stdout.strip().splitlines()[-1])
+        for criterion, approach, workers, recipes in itertools.product(args.criteria, args.approaches, args.workers,
+                                                                       args.recipes):
+            workspace = Path(root) / f"{approach}-{workers}-{criterion}-{recipes}"
+            output = subprocess.run(
+                [sys.executable, __file__, "--child", approach, str(workers), str(criterion), str(args.timeout), recipes,
+                 str(workspace)],
+                capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
+            if output.returncode != 0:
+                sys.exit(f"{approach} with {workers} workers, criterion {criterion}, recipes {recipes}, failed:\n"
+                         f"{output.stderr[-3000:]}")
+            runs[(approach, workers, criterion, recipes)] = json.loads(output.stdout.strip().splitlines()[-1])
 
     columns = list(runs)
     phases = list(dict.fromkeys(phase for run in runs.values() for phase in run["timings"]))
@@ -215,18 +221,21 @@ def main() -> None:
             ("all-int8 fidelity", lambda run: figure(run["all_int8"], "{:.4f}")),
             ("fidelity reached", lambda run: figure(run["accuracy"], "{:.4f}")),
             ("Linear left fp32", lambda run: f"{len(run['fp32_ops'])} of {run['linears']}"),
+            ("recipes chosen", lambda run: "+".join(name.split("_")[0] for name in run["recipes"]) or "none"),
             ("latency_ratio", lambda run: figure(run["latency_ratio"], "{:.2f}x"))]
     rows += [(("  " * phase.count(".")) + phase.rsplit(".", 1)[-1], lambda run, phase=phase: f"{run['timings'].get(phase, 0.0):.2f}")
              for phase in phases]
-    table = [("", [f"{approach} x{workers} -{criterion:g}" for approach, workers, criterion in columns])]
+    heading = lambda approach, workers, criterion, recipes: (f"{approach} x{workers} -{criterion:g}"  # noqa: E731
+                                                             + ("" if len(args.recipes) == 1 else f" r:{recipes}"))
+    table = [("", [heading(*column) for column in columns])]
     table += [(label, [cell(runs[column]) for column in columns]) for label, cell in rows]
     widths = [max(len(cells[index]) for _, cells in table) + 3 for index in range(len(columns))]
     for label, cells in table:
         print(f"{label:<20}" + "".join(f"{text:>{width}}" for text, width in zip(cells, widths)))
     print()
-    for (approach, workers, criterion), run in runs.items():
+    for column, run in runs.items():
         names = ", ".join(run["fp32_ops"]) or "none"
-        print(f"{approach} x{workers} -{criterion:g} fp32: {names}" + ("" if run["passed"] else f" ({run['reason']})"))
+        print(f"{heading(*column)} fp32: {names}" + ("" if run["passed"] else f" ({run['reason']})"))
 
 
 if __name__ == "__main__":

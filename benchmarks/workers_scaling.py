@@ -42,6 +42,7 @@ JOB = textwrap.dedent(
     if job in ("fallback", "heavy"):
         model = with_activation_outliers(model, calibration)
         conf["tuning"]["accuracy_criterion"] = {"absolute": 0.02}
+        conf["quantization"]["recipes"] = False  # a fallback job: equalization would spare it the fallback
         conf["tuning"]["exit_policy"] = {"timeout": 600, "max_trials": 40}
     result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
     print(json.dumps({

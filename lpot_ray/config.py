@@ -166,8 +166,26 @@ class TrainSection(_Section):
         return self
 
 
+class RecipesSection(_Section):
+    """Which accuracy-recovery recipes the search may use (``lpot_ray.recipes``): unset, it tries
+    each one the adaptor offers with and without; true, always; false, never."""
+
+    cross_layer_equalization: Optional[bool] = None
+    fast_bias_correction: Optional[bool] = None
+
+    def wanted(self) -> dict[str, Optional[bool]]:
+        return self.model_dump()
+
+
 class QuantizationSection(_Section):
     approach: Approach = Approach.STATIC
+    recipes: RecipesSection = RecipesSection()
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _none_for_false(cls, value: Any) -> Any:
+        """``recipes: false`` turns every recipe off (the search then falls back ops at once)."""
+        return dict.fromkeys(RecipesSection.model_fields, False) if value is False else value
     # bf16 where the CPU computes it natively. true: a per-op choice between int8 and fp32 in the
     # search; unset: not searched, but the chosen config's fp32 fallback ops are compiled in bf16
     # too at the end and kept so if that passes and runs faster (on small models the casts around

@@ -73,7 +73,10 @@ IGNORED = {
                                     "optimizer on every batch",
     "quantization.train.hostfile": "LPOT reserves it for multi-node training; lpot_ray's workers come from "
                                    "the Ray cluster (`ray.address`)",
-    "quantization.recipes": "the search space comes from each framework's int8 kernels",
+    "quantization.recipes.scale_propagation_*": "LPOT's TensorFlow graph rewrite; inductor, LiteRT and oneDNN "
+                                                "choose where requantization happens",
+    "quantization.recipes.first_conv_or_matmul_quantization": "lpot_ray quantizes the first op like any "
+                                                              "other; `op_wise` keeps it fp32",
     "tuning.tensorboard": "`lpot-ray report` shows the trials and ops instead",
     "tuning.diagnosis": "`lpot-ray report` shows the trials and ops instead",
     "tuning.strategy.accuracy_weight": "used only by LPOT's sigopt strategy",

@@ -94,7 +94,12 @@ def _prepare(config: Config, model: Any, q_dataloader: Any, q_func: Optional[Cal
         payload = adaptor.prepare(model, calibration[0])
         fp32_model = adaptor.load(payload)
     capabilities = adaptor.capabilities(fp32_model)
-    space = TuningSpace.build(capabilities, config.quantization)
+    recipes = adaptor.recipes(fp32_model)
+    space = TuningSpace.build(capabilities, config.quantization, recipes)
+    for recipe, wanted in config.quantization.recipes.wanted().items():
+        if wanted and recipe not in recipes:
+            log.warning("`quantization.recipes.%s`: the %s adaptor can't apply it to this model under %s; it is off",
+                        recipe, config.model.framework, approach.value)
     if config.quantization.use_bf16 and not any(BF16 in capability.schemes for capability in capabilities):
         reason = bf16_unavailable_reason() or f"the {config.model.framework} adaptor offers no bf16"
         log.warning("`quantization.use_bf16`: %s; ops fall back to fp32", reason)

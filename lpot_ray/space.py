@@ -4,7 +4,8 @@ An adaptor says what each op can do under the tuning's approach (``OpCapability`
 restrictions narrow that down; the result is a ``TuningSpace``: for every op, the ordered list of
 ``OpScheme`` choices: int8 schemes first, then bf16 where the adaptor offers it, fp32 fallback
 always last (LPOT falls back int8 -> bf16 -> fp32). A candidate is a ``TuneConfig``: one scheme per op
-plus the calibration sampling size, immutable and identified by a stable ``key``.
+plus the calibration sampling size and the accuracy-recovery recipes applied first (``recipes``),
+immutable and identified by a stable ``key``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Iterable, Optional
 
 from .config import Approach, OpRestriction, QuantizationSection, TensorRestriction
 from .errors import ConfigError, SpaceError
+from .recipes import recipe_sets
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class TuneConfig:
 
     op_schemes: tuple[tuple[str, OpScheme], ...]
     sampling_size: int
+    recipes: tuple[str, ...] = ()  # accuracy-recovery recipes applied to the fp32 model first (recipes.py)
 
     @functools.cached_property
     def key(self) -> str:
@@ -151,17 +154,21 @@ class TuneConfig:
         )
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "ops": {name: scheme.to_dict() for name, scheme in self.op_schemes},
             "order": [name for name, _ in self.op_schemes],
             "sampling_size": self.sampling_size,
         }
+        if self.recipes:  # absent when none, so a config without recipes keeps its key
+            data["recipes"] = list(self.recipes)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneConfig":
         return cls(
             op_schemes=tuple((name, OpScheme.from_dict(data["ops"][name])) for name in data["order"]),
             sampling_size=int(data["sampling_size"]),
+            recipes=tuple(data.get("recipes", ())),
         )
 
 
@@ -176,9 +183,12 @@ class TuningSpace:
     # Ops whose fp32 fallback may run in bf16 instead: offered and allowed, but not searched
     # (``use_bf16`` unset); see ``bf16_twin``.
     bf16_after_search: frozenset[str] = frozenset()
+    # The recipe combinations searched (``recipes.recipe_sets``), the default first.
+    recipe_sets: tuple[tuple[str, ...], ...] = ((),)
 
     @classmethod
-    def build(cls, capabilities: list[OpCapability], quantization: QuantizationSection) -> "TuningSpace":
+    def build(cls, capabilities: list[OpCapability], quantization: QuantizationSection,
+              offered_recipes: tuple[str, ...] = ()) -> "TuningSpace":
         names = [capability.op.name for capability in capabilities]
         patterns = {pattern: re.compile(pattern) for pattern in quantization.op_wise}
         for pattern, regex in patterns.items():
@@ -198,7 +208,8 @@ class TuningSpace:
             searched = tuple(scheme for scheme in allowed if scheme.dtype != "bf16" or quantization.use_bf16)
             choices[capability.op.name] = searched + (FP32,)
         return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size),
-                   quantization.approach, frozenset(bf16_after_search))
+                   quantization.approach, frozenset(bf16_after_search),
+                   recipe_sets(offered_recipes, quantization.recipes.wanted()))
 
     def bf16_twin(self, config: TuneConfig) -> Optional[TuneConfig]:
         """``config`` with its fp32 fallback ops in bf16 where they may be, or None where none
@@ -210,7 +221,7 @@ class TuningSpace:
     @property
     def size(self) -> int:
         """How many distinct configs the space holds (a Python int: it may be astronomically big)."""
-        return math.prod(len(self.choices[op.name]) for op in self.ops) * len(self.sampling_sizes)
+        return math.prod(len(self.choices[op.name]) for op in self.ops) * len(self.sampling_sizes) * len(self.recipe_sets)
 
     def config_at(self, index: int) -> TuneConfig:
         """The ``index``-th config of the product of choices, without enumerating the others.
@@ -220,12 +231,14 @@ class TuningSpace:
         """
         if not 0 <= index < self.size:
             raise IndexError(f"config index {index} outside a space of {self.size}")
+        index, recipe_digit = divmod(index, len(self.recipe_sets))
         index, size_digit = divmod(index, len(self.sampling_sizes))
         digits = []
         for op in reversed(self.ops):
             index, digit = divmod(index, len(self.choices[op.name]))
             digits.append(self.choices[op.name][digit])
-        return TuneConfig(tuple(zip((op.name for op in self.ops), reversed(digits), strict=True)), self.sampling_sizes[size_digit])
+        return TuneConfig(tuple(zip((op.name for op in self.ops), reversed(digits), strict=True)),
+                          self.sampling_sizes[size_digit], self.recipe_sets[recipe_digit])
 
     def check(self, config: TuneConfig) -> None:
         """Raise SpaceError unless every op of ``config`` takes one of its choices."""
@@ -238,6 +251,8 @@ class TuningSpace:
                 raise SpaceError(f"op {name!r}: {scheme.describe()!r} is not among its choices ({allowed})")
         if config.sampling_size not in self.sampling_sizes:
             raise SpaceError(f"sampling_size {config.sampling_size} is not among {list(self.sampling_sizes)}")
+        if config.recipes not in self.recipe_sets:
+            raise SpaceError(f"recipes {list(config.recipes)} are not among {[list(recipes) for recipes in self.recipe_sets]}")
 
     @property
     def has_int8(self) -> bool:
@@ -271,10 +286,15 @@ class TuningSpace:
                     (op.name, scheme if scheme in self.choices[op.name] else self.choices[op.name][0])
                     for op in self.ops
                 )
-                config = TuneConfig(op_schemes, size)
+                config = TuneConfig(op_schemes, size, self.recipe_sets[0])
                 if config not in configs:
                     configs.append(config)
         return configs
+
+    def recipe_variants(self, configs: Iterable[TuneConfig]) -> list[TuneConfig]:
+        """``configs`` with each other recipe combination the space searches, in order."""
+        configs = list(configs)
+        return [replace(config, recipes=recipes) for recipes in self.recipe_sets[1:] for config in configs]
 
     def fp32_macs_fraction(self, config: TuneConfig) -> float:
         """Share of the model's multiply-accumulates left in fp32, a bf16 op's counted at
@@ -296,11 +316,14 @@ class TuningSpace:
         return sum(op.weights * share[dtypes[op.name]] for op in self.ops) / total
 
     def fingerprint(self) -> dict:
-        return {
+        fingerprint = {
             "ops": [[op.name, op.op_type] for op in self.ops],
             "choices": {name: [scheme.to_dict() for scheme in schemes] for name, schemes in self.choices.items()},
             "sampling_sizes": list(self.sampling_sizes),
         }
+        if self.recipe_sets != ((),):
+            fingerprint["recipe_sets"] = [list(recipes) for recipes in self.recipe_sets]
+        return fingerprint
 
 
 def describe_capabilities(capabilities: list[OpCapability]) -> str:

@@ -74,9 +74,12 @@ def accuracy_of_numpy(predict, loader) -> float:
 
 
 def base_conf(tmp_path, framework: str = "pytorch", **tuning) -> dict:
-    """A minimal configuration for the digits CNN with topk, workspace in tmp_path."""
+    """A minimal configuration for the digits CNN with topk, workspace in tmp_path. Recipes are
+    off: the outlier CNNs here are built to need fallback, which equalization would spare them;
+    so is bf16, whose use for fallback ops follows their measured speed (tests of each turn it on)."""
     conf = {
         "model": {"name": "digits", "framework": framework},
+        "quantization": {"recipes": False, "use_bf16": False},
         "evaluation": {"accuracy": {"metric": {"topk": 1}}},
         "tuning": {"workspace": {"path": str(tmp_path / "ws")}, **tuning},
         "ray": {"workers": 2},

@@ -165,7 +165,7 @@ def test_a_bf16_op_lowers_to_bf16_kernels_beside_int8_ones(trained_digits):
 def test_tuning_ends_with_the_outlier_ops_in_bf16_not_fp32(ray_session, outlier_digits, tmp_path):
     model, calibration, evaluation = outlier_digits
     conf = base_conf(tmp_path, exit_policy={"timeout": 600, "max_trials": 30})  # a timeout: prune the fallback set
-    conf["quantization"] = {"use_bf16": True}
+    conf["quantization"]["use_bf16"] = True
     result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
     assert result.passed and result.n_evaluated > 2  # the model-wise configs failed: bf16 came from fallback
     assert set(result.bf16_ops) == {"conv2", "fc1"} and result.fp32_ops == ()
@@ -193,3 +193,25 @@ def test_unset_use_bf16_keeps_bf16_out_of_the_search_but_offers_the_fallback_ops
     assert space(model_wise={"weight": {"dtype": ["int8", "fp32"]}}).bf16_twin(fallback) is None
     searched = space(use_bf16=True)  # in the search already: no twin at the end
     assert BF16 in searched.choices["op1"] and searched.bf16_twin(fallback) is None
+
+
+@needs_bf16_cpu
+def test_a_tunings_fallback_ops_end_in_bf16_only_if_measured_faster(ray_session, outlier_digits, tmp_path):
+    from lpot_ray.history import History
+    from lpot_ray.session import BF16_WORTH
+
+    model, calibration, evaluation = outlier_digits
+    conf = base_conf(tmp_path, accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 0, "max_trials": 30})
+    del conf["quantization"]["use_bf16"]  # unset: bf16 not searched, tried for the fallback ops at the end
+    conf["ray"]["workers"] = 1
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    twin = History(tmp_path / "ws" / "history.db").get_meta("bf16_twin")
+    assert result.passed and twin is not None and twin["bf16_ops"]
+    faster = twin["latency_ratio"] > BF16_WORTH * twin["fp32_fallback_latency_ratio"]
+    assert twin["kept"] == (faster and result.baseline - twin["accuracy"] <= 0.02)
+    fallback = set(twin["bf16_ops"])
+    if twin["kept"]:
+        assert set(result.bf16_ops) == fallback and not fallback & set(result.fp32_ops)
+        assert result.objectives["latency_ratio"] == twin["latency_ratio"]
+    else:
+        assert result.bf16_ops == () and fallback <= set(result.fp32_ops)

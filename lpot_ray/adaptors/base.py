@@ -50,6 +50,12 @@ class Adaptor(ABC):
     calibration_passes: int = 0
     calibration_seconds: float = 0.0
 
+    def recipes(self, model: Any) -> tuple[str, ...]:
+        """The accuracy-recovery recipes (``lpot_ray.recipes``) that ``quantize`` applies to the
+        loaded ``model`` under this adaptor's approach when a config names them, and that can
+        change something there (no equalization for a model without a pair to equalize)."""
+        return ()
+
     @classmethod
     def for_approach(cls, approach: Approach) -> "Adaptor":
         """An adaptor working in ``approach``: how the driver and the workers make theirs."""

@@ -46,6 +46,7 @@ import numpy as np
 from ..config import Approach, TrainSection
 from ..cpu import bf16_unavailable_reason
 from ..errors import DataError, MissingFrameworkError, ModelError
+from ..recipes import CROSS_LAYER_EQUALIZATION, FAST_BIAS_CORRECTION
 from ..space import BF16, Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
 
@@ -153,6 +154,7 @@ class PyTorchAdaptor(Adaptor):
         self.torch, self.pt2e, self.quantize_pt2e, self.x86 = import_torch()
         # Per fp32 model: observer states keyed by (observed node, observer kind, sampling size).
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.equalized_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CLE's weights, per model
         # Per fp32 model: [(int8 op schemes trained for, trained parameters, fake-quant states)].
         self.trained_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.trainings = 0  # q_func calls: once per set of int8 op schemes
@@ -266,13 +268,60 @@ class PyTorchAdaptor(Adaptor):
         then says why)."""
         return (BF16,) if bf16_unavailable_reason() is None else ()
 
+    def recipes(self, model: Any) -> tuple[str, ...]:
+        """Equalization where the graph has a pair to equalize and activations are quantized;
+        bias correction where they are calibrated (its error is measured on the calibration
+        batches) and an op has a bias."""
+        from . import pytorch_recipes
+
+        if self.approach == Approach.QAT:
+            return ()
+        module = model.module()
+        offered = [CROSS_LAYER_EQUALIZATION] if pytorch_recipes.equalizable(module) else []
+        if self.approach == Approach.STATIC and any(len(node.args) > 2 and node.args[2] is not None
+                                                    for _, _, node in _quantizable_nodes(module)):
+            offered.append(FAST_BIAS_CORRECTION)
+        return tuple(offered)
+
+    def fp32_module(self, model: Any, config: TuneConfig) -> Any:
+        """The fp32 graph module, rewritten by the config's function-preserving recipes: what its
+        int8 form is quantized from and compared with. A new module each time (quantizing
+        rewrites the graph), sharing the model's tensors except those a recipe replaced."""
+        from . import pytorch_recipes
+
+        module = model.module()
+        if CROSS_LAYER_EQUALIZATION in config.recipes:
+            if model not in self.equalized_cache:
+                self.equalized_cache[model] = pytorch_recipes.equalized(module)
+            module = pytorch_recipes.with_parameters(module, self.equalized_cache[model])
+        return module
+
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
+        from . import pytorch_recipes
+
+        preserving = tuple(name for name in config.recipes if name != FAST_BIAS_CORRECTION)
+        quantized = self._quantized(model, self.fp32_module(model, config), config, calibration, preserving)
+        if FAST_BIAS_CORRECTION not in config.recipes:
+            return quantized
+        reference = self.fp32_module(model, config)
+        ops = {path: (node.name, node.args[2].target) for path, _, node in _quantizable_nodes(reference)
+               if path in config.int8_ops and len(node.args) > 2 and getattr(node.args[2], "op", None) == "get_attr"}
+        biases = pytorch_recipes.bias_corrections(reference, quantized, ops, take_samples(calibration, config.sampling_size),
+                                                  _node_outputs)
+        return self._quantized(model, pytorch_recipes.with_parameters(reference, biases), config, calibration,
+                               config.recipes)
+
+    def _quantized(self, model: Any, module: Any, config: TuneConfig, calibration: Sequence[Any],
+                   recipes: tuple[str, ...]) -> Any:
+        """``module`` (the fp32 ``model``'s graph, its weights rewritten by ``recipes``) prepared,
+        calibrated and converted; activation statistics are cached per model and recipes."""
         quantizer = self.x86.X86InductorQuantizer()
         for name, scheme in config.op_schemes:
             if scheme.dtype == "int8":
                 quantizer.set_module_name_qconfig(name, self.quantization_config(scheme))
-        prepared = self.quantize_pt2e.prepare_pt2e(model.module(), quantizer)
-        self._calibrate(prepared, calibration, config.sampling_size, self.calibration_cache.setdefault(model, {}))
+        prepared = self.quantize_pt2e.prepare_pt2e(module, quantizer)
+        cache = self.calibration_cache.setdefault(model, {}).setdefault(recipes, {})
+        self._calibrate(prepared, calibration, config.sampling_size, cache)
         return self._converted(model, prepared, config, calibration)
 
     def quantize_aware(self, model: Any, config: TuneConfig, q_func: Any, calibration: Sequence[Any]) -> Any:
@@ -369,7 +418,7 @@ class PyTorchAdaptor(Adaptor):
             cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
 
     def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
-        fp32 = model.module()
+        fp32 = self.fp32_module(model, config)
         nodes = {path: node.name for path, _, node in _quantizable_nodes(fp32)}
         quantized_alone = {name: self.quantize(model, config.with_fallback(set(config.int8_ops) - {name}), calibration)
                            for name in config.int8_ops}

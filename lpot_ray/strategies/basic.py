@@ -2,7 +2,10 @@
 
 Phases, each proposing a batch of independent configs:
 
-1. model-wise: every model-wise config (one int8 scheme everywhere). If one passes, done.
+1. model-wise: every model-wise config (one int8 scheme everywhere). If one passes, done; if
+   not, and the space has accuracy-recovery recipes, the same configs with each recipe
+   combination, all at once: if one passes, done. Fallback then starts from the most accurate of
+   all, its recipes kept.
 2. rank: from the most accurate model-wise config, each op alone in fp32, all at once. If one
    passes, done; otherwise the ops are ranked by the accuracy their fallback recovered. (The
    mse strategy changes only this phase.) A model of more than ``GROUPED_ABOVE`` int8 ops
@@ -46,6 +49,7 @@ class BasicStrategy(Strategy):
         self.queue: list[Proposal] = list(space.model_wise_configs())
         self.waiting: dict[str, Proposal] = {}
         self.outcomes: list[Trial] = []
+        self.model_wise: list[Trial] = []  # the model-wise outcomes, while their recipe variants run
         self.base: Optional[TuneConfig] = None
         self.ranking: list[str] = []
         self.prefix_sizes: list[int] = []  # the accumulated prefixes: ops in fp32 for each
@@ -93,8 +97,15 @@ class BasicStrategy(Strategy):
         if self.phase == "model_wise":
             if passing or all(trial.status.is_failure for trial in outcomes):
                 return self._finish()  # done, or nothing quantized runs at all: say so, stop
-            self.base = max(outcomes, key=self.score).config
-            self._start("rank", self._ranking_proposals())
+            self.model_wise = outcomes
+            variants = self.space.recipe_variants(trial.config for trial in outcomes)
+            if variants:
+                return self._start("recipes", variants)
+            self._fall_back_from(outcomes)
+        elif self.phase == "recipes":
+            if passing:
+                return self._finish()
+            self._fall_back_from(self.model_wise + outcomes)
         elif self.phase == "rank":
             if passing:
                 return self._prune_from(self._best(passing))  # a group fallback passed: make it smaller
@@ -120,6 +131,11 @@ class BasicStrategy(Strategy):
                 self.single_best = best
                 return self._start("combine", [_verdict(self._fall_back(set(self.pruning) - given_back))])
             self._prune_from(best)
+
+    def _fall_back_from(self, outcomes: list[Trial]) -> None:
+        """Rank the ops of the most accurate config evaluated so far, for fallback."""
+        self.base = max(outcomes, key=self.score).config
+        self._start("rank", self._ranking_proposals())
 
     def _best(self, passing: list[Trial]) -> Trial:
         return min(passing, key=lambda trial: (trial.objective, -self.score(trial), trial.key))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
@@ -140,6 +141,8 @@ class BayesianStrategy(Strategy):
                 matrix[row, self._columns[(name, scheme)]] = 1.0
             if len(self.space.sampling_sizes) > 1:
                 matrix[row, self._columns[("sampling_size", config.sampling_size)]] = 1.0
+            if len(self.space.recipe_sets) > 1:
+                matrix[row, self._columns[("recipes", config.recipes)]] = 1.0
         return matrix
 
 
@@ -151,17 +154,21 @@ def _one_hot_columns(space: TuningSpace) -> dict[tuple, int]:
     if len(space.sampling_sizes) > 1:
         for size in space.sampling_sizes:
             columns[("sampling_size", size)] = len(columns)
+    if len(space.recipe_sets) > 1:  # each recipe combination a dimension of its own
+        for recipes in space.recipe_sets:
+            columns[("recipes", recipes)] = len(columns)
     return columns
 
 
 def _single_changes(space: TuningSpace, config: TuneConfig) -> list[TuneConfig]:
-    """Every config that differs from ``config`` in one op's choice."""
+    """Every config that differs from ``config`` in one op's choice, or in its recipes."""
     mutants = []
     schemes = dict(config.op_schemes)
     for op in space.ops:
         for scheme in space.choices[op.name]:
             if scheme != schemes[op.name]:
                 changed = tuple((name, scheme if name == op.name else current) for name, current in config.op_schemes)
-                mutants.append(TuneConfig(changed, config.sampling_size))
+                mutants.append(TuneConfig(changed, config.sampling_size, config.recipes))
+    mutants += [replace(config, recipes=recipes) for recipes in space.recipe_sets if recipes != config.recipes]
     return mutants
 

@@ -1,0 +1,150 @@
+"""The accuracy-recovery recipes of ``lpot_ray.recipes`` on a torch.export graph module.
+
+Each computes new values for some of the module's parameters, from its graph and weights (and,
+for bias correction, from calibration outputs); ``with_parameters`` puts them into a module.
+The fp32 model's own tensors are never written: ``ExportedProgram.module()`` shares them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+# Ops that commute with a positive per-channel scale: equalization may look through them.
+SCALE_COMMUTING = {"aten.relu.default", "aten.relu_.default", "aten.max_pool2d.default", "aten.avg_pool2d.default",
+                   "aten.adaptive_avg_pool2d.default", "aten.dropout.default"}
+# Ops that lay an NCHW tensor's channels out as consecutive blocks of features (N, C*H*W).
+FLATTENING = {"aten.flatten.using_ints", "aten.view.default", "aten.reshape.default"}
+WEIGHTED = {"aten.conv2d.default", "aten.linear.default"}
+EQUALIZATION_PASSES = 3  # a chain conv -> conv -> linear settles in a few passes (AIMET iterates so too)
+
+
+def with_parameters(module: Any, values: dict[str, Any]) -> Any:
+    """``module`` with the named parameters replaced by ``values`` (new tensors, not written into
+    the old ones, which other modules share)."""
+    import torch
+
+    for name, value in values.items():
+        owner, _, attribute = name.rpartition(".")
+        module.get_submodule(owner)._parameters[attribute] = torch.nn.Parameter(value, requires_grad=False)
+    return module
+
+
+def equalized(module: Any) -> dict[str, Any]:
+    """Cross-layer equalization: new weights (and first biases) of each pair of Conv/Linear ops
+    joined only by scale-commuting ops, so that each channel between them has the same weight
+    range in both. The function is unchanged in fp32: ReLU(x / s) = ReLU(x) / s for s > 0."""
+    import torch
+
+    values = {name: tensor.detach().clone() for name, tensor in module.named_parameters()}
+    pairs = list(_equalization_pairs(module))
+    with torch.no_grad():
+        for _ in range(EQUALIZATION_PASSES):
+            for first_weight, first_bias, second_weight in pairs:
+                w1, w2 = values[first_weight], values[second_weight]
+                channels = w1.shape[0]
+                per_channel = w2.shape[1] // channels  # 1, or the features a flatten gives each channel
+                w2_blocks = w2.reshape(w2.shape[0], channels, per_channel, *w2.shape[2:])
+                range1 = w1.abs().reshape(channels, -1).amax(dim=1)
+                range2 = w2_blocks.abs().transpose(0, 1).reshape(channels, -1).amax(dim=1)
+                scale = torch.where((range1 > 0) & (range2 > 0), (range1 / range2.clamp_min(1e-30)).sqrt(),
+                                    torch.ones_like(range1))
+                values[first_weight] = w1 / scale.reshape(-1, *([1] * (w1.dim() - 1)))
+                if first_bias is not None:
+                    values[first_bias] = values[first_bias] / scale
+                shape = [1, channels, 1] + [1] * (w2.dim() - 2)
+                values[second_weight] = (w2_blocks * scale.reshape(shape)).reshape(w2.shape)
+    changed = {name for pair in pairs for name in pair if name is not None}
+    return {name: value for name, value in values.items() if name in changed}
+
+
+def equalizable(module: Any) -> bool:
+    """Whether the graph has a pair of ops that equalization would rescale."""
+    return next(iter(_equalization_pairs(module)), None) is not None
+
+
+def _equalization_pairs(module: Any) -> Iterable[tuple[str, Optional[str], str]]:
+    """(first weight, first bias or None, second weight) of each equalizable pair."""
+    for node in module.graph.nodes:
+        if not _weighted(node):
+            continue
+        chain, flattened = node, False
+        while len(chain.users) == 1:
+            (user,) = chain.users
+            target = str(user.target)
+            if target in SCALE_COMMUTING and user.args[0] is chain:
+                chain = user
+            elif target in FLATTENING and user.args[0] is chain and not flattened and _flattens_from_channels(user):
+                chain, flattened = user, True
+            else:
+                break
+        if len(chain.users) != 1:
+            continue
+        (consumer,) = chain.users
+        if not _weighted(consumer) or consumer.args[0] is not chain:
+            continue
+        if flattened and str(consumer.target) != "aten.linear.default":
+            continue
+        first, second = _param(module, node.args[1]), _param(module, consumer.args[1])
+        channels = first.shape[0]
+        if second.dim() < 2 or second.shape[1] % channels or (not flattened and second.shape[1] != channels):
+            continue  # the channels don't map one to one (or to blocks) onto the second op's inputs
+        bias = node.args[2] if len(node.args) > 2 and node.args[2] is not None else None
+        yield node.args[1].target, (bias.target if bias is not None else None), consumer.args[1].target
+
+
+def _weighted(node: Any) -> bool:
+    """A Conv2d/Linear call with its weight (and bias) as parameters and no groups."""
+    if node.op != "call_function" or str(node.target) not in WEIGHTED:
+        return False
+    if len(node.args) < 2 or getattr(node.args[1], "op", None) != "get_attr":
+        return False
+    if len(node.args) > 2 and node.args[2] is not None and getattr(node.args[2], "op", None) != "get_attr":
+        return False
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    return groups == 1
+
+
+def _flattens_from_channels(node: Any) -> bool:
+    """Whether a flatten/view keeps the batch dimension and joins the rest, channel first."""
+    if str(node.target) == "aten.flatten.using_ints":
+        start = node.args[1] if len(node.args) > 1 else 0
+        end = node.args[2] if len(node.args) > 2 else -1
+        return start == 1 and end == -1
+    shape = node.args[1] if len(node.args) > 1 else ()
+    return isinstance(shape, (list, tuple)) and len(shape) == 2
+
+
+def _param(module: Any, node: Any) -> Any:
+    return module.get_parameter(node.target)
+
+
+def bias_corrections(reference: Any, quantized: Any, ops: dict[str, tuple[str, str]], batches: Iterable[Any],
+                     outputs_of: Callable[[Any, dict[str, str], Any], dict[str, Any]]) -> dict[str, Any]:
+    """Fast bias correction: for each op (name -> its graph node's name and its bias parameter),
+    the bias less the mean error per output channel that quantizing brought, measured on
+    ``batches`` (``outputs_of(module, {op: node}, inputs)`` records op outputs)."""
+    import torch
+
+    nodes = {op: node for op, (node, _) in ops.items()}
+    errors: dict[str, Any] = {}
+    count = 0
+    for inputs in batches:
+        fp32, int8 = outputs_of(reference, nodes, inputs), outputs_of(quantized, nodes, inputs)
+        for op in nodes:
+            if op in fp32 and op in int8:
+                error = _per_channel_mean(int8[op].float() - fp32[op].float(), fp32[op].dim())
+                errors[op] = errors[op] + error if op in errors else error
+        count += 1
+    corrected = {}
+    with torch.no_grad():
+        for op, (_, bias) in ops.items():
+            if op in errors and count:
+                corrected[bias] = reference.get_parameter(bias).detach() - errors[op] / count
+    return corrected
+
+
+def _per_channel_mean(error: Any, dims: int) -> Any:
+    """Mean over every dimension but the channel one: 1 for a conv output (N, C, H, W), the last
+    for a linear one (N, ..., C)."""
+    channel = 1 if dims == 4 else dims - 1
+    return error.transpose(channel, -1).reshape(-1, error.shape[channel]).mean(dim=0)

@@ -1,0 +1,184 @@
+"""Accuracy-recovery recipes: exact in fp32, in the space as plain data, tried before fallback,
+and what they recover on a real model."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import lpot_ray
+from lpot_ray.config import ExitPolicy, load_config
+from lpot_ray.engine import Criterion, Engine
+from lpot_ray.errors import SpaceError
+from lpot_ray.history import History
+from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION as CLE
+from lpot_ray.recipes import FAST_BIAS_CORRECTION as FBC
+from lpot_ray.recipes import RECIPES, recipe_sets
+from lpot_ray.space import TuneConfig, TuningSpace
+from lpot_ray.strategies.basic import BasicStrategy
+
+from conftest import accuracy_of, base_conf
+from fakes import FakeExecutor, make_space
+
+
+# --- as plain data ------------------------------------------------------------------------------
+def test_recipe_sets_try_fewest_first_and_follow_the_yaml():
+    assert recipe_sets(RECIPES, {}) == ((), (CLE,), (FBC,), (CLE, FBC))
+    assert recipe_sets(RECIPES, {FBC: True}) == ((FBC,), (CLE, FBC))  # always on
+    assert recipe_sets(RECIPES, {CLE: False, FBC: False}) == ((),)
+    assert recipe_sets((CLE,), {FBC: True}) == ((), (CLE,))  # not offered: never on
+    assert load_config({"model": {"framework": "pytorch"}, "quantization": {"recipes": False}}).quantization.recipes.wanted() \
+        == {CLE: False, FBC: False}
+
+
+def test_recipes_are_a_dimension_of_the_space_and_part_of_a_configs_identity():
+    plain = make_space(n_ops=2)
+    space = TuningSpace.build(plain_capabilities(), load_config({"model": {"framework": "pytorch"}}).quantization, RECIPES)
+    assert space.size == plain.size * 4
+    assert {space.config_at(index).recipes for index in range(space.size)} == set(space.recipe_sets)
+    config = space.config_at(0)
+    assert config.recipes == () and config.key == plain.config_at(0).key  # no recipes: the key it always had
+    with_cle = replace(config, recipes=(CLE,))
+    assert with_cle.key != config.key and TuneConfig.from_dict(with_cle.to_dict()) == with_cle
+    assert space.recipe_variants([config]) == [replace(config, recipes=recipes) for recipes in space.recipe_sets[1:]]
+    with pytest.raises(SpaceError, match=r"recipes \['smooth_quant'\] are not among"):
+        space.check(replace(config, recipes=("smooth_quant",)))
+
+
+def plain_capabilities():
+    from lpot_ray.space import Op, OpCapability, OpScheme, TensorScheme
+
+    int8 = [OpScheme(TensorScheme("int8", "sym", "per_channel"), TensorScheme("uint8", "asym", "per_tensor", algorithm))
+            for algorithm in ("minmax", "kl")]
+    return [OpCapability(Op(f"op{i}", "Linear", macs=10 * (i + 1)), tuple(int8)) for i in range(2)]
+
+
+def test_basic_tries_recipes_before_fallback_and_falls_back_on_the_best_recipe(tmp_path):
+    """Equalization recovers op0's loss and most of op1's, not all: fallback runs with it and
+    needs op1 only."""
+    space = TuningSpace.build(plain_capabilities(), load_config({"model": {"framework": "pytorch"}}).quantization,
+                              (CLE,))
+
+    history = History(tmp_path / "h.db")
+    engine = Engine(BasicStrategy(space), FakeExecutor(two_op_accuracy, 2), history, Criterion(0.9, absolute=0.005),
+                    ExitPolicy(timeout=60), space.fp32_macs_fraction)
+    outcome = engine.run()
+    trials = outcome.trials
+    assert [trial.config.recipes for trial in trials[:4]] == [(), (), (CLE,), (CLE,)]  # model-wise, then with CLE
+    assert all(trial.config.recipes == (CLE,) for trial in trials[4:])  # fallback from the CLE config
+    best = outcome.passing[0]
+    assert best.config.recipes == (CLE,) and best.config.fp32_ops == ("op1",)  # op0 stays int8 thanks to CLE
+
+
+def test_bayesian_searches_recipes_as_a_dimension_and_finds_the_equalized_pass(tmp_path):
+    from lpot_ray.strategies.bayesian import BayesianStrategy
+
+    space = TuningSpace.build(plain_capabilities(), load_config({"model": {"framework": "pytorch"}}).quantization, (CLE,))
+    strategy = BayesianStrategy(space, seed=0)
+    strategy.parallelism = 2
+    engine = Engine(strategy, FakeExecutor(two_op_accuracy, 2), History(tmp_path / "h.db"),
+                    Criterion(0.9, absolute=0.005), ExitPolicy(timeout=60, max_trials=24), space.fp32_macs_fraction)
+    outcome = engine.run()
+    for trial in outcome.trials:
+        space.check(trial.config)
+    assert {trial.config.recipes for trial in outcome.trials} == {(), (CLE,)}
+    assert outcome.passing[0].config.recipes == (CLE,) and outcome.passing[0].config.fp32_ops == ("op1",)
+
+
+def two_op_accuracy(config):
+    """op0 int8 costs 0.03 unless equalized; op1 int8 costs 0.05, 0.01 equalized."""
+    equalized = CLE in config.recipes
+    return (0.9 - (0.01 if equalized else 0.05) * ("op1" in config.int8_ops)
+            - (0.0 if equalized else 0.03) * ("op0" in config.int8_ops))
+
+
+# --- PyTorch -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported_outliers(outlier_digits):
+    from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+
+    model, calibration, evaluation = outlier_digits
+    adaptor = PyTorchAdaptor()
+    return adaptor, adaptor.load(adaptor.prepare(model, next(iter(calibration))[0])), calibration, evaluation
+
+
+def test_equalization_is_exact_in_fp32_and_leaves_the_fp32_model_alone(exported_outliers):
+    import torch
+
+    from lpot_ray.adaptors import pytorch_recipes
+
+    adaptor, exported, _, evaluation = exported_outliers
+    before = {name: tensor.clone() for name, tensor in exported.module().named_parameters()}
+    equalized = pytorch_recipes.equalized(exported.module())
+    # conv1 -> conv2 through ReLU, conv2 -> fc1 through ReLU, max-pooling and flatten, fc1 -> fc2
+    assert set(equalized) == {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias",
+                              "fc2.weight"}
+    module = pytorch_recipes.with_parameters(exported.module(), equalized)
+    images = next(iter(evaluation))[0]
+    with torch.no_grad():
+        fp32, equalized_output = exported.module()(images), module(images)
+    assert torch.allclose(equalized_output, fp32, rtol=1e-4, atol=1e-4 * float(fp32.abs().max()))
+    assert all(torch.equal(tensor, before[name]) for name, tensor in exported.module().named_parameters())
+    ranges = [float(module.get_parameter(name).detach().abs().amax()) for name in ("conv1.weight", "conv2.weight")]
+    assert max(ranges) < 50 < float(exported.module().conv1.weight.detach().abs().amax())  # the x1000 channel is gone
+
+
+def test_equalization_makes_an_outlier_model_pass_all_int8_where_plain_int8_breaks(exported_outliers):
+    adaptor, exported, calibration, evaluation = exported_outliers
+    batches = [images for images, _ in calibration]
+    space = TuningSpace.build(adaptor.capabilities(exported), load_config({"model": {"framework": "pytorch"}}).quantization,
+                              adaptor.recipes(exported))
+    config = space.model_wise_configs()[0]
+    baseline = accuracy_of(exported.module(), evaluation)
+    assert accuracy_of(adaptor.quantize(exported, config, batches), evaluation) < 0.5
+    assert accuracy_of(adaptor.quantize(exported, replace(config, recipes=(CLE,)), batches), evaluation) >= baseline - 0.01
+
+
+def test_bias_correction_removes_most_of_the_int8_outputs_bias(digits):
+    from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+
+    model, calibration, evaluation = digits
+    adaptor = PyTorchAdaptor()
+    exported = adaptor.load(adaptor.prepare(model, next(iter(calibration))[0]))
+    assert adaptor.recipes(exported) == (CLE, FBC)
+    config = TuningSpace.build(adaptor.capabilities(exported), load_config({"model": {"framework": "pytorch"}}).quantization,
+                               adaptor.recipes(exported)).model_wise_configs()[0]
+    batches = [images for images, _ in calibration]
+    reference = np.concatenate([adaptor.predict(exported.module(), images) for images, _ in evaluation])
+
+    def errors(recipes):  # on the evaluation batches, which the correction never saw
+        quantized = adaptor.quantize(exported, replace(config, recipes=recipes), batches)
+        error = np.concatenate([adaptor.predict(quantized, images) for images, _ in evaluation]) - reference
+        return float(np.abs(error.mean(axis=0)).mean()), float((error ** 2).mean())
+
+    (plain_bias, plain_mse), (corrected_bias, corrected_mse) = errors(()), errors((FBC,))
+    assert corrected_bias < 0.8 * plain_bias and corrected_mse < plain_mse
+
+
+def test_a_tuning_equalizes_instead_of_falling_back_and_the_saved_model_keeps_it(ray_session, outlier_digits, tmp_path):
+    model, calibration, evaluation = outlier_digits
+    conf = base_conf(tmp_path, accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 0, "max_trials": 20})
+    del conf["quantization"]  # recipes searched, as by default
+    conf["ray"]["workers"] = 1
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed and result.fp32_ops == () and CLE in result.config.recipes
+    assert len(result.int8_ops) == 4 and result.baseline - result.accuracy <= 0.02
+    loaded = lpot_ray.load(result.save(tmp_path / "saved"))
+    assert loaded.config.recipes == result.config.recipes
+    assert accuracy_of(loaded.model, evaluation) == pytest.approx(result.accuracy)
+
+
+def test_a_recipe_asked_for_where_it_cant_apply_is_off_with_a_warning(digits, tmp_path, caplog):
+    import logging
+
+    from lpot_ray import session
+
+    model, calibration, evaluation = digits
+    conf = base_conf(tmp_path)
+    conf["quantization"] = {"approach": "post_training_dynamic_quant", "recipes": {FBC: True}}
+    caplog.set_level(logging.WARNING, "lpot_ray")
+    job = session.prepare(load_config(conf), model, calibration, eval_dataloader=evaluation)
+    job.history.close()
+    assert "`quantization.recipes.fast_bias_correction`: the pytorch adaptor can't apply it to this model under " \
+           "post_training_dynamic_quant; it is off" in caplog.text
+    assert job.space.recipe_sets == ((), (CLE,))
