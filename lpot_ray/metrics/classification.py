@@ -69,19 +69,29 @@ class Accuracy(ShareCorrect):
         self.add(correct=(preds == labels).sum(), total=labels.shape[0])
 
 
-class F1(SummedMetric):
-    """F1 score of binary classification (positive class 1), from summed tp / fp / fn."""
+class BinaryConfusion(SummedMetric):
+    """Binary classification (positive class 1) from summed confusion counts; a subclass says
+    which figure of them it reports."""
 
-    SUMS = ("tp", "fp", "fn", "total")
+    SUMS = ("tp", "tn", "fp", "fn")
     merges_exactly = True
 
     def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
-        preds, labels = predicted_classes(preds, labels, "F1")
+        preds, labels = predicted_classes(preds, labels, type(self).__name__)
         predicted, actual = preds == 1, labels == 1
-        self.add(tp=(predicted & actual).sum(), fp=(predicted & ~actual).sum(), fn=(~predicted & actual).sum(),
-                 total=labels.shape[0])
+        self.add(tp=(predicted & actual).sum(), tn=(~predicted & ~actual).sum(),
+                 fp=(predicted & ~actual).sum(), fn=(~predicted & actual).sum())
+
+    def counts(self) -> tuple[float, float, float, float]:
+        """tp, tn, fp, fn; an error if no sample was evaluated."""
+        if not any(self.sums.values()):
+            raise EvaluationError(f"{type(self).__name__}: no samples were evaluated (empty evaluation loader?)")
+        return self.sums["tp"], self.sums["tn"], self.sums["fp"], self.sums["fn"]
+
+
+class F1(BinaryConfusion):
+    """F1 score of binary classification."""
 
     def result(self) -> float:
-        self.require("total")
-        tp, fp, fn = self.sums["tp"], self.sums["fp"], self.sums["fn"]
+        tp, _, fp, fn = self.counts()
         return 2 * tp / (2 * tp + fp + fn) if tp else 0.0

@@ -10,29 +10,18 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import ConfigError, EvaluationError
-from .base import Metric, SummedMetric
-from .classification import Accuracy, predicted_classes
+from .base import Metric
+from .classification import Accuracy, BinaryConfusion
 
 ACCURACY_TASKS = ("mrpc", "qqp", "qnli", "rte", "mnli", "wnli", "sst-2")
 TASKS = ACCURACY_TASKS + ("cola", "sts-b")
 
 
-class MatthewsCorrelation(SummedMetric):
-    """Matthews correlation of binary predictions, from summed confusion counts."""
-
-    SUMS = ("tp", "tn", "fp", "fn")
-    merges_exactly = True
-
-    def update(self, preds: np.ndarray, labels: np.ndarray) -> None:
-        preds, labels = predicted_classes(preds, labels, "GLUE cola")
-        predicted, actual = preds == 1, labels == 1
-        self.add(tp=(predicted & actual).sum(), tn=(~predicted & ~actual).sum(),
-                 fp=(predicted & ~actual).sum(), fn=(~predicted & actual).sum())
+class MatthewsCorrelation(BinaryConfusion):
+    """Matthews correlation of binary predictions."""
 
     def result(self) -> float:
-        tp, tn, fp, fn = (self.sums[name] for name in self.SUMS)
-        if tp + tn + fp + fn == 0:
-            raise EvaluationError("GLUE cola: no samples were evaluated (empty evaluation loader?)")
+        tp, tn, fp, fn = self.counts()
         denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
         return (tp * tn - fp * fn) / denominator if denominator else 0.0
 
