@@ -54,6 +54,7 @@ class TrialRunner:
         self._fp32_compiled: Any = None  # compiled once, for every finalist's measurements
         self._timing_batches: Optional[list] = None
         self._fp32_outputs: dict[int, Any] = {}  # by evaluation batch, for a metric that compares with them
+        self._fp32_reference: Any = None  # what they are computed with
         self._handlers: dict[Kind, Callable[[Any, Outcome, Callable[[], bool]], None]] = {
             Kind.TRIAL: self._evaluate, Kind.INSPECTION: self._inspect}
 
@@ -98,7 +99,9 @@ class TrialRunner:
         """The fp32 model's outputs for evaluation batch ``position``, computed once per runner
         (LPOT keeps them too): what LPOT's ``compare_label: false`` compares a candidate with."""
         if position not in self._fp32_outputs:
-            self._fp32_outputs[position] = self.adaptor.predict(self.model, inputs)
+            if self._fp32_reference is None:
+                self._fp32_reference = self.adaptor.reference(self.model)
+            self._fp32_outputs[position] = self.adaptor.predict(self._fp32_reference, inputs)
         return self._fp32_outputs[position]
 
     def _inspect(self, request: InspectRequest, outcome: Outcome, should_stop: Callable[[], bool]) -> None:

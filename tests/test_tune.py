@@ -3,6 +3,7 @@
 import math
 import time
 
+import pytest
 import torch
 
 import lpot_ray
@@ -194,3 +195,15 @@ def test_a_job_that_cannot_be_sent_to_ray_workers_runs_in_the_driver_saying_so(r
     assert result.passed
     assert "the jobs can't be sent to Ray workers (" in caplog.text and "trials run in the driver alone" in caplog.text
 
+
+
+def test_lpots_compare_label_false_measures_the_int8_outputs_against_the_fp32_models(digits, tmp_path):
+    model, calibration, evaluation = digits
+    conf = base_conf(tmp_path, accuracy_criterion={"absolute": 1.0}, exit_policy={"timeout": 0, "max_trials": 3})
+    conf["evaluation"]["accuracy"]["metric"] = {"RMSE": {"compare_label": False}}
+    conf["ray"]["workers"] = 1
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.baseline == 0.0 and result.passed and 0 < result.accuracy <= 1.0
+    with torch.no_grad():
+        error = torch.cat([result.model(images) - model(images) for images, _ in evaluation])
+    assert result.accuracy == pytest.approx(float(error.pow(2).mean().sqrt()), rel=1e-3)

@@ -142,6 +142,11 @@ class Adaptor(ABC):
         where that is what the quantized models run beside (e.g. the same interpreter)."""
         return user_model
 
+    def reference(self, loaded: Any) -> Any:
+        """The loaded fp32 model in the form ``predict`` runs: what a quantized model's outputs
+        are compared with where the metric compares outputs (LPOT's ``compare_label: false``)."""
+        return loaded
+
     def user_model(self, model: Any) -> Any:
         """What a user's ``eval_func`` receives for a quantized ``model``."""
         return model

@@ -432,6 +432,9 @@ class PyTorchAdaptor(Adaptor):
                 noise[name] += float(((output - reference[name]) ** 2).mean())
         return {name: noise[name] / max(signal[name], 1e-12) for name in quantized_alone}
 
+    def reference(self, loaded: Any) -> Any:
+        return loaded.module()
+
     def predict(self, model: Any, inputs: Any) -> np.ndarray:
         args, kwargs = as_call(inputs)
         with self.torch.no_grad():
