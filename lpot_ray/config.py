@@ -8,6 +8,7 @@ does not implement yet are reported as such, so an LPOT user knows the key is no
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from . import lpot_compat
 from .errors import ConfigError
+from .recipes import RECIPES, SMOOTH_QUANT_ALPHAS
 from .yaml_file import read_yaml
 
 DTYPES = ("int8", "uint8", "fp32", "bf16")
@@ -166,15 +168,33 @@ class TrainSection(_Section):
         return self
 
 
+class SmoothQuantArgs(_Section):
+    alpha: tuple[float, ...] = SMOOTH_QUANT_ALPHAS  # Neural Compressor's key; a list is searched
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alphas(cls, value: Any) -> Any:
+        alphas = (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else lpot_compat.as_list(value)
+        if isinstance(alphas, list):  # LPOT's list string: '0.5, 0.75'
+            with contextlib.suppress(ValueError):
+                alphas = [float(alpha) if isinstance(alpha, str) else alpha for alpha in alphas]
+        if not isinstance(alphas, (list, tuple)) or not alphas or not all(
+                isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1 for alpha in alphas):
+            raise ValueError("must be a number in (0, 1) or a list of them, e.g. 0.5")
+        return tuple(float(alpha) for alpha in alphas)
+
+
 class RecipesSection(_Section):
     """Which accuracy-recovery recipes the search may use (``lpot_ray.recipes``): unset, it tries
     each one the adaptor offers with and without; true, always; false, never."""
 
     cross_layer_equalization: Optional[bool] = None
+    smooth_quant: Optional[bool] = None
+    smooth_quant_args: SmoothQuantArgs = SmoothQuantArgs()
     fast_bias_correction: Optional[bool] = None
 
     def wanted(self) -> dict[str, Optional[bool]]:
-        return self.model_dump()
+        return {name: getattr(self, name) for name in RECIPES}
 
 
 class QuantizationSection(_Section):
@@ -185,7 +205,7 @@ class QuantizationSection(_Section):
     @classmethod
     def _none_for_false(cls, value: Any) -> Any:
         """``recipes: false`` turns every recipe off (the search then falls back ops at once)."""
-        return dict.fromkeys(RecipesSection.model_fields, False) if value is False else value
+        return dict.fromkeys(RECIPES, False) if value is False else value
     # bf16 where the CPU computes it natively. true: a per-op choice between int8 and fp32 in the
     # search; unset: not searched, but the chosen config's fp32 fallback ops are compiled in bf16
     # too at the end and kept so if that passes and runs faster (on small models the casts around

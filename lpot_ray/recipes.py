@@ -1,36 +1,64 @@
-"""Accuracy-recovery recipes: rewrites of the fp32 model, exact in fp32, applied before it is
-quantized, that an int8 model may need fewer fp32 ops after.
+"""Accuracy-recovery recipes: rewrites of the fp32 model, exact in fp32 (bias correction aside),
+applied before it is quantized, that an int8 model may need fewer fp32 ops after.
 
-A recipe is a name in a config (``TuneConfig.recipes``): plain data the search varies like a
-scheme, that a framework's adaptor implements where its int8 path can use it (``Adaptor.recipes``).
+A recipe is an entry in a config (``TuneConfig.recipes``): a name, and for SmoothQuant its alpha
+(``smooth_quant:0.5``); plain data the search varies like a scheme, that a framework's adaptor
+implements where its int8 path can use it (``Adaptor.recipes``).
 
 - ``cross_layer_equalization``: for two Conv/Linear ops joined by ReLU, pooling or a flatten
   (or nothing), scale each channel down in the first op and up in the second by the same factor,
   chosen to give the channel the same weight range in both (Nagel et al., data-free quantization;
   AIMET's CLE). Outlier activation channels are shrunk with the weights that made them.
+- ``smooth_quant``: for Linear ops, divide each input channel by s_j = max|X_j|^alpha /
+  max|W_j|^(1 - alpha) and multiply the weights' column by it (Xiao et al., SmoothQuant; Intel
+  Neural Compressor's name): activation outliers, which per-tensor int8 can't hold, move into
+  the weights, which are quantized per channel. The transformer case.
 - ``fast_bias_correction``: after quantizing, compare each op's output mean per channel on the
-  calibration batches with fp32's and move the bias by the difference (Intel Neural Compressor's
+  calibration batches with fp32's and move the bias by the difference (Neural Compressor's
   name), so the int8 model's outputs are not biased.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from typing import Optional, Sequence
 
 CROSS_LAYER_EQUALIZATION = "cross_layer_equalization"
+SMOOTH_QUANT = "smooth_quant"
 FAST_BIAS_CORRECTION = "fast_bias_correction"
-# In the order they are applied: equalized weights first, then the biases of their int8 form.
-RECIPES = (CROSS_LAYER_EQUALIZATION, FAST_BIAS_CORRECTION)
+# In the order they are applied: equalized weights, then smoothed inputs, then the biases of
+# their int8 form.
+RECIPES = (CROSS_LAYER_EQUALIZATION, SMOOTH_QUANT, FAST_BIAS_CORRECTION)
+SMOOTH_QUANT_ALPHAS = (0.5, 0.75)  # searched unless `smooth_quant_args.alpha` says (0.5: Neural Compressor's default)
 
 
-def recipe_sets(offered: tuple[str, ...], wanted: dict[str, Optional[bool]]) -> tuple[tuple[str, ...], ...]:
-    """The recipe combinations a search tries, fewest recipes first (the default, then each
+def entry(name: str, alpha: Optional[float] = None) -> str:
+    """A config's entry for a recipe: its name, with SmoothQuant's alpha."""
+    return name if alpha is None else f"{name}:{alpha:g}"
+
+
+def name_of(recipe: str) -> str:
+    return recipe.partition(":")[0]
+
+
+def alpha_of(recipe: str) -> float:
+    return float(recipe.partition(":")[2])
+
+
+def recipe_sets(offered: Sequence[str], wanted: dict[str, Optional[bool]],
+                alphas: Sequence[float] = SMOOTH_QUANT_ALPHAS) -> tuple[tuple[str, ...], ...]:
+    """The recipe combinations a search may try, fewest recipes first (the default, then each
     alone, in ``RECIPES`` order): each offered recipe is off (``wanted`` False), always on (True)
-    or both (unset); ones not offered are never on."""
+    or either (unset); ones not offered are never on. SmoothQuant comes once per alpha."""
     options = []
     for name in RECIPES:
         choice = wanted.get(name) if name in offered else False
-        options.append(((),) if choice is False else ((name,),) if choice else ((), (name,)))
+        variants = tuple((entry(name, alpha),) for alpha in alphas) if name == SMOOTH_QUANT else ((name,),)
+        options.append(((),) if choice is False else variants if choice else ((),) + variants)
     combinations = {sum(parts, ()) for parts in itertools.product(*options)}
-    return tuple(sorted(combinations, key=lambda names: (len(names), [RECIPES.index(name) for name in names])))
+    return tuple(sorted(combinations, key=lambda recipes: (len(recipes), [order(recipe) for recipe in recipes])))
+
+
+def order(recipe: str) -> tuple[int, str]:
+    """Where a recipe is applied among the others (and how its variants sort)."""
+    return RECIPES.index(name_of(recipe)), recipe

@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 from .config import Approach, OpRestriction, QuantizationSection, TensorRestriction
 from .errors import ConfigError, SpaceError
-from .recipes import recipe_sets
+from .recipes import name_of, order, recipe_sets
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ class TuningSpace:
             choices[capability.op.name] = searched + (FP32,)
         return cls(tuple(c.op for c in capabilities), choices, tuple(quantization.calibration.sampling_size),
                    quantization.approach, frozenset(bf16_after_search),
-                   recipe_sets(offered_recipes, quantization.recipes.wanted()))
+                   recipe_sets(offered_recipes, quantization.recipes.wanted(), quantization.recipes.smooth_quant_args.alpha))
 
     def bf16_twin(self, config: TuneConfig) -> Optional[TuneConfig]:
         """``config`` with its fp32 fallback ops in bf16 where they may be, or None where none
@@ -291,10 +291,22 @@ class TuningSpace:
                     configs.append(config)
         return configs
 
-    def recipe_variants(self, configs: Iterable[TuneConfig]) -> list[TuneConfig]:
-        """``configs`` with each other recipe combination the space searches, in order."""
-        configs = list(configs)
-        return [replace(config, recipes=recipes) for recipes in self.recipe_sets[1:] for config in configs]
+    def recipe_variants(self, config: TuneConfig) -> list[TuneConfig]:
+        """``config`` with one recipe more, each way the space has (SmoothQuant once per alpha)."""
+        return [replace(config, recipes=recipes) for recipes in self.recipe_sets
+                if len(recipes) == len(config.recipes) + 1 and set(config.recipes) <= set(recipes)]
+
+    def combined_recipes(self, config: TuneConfig, variants: Iterable[TuneConfig]) -> Optional[TuneConfig]:
+        """``config`` with the recipes of all ``variants`` together (of one recipe's variants, the
+        first), where the space has that combination and it joins at least two of them."""
+        chosen: dict[str, str] = {}
+        for variant in variants:
+            for recipe in set(variant.recipes) - set(config.recipes):
+                chosen.setdefault(name_of(recipe), recipe)
+        recipes = tuple(sorted(set(config.recipes) | set(chosen.values()), key=order))
+        if len(chosen) < 2 or recipes not in self.recipe_sets:
+            return None
+        return replace(config, recipes=recipes)
 
     def fp32_macs_fraction(self, config: TuneConfig) -> float:
         """Share of the model's multiply-accumulates left in fp32, a bf16 op's counted at

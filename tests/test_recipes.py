@@ -14,6 +14,8 @@ from lpot_ray.history import History
 from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION as CLE
 from lpot_ray.recipes import FAST_BIAS_CORRECTION as FBC
 from lpot_ray.recipes import RECIPES, recipe_sets
+
+SQ5, SQ75 = "smooth_quant:0.5", "smooth_quant:0.75"
 from lpot_ray.space import TuneConfig, TuningSpace
 from lpot_ray.strategies.basic import BasicStrategy
 
@@ -23,24 +25,34 @@ from fakes import FakeExecutor, make_space
 
 # --- as plain data ------------------------------------------------------------------------------
 def test_recipe_sets_try_fewest_first_and_follow_the_yaml():
-    assert recipe_sets(RECIPES, {}) == ((), (CLE,), (FBC,), (CLE, FBC))
-    assert recipe_sets(RECIPES, {FBC: True}) == ((FBC,), (CLE, FBC))  # always on
-    assert recipe_sets(RECIPES, {CLE: False, FBC: False}) == ((),)
+    assert recipe_sets(RECIPES, {})[:5] == ((), (CLE,), (SQ5,), (SQ75,), (FBC,))  # one alone first, in RECIPES order
+    assert len(recipe_sets(RECIPES, {})) == 2 * 3 * 2 and (CLE, SQ5, FBC) in recipe_sets(RECIPES, {})
+    assert recipe_sets((CLE, FBC), {FBC: True}) == ((FBC,), (CLE, FBC))  # always on
+    assert recipe_sets(RECIPES, {CLE: False, "smooth_quant": False, FBC: False}) == ((),)
     assert recipe_sets((CLE,), {FBC: True}) == ((), (CLE,))  # not offered: never on
+    assert recipe_sets(("smooth_quant",), {}, alphas=(0.6,)) == ((), ("smooth_quant:0.6",))
+    recipes = load_config({"model": {"framework": "pytorch"}, "quantization": {"recipes": {
+        "smooth_quant_args": {"alpha": "0.5, 0.6"}}}}).quantization.recipes
+    assert recipes.smooth_quant_args.alpha == (0.5, 0.6)  # Neural Compressor's key, LPOT's list string
     assert load_config({"model": {"framework": "pytorch"}, "quantization": {"recipes": False}}).quantization.recipes.wanted() \
-        == {CLE: False, FBC: False}
+        == dict.fromkeys(RECIPES, False)
 
 
 def test_recipes_are_a_dimension_of_the_space_and_part_of_a_configs_identity():
     plain = make_space(n_ops=2)
     space = TuningSpace.build(plain_capabilities(), load_config({"model": {"framework": "pytorch"}}).quantization, RECIPES)
-    assert space.size == plain.size * 4
+    assert space.size == plain.size * 12
     assert {space.config_at(index).recipes for index in range(space.size)} == set(space.recipe_sets)
     config = space.config_at(0)
     assert config.recipes == () and config.key == plain.config_at(0).key  # no recipes: the key it always had
     with_cle = replace(config, recipes=(CLE,))
     assert with_cle.key != config.key and TuneConfig.from_dict(with_cle.to_dict()) == with_cle
-    assert space.recipe_variants([config]) == [replace(config, recipes=recipes) for recipes in space.recipe_sets[1:]]
+    assert [variant.recipes for variant in space.recipe_variants(config)] == [(CLE,), (SQ5,), (SQ75,), (FBC,)]
+    assert [variant.recipes for variant in space.recipe_variants(with_cle)] == [(CLE, SQ5), (CLE, SQ75), (CLE, FBC)]
+    combined = space.combined_recipes(config, [replace(config, recipes=(SQ75,)), replace(config, recipes=(SQ5,)),
+                                               replace(config, recipes=(CLE,))])
+    assert combined.recipes == (CLE, SQ75)  # of SmoothQuant's alphas, the first given
+    assert space.combined_recipes(config, [with_cle]) is None  # one recipe is no combination
     with pytest.raises(SpaceError, match=r"recipes \['smooth_quant'\] are not among"):
         space.check(replace(config, recipes=("smooth_quant",)))
 
@@ -64,8 +76,8 @@ def test_basic_tries_recipes_before_fallback_and_falls_back_on_the_best_recipe(t
                     ExitPolicy(timeout=60), space.fp32_macs_fraction)
     outcome = engine.run()
     trials = outcome.trials
-    assert [trial.config.recipes for trial in trials[:4]] == [(), (), (CLE,), (CLE,)]  # model-wise, then with CLE
-    assert all(trial.config.recipes == (CLE,) for trial in trials[4:])  # fallback from the CLE config
+    assert [trial.config.recipes for trial in trials[:3]] == [(), (), (CLE,)]  # model-wise, then the best with CLE
+    assert all(trial.config.recipes == (CLE,) for trial in trials[3:])  # fallback from the CLE config
     best = outcome.passing[0]
     assert best.config.recipes == (CLE,) and best.config.fp32_ops == ("op1",)  # op0 stays int8 thanks to CLE
 
@@ -140,7 +152,7 @@ def test_bias_correction_removes_most_of_the_int8_outputs_bias(digits):
     model, calibration, evaluation = digits
     adaptor = PyTorchAdaptor()
     exported = adaptor.load(adaptor.prepare(model, next(iter(calibration))[0]))
-    assert adaptor.recipes(exported) == (CLE, FBC)
+    assert adaptor.recipes(exported) == RECIPES
     config = TuningSpace.build(adaptor.capabilities(exported), load_config({"model": {"framework": "pytorch"}}).quantization,
                                adaptor.recipes(exported)).model_wise_configs()[0]
     batches = [images for images, _ in calibration]
@@ -181,4 +193,52 @@ def test_a_recipe_asked_for_where_it_cant_apply_is_off_with_a_warning(digits, tm
     job.history.close()
     assert "`quantization.recipes.fast_bias_correction`: the pytorch adaptor can't apply it to this model under " \
            "post_training_dynamic_quant; it is off" in caplog.text
-    assert job.space.recipe_sets == ((), (CLE,))
+    assert FBC not in {recipe for recipes in job.space.recipe_sets for recipe in recipes}
+    assert job.space.recipe_sets[:4] == ((), (CLE,), (SQ5,), (SQ75,))
+
+
+@pytest.fixture(scope="module")
+def outlier_bert():
+    """A tiny BertModel whose hidden states have a few x100 channels where they enter Linear
+    layers (LayerNorm weights scaled, as large transformers have them), exported."""
+    import torch
+
+    pytest.importorskip("transformers", reason="the torch extra is not installed")
+    import transformers
+
+    from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+    from test_transformers import tiny_config, token_batches
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(tiny_config()).eval()
+    with torch.no_grad():
+        bert.embeddings.LayerNorm.weight[7] *= 100
+        for layer in bert.encoder.layer:
+            layer.attention.output.LayerNorm.weight[[3, 17]] *= 100
+        bert.encoder.layer[0].output.LayerNorm.weight[5] *= 100
+    adaptor = PyTorchAdaptor()
+    calibration, evaluation = token_batches((9, 6, 12, 7), 0), token_batches((5, 14, 8, 11, 3), 1)
+    return adaptor, adaptor.load(adaptor.prepare(bert, calibration[0])), calibration, evaluation
+
+
+def test_smooth_quant_is_exact_in_fp32_and_moves_activation_outliers_into_the_weights(outlier_bert):
+    import torch
+
+    adaptor, exported, calibration, evaluation = outlier_bert
+    assert "smooth_quant" in adaptor.recipes(exported)
+    space = TuningSpace.build(adaptor.capabilities(exported), load_config({"model": {"framework": "pytorch"}}).quantization,
+                              adaptor.recipes(exported))
+    config = space.model_wise_configs()[0]
+    smoothed = adaptor.fp32_module(exported, replace(config, recipes=(SQ5,)), calibration)
+    with torch.no_grad():
+        for batch in evaluation:
+            fp32 = exported.module()(**batch).last_hidden_state
+            assert torch.allclose(smoothed(**batch).last_hidden_state, fp32, atol=1e-4 * float(fp32.abs().max()))
+
+    def error(recipes):  # relative error of the int8 model's hidden states
+        quantized = adaptor.quantize(exported, replace(config, recipes=recipes), calibration)
+        with torch.no_grad():
+            return sum(float((quantized(**batch).last_hidden_state - exported.module()(**batch).last_hidden_state).norm()
+                             / exported.module()(**batch).last_hidden_state.norm()) for batch in evaluation)
+
+    assert error((SQ5,)) < error(()) / 2

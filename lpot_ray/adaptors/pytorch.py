@@ -46,7 +46,7 @@ import numpy as np
 from ..config import Approach, TrainSection
 from ..cpu import bf16_unavailable_reason
 from ..errors import DataError, MissingFrameworkError, ModelError
-from ..recipes import CROSS_LAYER_EQUALIZATION, FAST_BIAS_CORRECTION
+from ..recipes import CROSS_LAYER_EQUALIZATION, FAST_BIAS_CORRECTION, SMOOTH_QUANT, alpha_of, name_of
 from ..space import BF16, Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
 
@@ -154,7 +154,8 @@ class PyTorchAdaptor(Adaptor):
         self.torch, self.pt2e, self.quantize_pt2e, self.x86 = import_torch()
         # Per fp32 model: observer states keyed by (observed node, observer kind, sampling size).
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.equalized_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CLE's weights, per model
+        # Per fp32 model: what recipes computed (equalized weights, smoothing scales).
+        self.recipe_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # Per fp32 model: [(int8 op schemes trained for, trained parameters, fake-quant states)].
         self.trained_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.trainings = 0  # q_func calls: once per set of int8 op schemes
@@ -269,41 +270,53 @@ class PyTorchAdaptor(Adaptor):
         return (BF16,) if bf16_unavailable_reason() is None else ()
 
     def recipes(self, model: Any) -> tuple[str, ...]:
-        """Equalization where the graph has a pair to equalize and activations are quantized;
-        bias correction where they are calibrated (its error is measured on the calibration
-        batches) and an op has a bias."""
+        """Where activations are quantized: equalization where the graph has a pair to equalize,
+        SmoothQuant where it has Linear ops; where they are calibrated, bias correction too (its
+        error is measured on the calibration batches) if an op has a bias."""
         from . import pytorch_recipes
 
         if self.approach == Approach.QAT:
             return ()
         module = model.module()
         offered = [CROSS_LAYER_EQUALIZATION] if pytorch_recipes.equalizable(module) else []
+        if pytorch_recipes.smoothing_groups(module):
+            offered.append(SMOOTH_QUANT)
         if self.approach == Approach.STATIC and any(len(node.args) > 2 and node.args[2] is not None
                                                     for _, _, node in _quantizable_nodes(module)):
             offered.append(FAST_BIAS_CORRECTION)
         return tuple(offered)
 
-    def fp32_module(self, model: Any, config: TuneConfig) -> Any:
+    def fp32_module(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
         """The fp32 graph module, rewritten by the config's function-preserving recipes: what its
         int8 form is quantized from and compared with. A new module each time (quantizing
-        rewrites the graph), sharing the model's tensors except those a recipe replaced."""
+        rewrites the graph), sharing the model's tensors except those a recipe replaced; what a
+        recipe computes is kept per model."""
         from . import pytorch_recipes
 
-        module = model.module()
-        if CROSS_LAYER_EQUALIZATION in config.recipes:
-            if model not in self.equalized_cache:
-                self.equalized_cache[model] = pytorch_recipes.equalized(module)
-            module = pytorch_recipes.with_parameters(module, self.equalized_cache[model])
+        module, cache = model.module(), self.recipe_cache.setdefault(model, {})
+        equalize = CROSS_LAYER_EQUALIZATION in config.recipes
+        if equalize:
+            if CROSS_LAYER_EQUALIZATION not in cache:
+                cache[CROSS_LAYER_EQUALIZATION] = pytorch_recipes.equalized(module)
+            module = pytorch_recipes.with_parameters(module, cache[CROSS_LAYER_EQUALIZATION])
+        for recipe in config.recipes:
+            if name_of(recipe) == SMOOTH_QUANT:
+                key = (recipe, equalize, config.sampling_size)  # measured on the module as it is by then
+                if key not in cache:
+                    cache[key] = pytorch_recipes.smoothing_scales(module, alpha_of(recipe),
+                                                                  take_samples(calibration, config.sampling_size),
+                                                                  _node_outputs)
+                module = pytorch_recipes.smoothed(module, cache[key])
         return module
 
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
         from . import pytorch_recipes
 
-        preserving = tuple(name for name in config.recipes if name != FAST_BIAS_CORRECTION)
-        quantized = self._quantized(model, self.fp32_module(model, config), config, calibration, preserving)
+        preserving = tuple(recipe for recipe in config.recipes if recipe != FAST_BIAS_CORRECTION)
+        quantized = self._quantized(model, self.fp32_module(model, config, calibration), config, calibration, preserving)
         if FAST_BIAS_CORRECTION not in config.recipes:
             return quantized
-        reference = self.fp32_module(model, config)
+        reference = self.fp32_module(model, config, calibration)
         ops = {path: (node.name, node.args[2].target) for path, _, node in _quantizable_nodes(reference)
                if path in config.int8_ops and len(node.args) > 2 and getattr(node.args[2], "op", None) == "get_attr"}
         biases = pytorch_recipes.bias_corrections(reference, quantized, ops, take_samples(calibration, config.sampling_size),
@@ -418,7 +431,7 @@ class PyTorchAdaptor(Adaptor):
             cache[key] = {k: v.clone() for k, v in observer.state_dict().items()}
 
     def inspect_tensors(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> dict[str, float]:
-        fp32 = self.fp32_module(model, config)
+        fp32 = self.fp32_module(model, config, calibration)
         nodes = {path: node.name for path, _, node in _quantizable_nodes(fp32)}
         quantized_alone = {name: self.quantize(model, config.with_fallback(set(config.int8_ops) - {name}), calibration)
                            for name in config.int8_ops}

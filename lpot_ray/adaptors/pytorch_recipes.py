@@ -148,3 +148,62 @@ def _per_channel_mean(error: Any, dims: int) -> Any:
     for a linear one (N, ..., C)."""
     channel = 1 if dims == 4 else dims - 1
     return error.transpose(channel, -1).reshape(-1, error.shape[channel]).mean(dim=0)
+
+
+def smoothing_groups(module: Any) -> dict[str, list[Any]]:
+    """The Linear calls by the node whose output they take (a layer's query, key and value share
+    one): each group's input is smoothed once, for all of them."""
+    groups: dict[str, list[Any]] = {}
+    for node in module.graph.nodes:
+        if _weighted(node) and str(node.target) == "aten.linear.default" and hasattr(node.args[0], "name"):
+            groups.setdefault(node.args[0].name, []).append(node)
+    return groups
+
+
+def smoothing_scales(module: Any, alpha: float, batches: Iterable[Any],
+                     outputs_of: Callable[[Any, dict[str, str], Any], dict[str, Any]]) -> dict[str, Any]:
+    """SmoothQuant's per-input-channel scales for each group of Linear calls (by input node):
+    s_j = max|X_j| ** alpha / max|W_:,j| ** (1 - alpha), activations measured on ``batches``."""
+    import torch
+
+    groups = smoothing_groups(module)
+    ranges: dict[str, Any] = {}
+    for inputs in batches:
+        for name, output in outputs_of(module, {name: name for name in groups}, inputs).items():
+            channel_max = output.detach().abs().reshape(-1, output.shape[-1]).amax(dim=0)
+            ranges[name] = torch.maximum(ranges[name], channel_max) if name in ranges else channel_max
+    scales = {}
+    for name, linears in groups.items():
+        if name not in ranges:
+            continue
+        weight_max = torch.stack([_param(module, linear.args[1]).detach().abs().amax(dim=0) for linear in linears]).amax(dim=0)
+        scale = ranges[name].clamp_min(1e-5) ** alpha / weight_max.clamp_min(1e-5) ** (1 - alpha)
+        scales[name] = scale.clamp(1e-4, 1e4)
+    return scales
+
+
+def smoothed(module: Any, scales: dict[str, Any]) -> Any:
+    """``module`` with each group's input divided by its scales (a multiply inserted before the
+    Linear calls, in fp32) and the Linear weights' input columns multiplied by them: the same
+    function, with activation outliers moved into the weights, which are quantized per channel."""
+    import torch
+
+    nodes = {node.name: node for node in module.graph.nodes}
+    groups = smoothing_groups(module)
+    values = {}
+    for index, (name, scale) in enumerate(scales.items()):
+        source = nodes[name]
+        buffer = f"smooth_quant_inverse_scale_{index}"
+        module.register_buffer(buffer, (1.0 / scale).to(torch.float32))
+        with module.graph.inserting_after(source):
+            inverse = module.graph.get_attr(buffer)
+        with module.graph.inserting_after(inverse):
+            divided = module.graph.call_function(torch.ops.aten.mul.Tensor, (source, inverse))
+        divided.meta.update({key: source.meta[key] for key in ("val", "tensor_meta") if key in source.meta})
+        for linear in groups[name]:
+            linear.args = (divided, *linear.args[1:])
+            weight = linear.args[1].target
+            values[weight] = _param(module, linear.args[1]).detach() * scale
+    module.graph.lint()
+    module.recompile()
+    return with_parameters(module, values)

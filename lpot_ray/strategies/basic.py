@@ -3,9 +3,9 @@
 Phases, each proposing a batch of independent configs:
 
 1. model-wise: every model-wise config (one int8 scheme everywhere). If one passes, done; if
-   not, and the space has accuracy-recovery recipes, the same configs with each recipe
-   combination, all at once: if one passes, done. Fallback then starts from the most accurate of
-   all, its recipes kept.
+   not, and the space has accuracy-recovery recipes, the most accurate one with each recipe
+   alone, all at once (SmoothQuant once per alpha), then with every recipe that helped together:
+   if one passes, done. Fallback then starts from the most accurate config of all, its recipes kept.
 2. rank: from the most accurate model-wise config, each op alone in fp32, all at once. If one
    passes, done; otherwise the ops are ranked by the accuracy their fallback recovered. (The
    mse strategy changes only this phase.) A model of more than ``GROUPED_ABOVE`` int8 ops
@@ -49,7 +49,7 @@ class BasicStrategy(Strategy):
         self.queue: list[Proposal] = list(space.model_wise_configs())
         self.waiting: dict[str, Proposal] = {}
         self.outcomes: list[Trial] = []
-        self.model_wise: list[Trial] = []  # the model-wise outcomes, while their recipe variants run
+        self.tried: list[Trial] = []  # model-wise and recipe outcomes, the most accurate of which falls back
         self.base: Optional[TuneConfig] = None
         self.ranking: list[str] = []
         self.prefix_sizes: list[int] = []  # the accumulated prefixes: ops in fp32 for each
@@ -97,15 +97,25 @@ class BasicStrategy(Strategy):
         if self.phase == "model_wise":
             if passing or all(trial.status.is_failure for trial in outcomes):
                 return self._finish()  # done, or nothing quantized runs at all: say so, stop
-            self.model_wise = outcomes
-            variants = self.space.recipe_variants(trial.config for trial in outcomes)
+            self.tried = outcomes
+            variants = self.space.recipe_variants(max(outcomes, key=self.score).config)
             if variants:
                 return self._start("recipes", variants)
             self._fall_back_from(outcomes)
         elif self.phase == "recipes":
             if passing:
                 return self._finish()
-            self._fall_back_from(self.model_wise + outcomes)
+            base = max(self.tried, key=self.score)
+            helping = sorted((trial for trial in outcomes if self.score(trial) > self.score(base)), key=self.score, reverse=True)
+            self.tried += outcomes
+            combined = self.space.combined_recipes(base.config, (trial.config for trial in helping))
+            if combined is not None:
+                return self._start("combined_recipes", [combined])
+            self._fall_back_from(self.tried)
+        elif self.phase == "combined_recipes":
+            if passing:
+                return self._finish()
+            self._fall_back_from(self.tried + outcomes)
         elif self.phase == "rank":
             if passing:
                 return self._prune_from(self._best(passing))  # a group fallback passed: make it smaller
