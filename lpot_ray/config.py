@@ -203,7 +203,7 @@ class QuantizationSection(_Section):
 
     @field_validator("recipes", mode="before")
     @classmethod
-    def _none_for_false(cls, value: Any) -> Any:
+    def _all_off_for_false(cls, value: Any) -> Any:
         """``recipes: false`` turns every recipe off (the search then falls back ops at once)."""
         return dict.fromkeys(RECIPES, False) if value is False else value
     # bf16 where the CPU computes it natively. true: a per-op choice between int8 and fp32 in the

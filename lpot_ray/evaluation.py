@@ -127,7 +127,7 @@ class Evaluation:
             if labels is None and not metric.compares_to_fp32:
                 raise EvaluationError("eval_dataloader: batches must be (inputs, labels) for a built-in metric")
             started = time.perf_counter()
-            predictions = adaptor.predict(model, inputs)
+            predictions = adaptor.predict_outputs(model, inputs) if metric.reads_every_output else adaptor.predict(model, inputs)
             inference += time.perf_counter() - started
             if metric.compares_to_fp32:
                 labels = predictions if fp32 is None else fp32(position, inputs)

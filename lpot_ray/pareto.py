@@ -15,8 +15,8 @@ from .trial import Kind, Trial
 
 def front(trials: Iterable[Trial], higher_is_better: bool = True) -> list[Trial]:
     """The non-dominated passing trials, fastest (lowest objective) first; of configs equal on
-    both, the one the engine ranks first (by key), so that the chosen config leads the front
-    whenever it passes compiled."""
+    both, the one the engine ranks first (by key), so that a search that ran its course leads
+    the front with the config it chose, where that passed compiled."""
     passing = {}
     for trial in trials:
         if trial.kind == Kind.TRIAL and trial.passed and trial.accuracy is not None and trial.objective is not None:

@@ -174,7 +174,7 @@ def conclude(outcome: EngineOutcome, criterion: Criterion, finalize: Callable[[T
             continue
         config, final = _faster_of(trial.config, final, bf16_twin(trial.config), criterion, finalize, history, clock)
         objective = trial.objective if config is trial.config or proxy is None else proxy(config)
-        return _passed(config, objective, final, history, rejected, common)
+        return _passed(trial.key, config, objective, final, history, rejected, common)
     evaluated = [trial for trial in outcome.trials if trial.status == Status.OK and trial.accuracy is not None]
     best_failing = min(evaluated, key=lambda trial: (criterion.loss(trial.accuracy), trial.key), default=None)
     history.set_meta("result", {"key": None, "rejected": rejected})
@@ -201,11 +201,12 @@ def rejection(item: dict) -> str:
                                          else f"scored {item['compiled_accuracy']} compiled")
 
 
-def _passed(config: TuneConfig, proxy: float, final: Finalized, history: History, rejected: list,
+def _passed(key: str, config: TuneConfig, proxy: float, final: Finalized, history: History, rejected: list,
             common: dict) -> TuneResult:
-    """The result for a config that was compiled and measured: recorded, then returned."""
+    """The result for a config that was compiled and measured: recorded (``key``: the trial chosen,
+    which ``config`` is, or is the bf16 twin of), then returned."""
     figures = {**final.figures, "fp32_macs_fraction": proxy}
-    history.set_meta("result", {"key": config.key, "accuracy": final.accuracy, "objectives": figures,
+    history.set_meta("result", {"key": key, "accuracy": final.accuracy, "objectives": figures,
                                 "int8_ops": list(final.int8_ops), "bf16_ops": list(final.bf16_ops), "rejected": rejected})
     history.set_meta("timings", common["timings"])
     return TuneResult(model=final.model, config=config, accuracy=final.accuracy, objectives=figures,
@@ -253,7 +254,7 @@ def _default_config_only(job: Job, pool: JobExecutor) -> TuneResult:
     final = _timed_finalize(job.clock, pool.finalize, default)
     common = dict(baseline=baseline, n_trials=0, n_evaluated=0, framework=job.config.model.framework,
                   stopped_by="performance_only", workspace=str(job.history.path.parent), timings=job.clock.seconds)
-    return _passed(default, job.space.fp32_macs_fraction(default), final, job.history, [], common)
+    return _passed(default.key, default, job.space.fp32_macs_fraction(default), final, job.history, [], common)
 
 
 def _shards_at_most(job: Job) -> int:

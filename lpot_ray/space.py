@@ -122,7 +122,8 @@ class OpCapability:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """One full candidate: a scheme per op, in model order, plus the calibration sampling size."""
+    """One full candidate: a scheme per op, in model order, plus the calibration sampling size
+    and the accuracy-recovery recipes applied to the fp32 model first."""
 
     op_schemes: tuple[tuple[str, OpScheme], ...]
     sampling_size: int
@@ -174,7 +175,8 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class TuningSpace:
-    """Per-op choices (capabilities ∩ user restrictions, fp32 last) and calibration sizes."""
+    """Per-op choices (capabilities ∩ user restrictions, fp32 last), calibration sizes and the
+    recipe combinations searched."""
 
     ops: tuple[Op, ...]
     choices: dict[str, tuple[OpScheme, ...]] = field(hash=False)
@@ -226,19 +228,19 @@ class TuningSpace:
     def config_at(self, index: int) -> TuneConfig:
         """The ``index``-th config of the product of choices, without enumerating the others.
 
-        Index 0 is every op's first (most preferred) choice; the last op varies fastest, as in
-        ``itertools.product``.
+        Index 0 is every op's first (most preferred) choice; the sampling size varies fastest,
+        then the last op, as in ``itertools.product``, and the recipes slowest (every plain
+        config comes before any with a recipe).
         """
         if not 0 <= index < self.size:
             raise IndexError(f"config index {index} outside a space of {self.size}")
-        index, recipe_digit = divmod(index, len(self.recipe_sets))
         index, size_digit = divmod(index, len(self.sampling_sizes))
         digits = []
         for op in reversed(self.ops):
             index, digit = divmod(index, len(self.choices[op.name]))
             digits.append(self.choices[op.name][digit])
         return TuneConfig(tuple(zip((op.name for op in self.ops), reversed(digits), strict=True)),
-                          self.sampling_sizes[size_digit], self.recipe_sets[recipe_digit])
+                          self.sampling_sizes[size_digit], self.recipe_sets[index])  # recipes vary slowest
 
     def check(self, config: TuneConfig) -> None:
         """Raise SpaceError unless every op of ``config`` takes one of its choices."""
@@ -292,9 +294,16 @@ class TuningSpace:
         return configs
 
     def recipe_variants(self, config: TuneConfig) -> list[TuneConfig]:
-        """``config`` with one recipe more, each way the space has (SmoothQuant once per alpha)."""
-        return [replace(config, recipes=recipes) for recipes in self.recipe_sets
-                if len(recipes) == len(config.recipes) + 1 and set(config.recipes) <= set(recipes)]
+        """``config`` with one recipe more, or one recipe's other variant (SmoothQuant's other
+        alpha), each way the space has."""
+        def one_step(recipes: tuple[str, ...]) -> bool:
+            kept = set(config.recipes) & set(recipes)
+            if len(recipes) == len(config.recipes) + 1:
+                return kept == set(config.recipes)
+            swapped = set(config.recipes) - kept
+            return len(recipes) == len(config.recipes) and len(swapped) == 1 and \
+                {name_of(recipe) for recipe in swapped} == {name_of(recipe) for recipe in set(recipes) - kept}
+        return [replace(config, recipes=recipes) for recipes in self.recipe_sets if one_step(recipes)]
 
     def combined_recipes(self, config: TuneConfig, variants: Iterable[TuneConfig]) -> Optional[TuneConfig]:
         """``config`` with the recipes of all ``variants`` together (of one recipe's variants, the

@@ -169,6 +169,7 @@ def test_the_chosen_configs_bf16_twin_is_kept_only_if_it_passes_and_runs_faster(
     assert executor.finalized == [chosen.key, twin.key]
     assert result.config == (twin if kept else chosen) and result.bf16_ops == (("op1",) if kept else ())
     assert result.objectives["fp32_macs_fraction"] == (0.25 if kept else outcome.passing[0].objective)
+    assert history.get_meta("result")["key"] == outcome.passing[0].key  # the chosen trial, bf16 twin or not
     recorded = history.get_meta("bf16_twin")
     assert recorded["kept"] is kept and recorded["bf16_ops"] == ["op1"]
     assert recorded["latency_ratio"] == 2.0 / twin_latency and recorded["fp32_fallback_latency_ratio"] == 2.0

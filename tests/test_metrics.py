@@ -213,6 +213,8 @@ def test_coco_map_v2_reads_the_models_batched_outputs_through_its_index_mapping(
         make_metric({"COCOmAPv2": {"output_index_mapping": {"labels": 1}}})
     with pytest.raises(EvaluationError, match="the model gives 2 outputs; output_index_mapping"):
         v2.update(outputs[:2], truth)
+    with pytest.raises(EvaluationError, match=r"COCOmAPv2: expected the model's outputs \(a list of arrays\), got one ndarray"):
+        v2.update(outputs[0], truth)
 
 
 def test_compare_label_false_measures_the_outputs_against_the_fp32_models():

@@ -155,3 +155,23 @@ def test_lpots_compare_label_false_tunes_on_the_error_against_the_fp32_outputs(o
     with pytest.raises(lpot_ray.errors.EvaluationError, match="a relative criterion allows no error at all; give "
                                                               "`tuning.accuracy_criterion.absolute`"):
         lpot_ray.tune(model, settings, q_dataloader=calibration, eval_dataloader=evaluation)
+
+
+def test_a_metric_that_reads_every_output_gets_them_all():
+    """COCOmAPv2 reads a detector's several outputs: ONNX Runtime gives them all, in graph order."""
+    import numpy as np
+    import torch
+
+    class TwoOutputs(torch.nn.Module):
+        def forward(self, image):
+            return image.sum(dim=(2, 3)), image.amax(dim=(2, 3))
+
+    images = torch.rand(3, 1, 8, 8)
+    buffer = io.BytesIO()
+    torch.onnx.export(TwoOutputs(), (images,), buffer, dynamo=False, input_names=["image"], output_names=["sum", "max"],
+                      dynamic_axes={"image": {0: "batch"}})
+    adaptor = OnnxRuntimeAdaptor()
+    model = adaptor.load(adaptor.prepare(onnx.load_from_string(buffer.getvalue()), images))
+    total, peak = adaptor.predict_outputs(model, images.numpy())
+    assert np.allclose(total, images.sum(dim=(2, 3)).numpy()) and np.allclose(peak, images.amax(dim=(2, 3)).numpy())
+    assert np.allclose(adaptor.predict(model, images.numpy()), total)

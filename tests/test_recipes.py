@@ -164,7 +164,7 @@ def test_bias_correction_removes_most_of_the_int8_outputs_bias(digits):
         return float(np.abs(error.mean(axis=0)).mean()), float((error ** 2).mean())
 
     (plain_bias, plain_mse), (corrected_bias, corrected_mse) = errors(()), errors((FBC,))
-    assert corrected_bias < 0.8 * plain_bias and corrected_mse < plain_mse
+    assert corrected_bias < 0.5 * plain_bias and corrected_mse < plain_mse  # measured: a fifth of the bias left
 
 
 def test_a_tuning_equalizes_instead_of_falling_back_and_the_saved_model_keeps_it(ray_session, outlier_digits, tmp_path):

@@ -142,6 +142,11 @@ class Adaptor(ABC):
         where that is what the quantized models run beside (e.g. the same interpreter)."""
         return user_model
 
+    def predict_outputs(self, model: Any, inputs: Any) -> list:
+        """Every output of the model for one batch, for a metric that reads them all (a
+        detector's boxes, scores and classes); an adaptor that can't give them gives the first."""
+        return [self.predict(model, inputs)]
+
     def reference(self, loaded: Any) -> Any:
         """The loaded fp32 model in the form ``predict`` runs: what a quantized model's outputs
         are compared with where the metric compares outputs (LPOT's ``compare_label: false``)."""

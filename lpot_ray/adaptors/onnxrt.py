@@ -87,6 +87,10 @@ class OnnxModel:
         batch = inputs[0] if len(inputs) == 1 else inputs
         return self.session.run([self.session.get_outputs()[0].name], self.feed(batch))[0]
 
+    def outputs(self, batch: Any) -> list[np.ndarray]:
+        """Every output for one batch, in graph order."""
+        return self.session.run(None, self.feed(batch))
+
     def feed(self, batch: Any, source: str = "batch") -> dict[str, np.ndarray]:
         """A batch as the session's input mapping, each array in the input's declared type."""
         inputs = self.session.get_inputs()
@@ -265,6 +269,10 @@ class OnnxRuntimeAdaptor(Adaptor):
     def predict(self, model: OnnxModel, inputs: Any) -> np.ndarray:
         model.threads = self.threads
         return model(inputs)
+
+    def predict_outputs(self, model: OnnxModel, inputs: Any) -> list:
+        model.threads = self.threads
+        return model.outputs(inputs)
 
     def lower(self, model: OnnxModel, ops: Sequence[Op], config: TuneConfig, example_inputs: Any) -> Lowered:
         """The quantized graph already holds ONNX Runtime's integer kernels; read which ops got

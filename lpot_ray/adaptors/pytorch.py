@@ -75,6 +75,7 @@ def import_torch():
     return torch, pt2e, quantize_pt2e, x86_inductor_quantizer
 
 
+log = logging.getLogger("lpot_ray")
 VARYING_DIMS = "lpot_ray.varying_dims"  # a quantized module's meta key: {input: dims that varied in calibration}
 QUANTIZABLE_MODULES = {"Conv2d": "conv2d", "Linear": "linear"}
 TRAINED_KEPT = 4  # quantization-aware trainings kept per model for configs with the same int8 set
@@ -152,7 +153,7 @@ class PyTorchAdaptor(Adaptor):
 
     def __init__(self) -> None:
         self.torch, self.pt2e, self.quantize_pt2e, self.x86 = import_torch()
-        # Per fp32 model: observer states keyed by (observed node, observer kind, sampling size).
+        # Per fp32 model and recipe rewrite: observer states by (observed node, observer kind, sampling size).
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # Per fp32 model: what recipes computed (equalized weights, smoothing scales).
         self.recipe_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -278,11 +279,14 @@ class PyTorchAdaptor(Adaptor):
         if self.approach == Approach.QAT:
             return ()
         module = model.module()
-        offered = [CROSS_LAYER_EQUALIZATION] if pytorch_recipes.equalizable(module) else []
-        if pytorch_recipes.smoothing_groups(module):
-            offered.append(SMOOTH_QUANT)
-        if self.approach == Approach.STATIC and any(len(node.args) > 2 and node.args[2] is not None
-                                                    for _, _, node in _quantizable_nodes(module)):
+        try:
+            offered = [CROSS_LAYER_EQUALIZATION] if pytorch_recipes.equalizable(module) else []
+            if pytorch_recipes.smoothing_groups(module):
+                offered.append(SMOOTH_QUANT)
+        except Exception as error:  # a graph the recipes don't understand: tune without them
+            log.warning("recipes: equalization and SmoothQuant are off for this model (%s: %s)", type(error).__name__, error)
+            offered = []
+        if self.approach == Approach.STATIC and any(_bias_of(node) for _, _, node in _quantizable_nodes(module)):
             offered.append(FAST_BIAS_CORRECTION)
         return tuple(offered)
 
@@ -317,23 +321,25 @@ class PyTorchAdaptor(Adaptor):
         if FAST_BIAS_CORRECTION not in config.recipes:
             return quantized
         reference = self.fp32_module(model, config, calibration)
-        ops = {path: (node.name, node.args[2].target) for path, _, node in _quantizable_nodes(reference)
-               if path in config.int8_ops and len(node.args) > 2 and getattr(node.args[2], "op", None) == "get_attr"}
+        ops = {path: (node.name, node.args[1].target, _bias_of(node), 1 if op_type.startswith("Conv") else -1)
+               for path, op_type, node in _quantizable_nodes(reference) if path in config.int8_ops and _bias_of(node)}
         biases = pytorch_recipes.bias_corrections(reference, quantized, ops, take_samples(calibration, config.sampling_size),
                                                   _node_outputs)
+        # The corrected biases are this config's own (they follow its int8 ops): so are their statistics.
         return self._quantized(model, pytorch_recipes.with_parameters(reference, biases), config, calibration,
-                               config.recipes)
+                               (config.recipes, config.op_schemes))
 
     def _quantized(self, model: Any, module: Any, config: TuneConfig, calibration: Sequence[Any],
-                   recipes: tuple[str, ...]) -> Any:
-        """``module`` (the fp32 ``model``'s graph, its weights rewritten by ``recipes``) prepared,
-        calibrated and converted; activation statistics are cached per model and recipes."""
+                   rewritten_by: Any) -> Any:
+        """``module`` (the fp32 ``model``'s graph, its weights rewritten by recipes) prepared,
+        calibrated and converted; activation statistics are cached per model and ``rewritten_by``
+        (what determines the rewritten weights)."""
         quantizer = self.x86.X86InductorQuantizer()
         for name, scheme in config.op_schemes:
             if scheme.dtype == "int8":
                 quantizer.set_module_name_qconfig(name, self.quantization_config(scheme))
         prepared = self.quantize_pt2e.prepare_pt2e(module, quantizer)
-        cache = self.calibration_cache.setdefault(model, {}).setdefault(recipes, {})
+        cache = self.calibration_cache.setdefault(model, {}).setdefault(rewritten_by, {})
         self._calibrate(prepared, calibration, config.sampling_size, cache)
         return self._converted(model, prepared, config, calibration)
 
@@ -798,6 +804,12 @@ def _quantizable_nodes(module: Any) -> Iterator[tuple[str, str, Any]]:
         if QUANTIZABLE_MODULES.get(op_type) == str(node.target).split(".")[1] and path not in seen:
             seen.add(path)
             yield path, op_type, node
+
+
+def _bias_of(node: Any) -> Optional[str]:
+    """The bias parameter of a conv/linear call, where it has one."""
+    bias = node.args[2] if len(node.args) > 2 else None
+    return bias.target if getattr(bias, "op", None) == "get_attr" else None
 
 
 def _separate_repeated_calls(graph: Any) -> None:

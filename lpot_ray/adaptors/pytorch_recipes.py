@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable, Optional
 # Ops that commute with a positive per-channel scale: equalization may look through them.
 SCALE_COMMUTING = {"aten.relu.default", "aten.relu_.default", "aten.max_pool2d.default", "aten.avg_pool2d.default",
                    "aten.adaptive_avg_pool2d.default", "aten.dropout.default"}
-# Ops that lay an NCHW tensor's channels out as consecutive blocks of features (N, C*H*W).
-FLATTENING = {"aten.flatten.using_ints", "aten.view.default", "aten.reshape.default"}
+# Lays a conv's NCHW output out as consecutive blocks of features per channel (N, C*H*W).
+FLATTEN = "aten.flatten.using_ints"
 WEIGHTED = {"aten.conv2d.default", "aten.linear.default"}
 EQUALIZATION_PASSES = 3  # a chain conv -> conv -> linear settles in a few passes (AIMET iterates so too)
 
@@ -65,7 +65,7 @@ def equalizable(module: Any) -> bool:
 def _equalization_pairs(module: Any) -> Iterable[tuple[str, Optional[str], str]]:
     """(first weight, first bias or None, second weight) of each equalizable pair."""
     for node in module.graph.nodes:
-        if not _weighted(node):
+        if not _weighted(node) or not _owns_parameters(node):
             continue
         chain, flattened = node, False
         while len(chain.users) == 1:
@@ -73,14 +73,15 @@ def _equalization_pairs(module: Any) -> Iterable[tuple[str, Optional[str], str]]
             target = str(user.target)
             if target in SCALE_COMMUTING and user.args[0] is chain:
                 chain = user
-            elif target in FLATTENING and user.args[0] is chain and not flattened and _flattens_from_channels(user):
+            elif (target == FLATTEN and user.args[0] is chain and not flattened and _flattens_from_channels(user)
+                  and str(node.target) == "aten.conv2d.default"):
                 chain, flattened = user, True
             else:
                 break
         if len(chain.users) != 1:
             continue
         (consumer,) = chain.users
-        if not _weighted(consumer) or consumer.args[0] is not chain:
+        if not _weighted(consumer) or not _owns_parameters(consumer) or consumer.args[0] is not chain:
             continue
         if flattened and str(consumer.target) != "aten.linear.default":
             continue
@@ -104,50 +105,74 @@ def _weighted(node: Any) -> bool:
     return groups == 1
 
 
+def _owns_parameters(node: Any) -> bool:
+    """Whether the op's weight (and bias) serve it alone: a parameter another call reads too (a
+    module called twice, tied weights) can't be rescaled for one of them."""
+    parameters = [arg for arg in node.args[1:3] if getattr(arg, "op", None) == "get_attr"]
+    readers = [other for other in node.graph.nodes if other.op == "get_attr"
+               and other.target in {parameter.target for parameter in parameters}]
+    return len(readers) == len(parameters) and all(len(parameter.users) == 1 for parameter in parameters)
+
+
 def _flattens_from_channels(node: Any) -> bool:
-    """Whether a flatten/view keeps the batch dimension and joins the rest, channel first."""
-    if str(node.target) == "aten.flatten.using_ints":
-        start = node.args[1] if len(node.args) > 1 else 0
-        end = node.args[2] if len(node.args) > 2 else -1
-        return start == 1 and end == -1
-    shape = node.args[1] if len(node.args) > 1 else ()
-    return isinstance(shape, (list, tuple)) and len(shape) == 2
+    """Whether a flatten keeps the batch dimension and joins the rest, channel first."""
+    start = node.args[1] if len(node.args) > 1 else 0
+    end = node.args[2] if len(node.args) > 2 else -1
+    return start == 1 and end == -1
 
 
 def _param(module: Any, node: Any) -> Any:
     return module.get_parameter(node.target)
 
 
-def bias_corrections(reference: Any, quantized: Any, ops: dict[str, tuple[str, str]], batches: Iterable[Any],
+def bias_corrections(reference: Any, quantized: Any, ops: dict[str, tuple[str, str, str, int]], batches: Iterable[Any],
                      outputs_of: Callable[[Any, dict[str, str], Any], dict[str, Any]]) -> dict[str, Any]:
-    """Fast bias correction: for each op (name -> its graph node's name and its bias parameter),
-    the bias less the mean error per output channel that quantizing brought, measured on
-    ``batches`` (``outputs_of(module, {op: node}, inputs)`` records op outputs)."""
+    """Fast bias correction: for each op (name -> its graph node's name, its weight and bias
+    parameters in ``reference`` and its output's channel dimension), the bias less the mean error per output channel that
+    quantizing *this op* brought, on ``batches``: its int8 output against its fp32 output for the
+    same input (the input it gets in the int8 model), so that an op is not corrected again for
+    the errors of the ops before it. ``outputs_of(module, {key: node}, inputs)`` records node
+    outputs."""
     import torch
+    import torch.nn.functional as functional
 
-    nodes = {op: node for op, (node, _) in ops.items()}
+    graph = {node.name: node for node in quantized.graph.nodes}
+    recorded = {}  # key -> node name: each op's output and its float input
+    for op, (name, _, _, _) in ops.items():
+        if name in graph:
+            recorded[op], recorded[f"{op} input"] = name, _float_input(graph[name]).name
     errors: dict[str, Any] = {}
     count = 0
-    for inputs in batches:
-        fp32, int8 = outputs_of(reference, nodes, inputs), outputs_of(quantized, nodes, inputs)
-        for op in nodes:
-            if op in fp32 and op in int8:
-                error = _per_channel_mean(int8[op].float() - fp32[op].float(), fp32[op].dim())
-                errors[op] = errors[op] + error if op in errors else error
-        count += 1
-    corrected = {}
     with torch.no_grad():
-        for op, (_, bias) in ops.items():
-            if op in errors and count:
-                corrected[bias] = reference.get_parameter(bias).detach() - errors[op] / count
-    return corrected
+        for inputs in batches:
+            outputs = outputs_of(quantized, recorded, inputs)
+            for op in ops:
+                if op in outputs and f"{op} input" in outputs:
+                    name, weight, bias, channel = ops[op]
+                    node, weight, bias = graph[name], reference.get_parameter(weight), reference.get_parameter(bias)
+                    x = outputs[f"{op} input"].float()
+                    if str(node.target) == "aten.conv2d.default":
+                        fp32 = functional.conv2d(x, weight, bias, *node.args[3:7])
+                    else:
+                        fp32 = functional.linear(x, weight, bias)
+                    error = _per_channel_mean(outputs[op].float() - fp32, channel)
+                    errors[op] = errors[op] + error if op in errors else error
+            count += 1
+        return {ops[op][2]: reference.get_parameter(ops[op][2]).detach() - error / count for op, error in errors.items()}
 
 
-def _per_channel_mean(error: Any, dims: int) -> Any:
-    """Mean over every dimension but the channel one: 1 for a conv output (N, C, H, W), the last
-    for a linear one (N, ..., C)."""
-    channel = 1 if dims == 4 else dims - 1
-    return error.transpose(channel, -1).reshape(-1, error.shape[channel]).mean(dim=0)
+def _float_input(node: Any) -> Any:
+    """The float tensor an int8 op's input is quantized from (before quantize/dequantize)."""
+    source = node.args[0]
+    while source.op == "call_function" and "quantize" in str(source.target):
+        source = source.args[0]
+    return source
+
+
+def _per_channel_mean(error: Any, channel: int) -> Any:
+    """Mean over every dimension but ``channel`` (1 for a conv's (N, C, H, W), -1 for a Linear's
+    (N, ..., C))."""
+    return error.movedim(channel, -1).reshape(-1, error.shape[channel]).mean(dim=0)
 
 
 def smoothing_groups(module: Any) -> dict[str, list[Any]]:
@@ -157,7 +182,7 @@ def smoothing_groups(module: Any) -> dict[str, list[Any]]:
     for node in module.graph.nodes:
         if _weighted(node) and str(node.target) == "aten.linear.default" and hasattr(node.args[0], "name"):
             groups.setdefault(node.args[0].name, []).append(node)
-    return groups
+    return {name: linears for name, linears in groups.items() if all(map(_owns_parameters, linears))}
 
 
 def smoothing_scales(module: Any, alpha: float, batches: Iterable[Any],
@@ -195,9 +220,8 @@ def smoothed(module: Any, scales: dict[str, Any]) -> Any:
         source = nodes[name]
         buffer = f"smooth_quant_inverse_scale_{index}"
         module.register_buffer(buffer, (1.0 / scale).to(torch.float32))
-        with module.graph.inserting_after(source):
+        with module.graph.inserting_before(groups[name][0]):  # after every placeholder, before any consumer
             inverse = module.graph.get_attr(buffer)
-        with module.graph.inserting_after(inverse):
             divided = module.graph.call_function(torch.ops.aten.mul.Tensor, (source, inverse))
         divided.meta.update({key: source.meta[key] for key in ("val", "tensor_meta") if key in source.meta})
         for linear in groups[name]:

@@ -19,6 +19,9 @@ class Metric(ABC):
     # Whether the labels are the fp32 model's outputs on the same batch rather than the dataset's
     # (LPOT's ``compare_label: false``): the fp32 model itself then scores 0 error.
     compares_to_fp32 = False
+    # Whether ``update`` takes every output of the model (a detector's boxes, scores, classes)
+    # rather than its first.
+    reads_every_output = False
 
     @abstractmethod
     def update(self, preds: Any, labels: Any) -> None: ...

@@ -114,6 +114,7 @@ class COCOmAPv2(COCOmAP):
     one, a detection count [B]), picked out by ``output_index_mapping``."""
 
     MAPPING = {"num_detections": -1, "boxes": 0, "scores": 1, "classes": 2}  # LPOT's default; -1: no such output
+    reads_every_output = True
 
     def __init__(self, map_key: Optional[str] = None, output_index_mapping: Optional[dict] = None) -> None:
         where = "`evaluation.accuracy.metric.COCOmAPv2.output_index_mapping`"
@@ -128,6 +129,9 @@ class COCOmAPv2(COCOmAP):
         super().__init__(map_key)
 
     def update(self, preds: Sequence[Any], labels: Sequence[Any]) -> None:
+        if not isinstance(preds, (list, tuple)):
+            raise EvaluationError("COCOmAPv2: expected the model's outputs (a list of arrays), got one "
+                                  f"{type(preds).__name__}")
         outputs = list(preds)
         needed = max(self.mapping.values())
         if len(outputs) <= needed:

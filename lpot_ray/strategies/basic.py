@@ -6,9 +6,9 @@ Phases, each proposing a batch of independent configs:
    not, and the space has accuracy-recovery recipes, the most accurate one with each recipe
    alone, all at once (SmoothQuant once per alpha), then with every recipe that helped together:
    if one passes, done. Fallback then starts from the most accurate config of all, its recipes kept.
-2. rank: from the most accurate model-wise config, each op alone in fp32, all at once. If one
-   passes, done; otherwise the ops are ranked by the accuracy their fallback recovered. (The
-   mse strategy changes only this phase.) A model of more than ``GROUPED_ABOVE`` int8 ops
+2. rank: from the most accurate config so far (model-wise, or with recipes), each op alone in
+   fp32, all at once. If one passes, done; otherwise the ops are ranked by the accuracy their
+   fallback recovered. (The mse strategy changes only this phase.) A model of more than ``GROUPED_ABOVE`` int8 ops
    ranks groups of ops instead, as the model groups them (a transformer layer, a residual
    stage: ``op_groups``), so that a 36-Linear model needs 7 ranking trials, not 36.
 3. accumulated fallback: the top-2, top-3, ... ranked ops (or groups) in fp32, proposed as
