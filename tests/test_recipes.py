@@ -242,3 +242,25 @@ def test_smooth_quant_is_exact_in_fp32_and_moves_activation_outliers_into_the_we
                              / exported.module()(**batch).last_hidden_state.norm()) for batch in evaluation)
 
     assert error((SQ5,)) < error(()) / 2
+
+
+def test_a_module_called_twice_is_not_rescaled_for_one_of_its_calls():
+    import torch
+
+    from lpot_ray.adaptors import pytorch_recipes
+    from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.shared, self.head = torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 1), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.shared(torch.relu(self.shared(torch.relu(self.first(x)))))
+            return self.head(torch.relu(x).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    adaptor = PyTorchAdaptor()
+    exported = adaptor.load(adaptor.prepare(Twice().eval(), torch.rand(2, 1, 8, 8)))
+    assert pytorch_recipes.equalized(exported.module()) == {}  # first -> shared and shared -> shared share a weight
+    assert not pytorch_recipes.equalizable(exported.module()) and CLE not in adaptor.recipes(exported)
