@@ -125,14 +125,15 @@ def _param(module: Any, node: Any) -> Any:
     return module.get_parameter(node.target)
 
 
-def bias_corrections(reference: Any, quantized: Any, ops: dict[str, tuple[str, str, str, int]], batches: Iterable[Any],
+def bias_corrections(reference: Any, quantized: Any, ops: dict[str, tuple[str, str, str, int]],
+                     batches: Iterable[Any],
                      outputs_of: Callable[[Any, dict[str, str], Any], dict[str, Any]]) -> dict[str, Any]:
     """Fast bias correction: for each op (name -> its graph node's name, its weight and bias
-    parameters in ``reference`` and its output's channel dimension), the bias less the mean error per output channel that
-    quantizing *this op* brought, on ``batches``: its int8 output against its fp32 output for the
-    same input (the input it gets in the int8 model), so that an op is not corrected again for
-    the errors of the ops before it. ``outputs_of(module, {key: node}, inputs)`` records node
-    outputs."""
+    parameters in ``reference`` and its output's channel dimension), the bias less the mean
+    error per output channel that quantizing *this op* brought, on ``batches``: its int8 output
+    against its fp32 output for the same input (the input it gets in the int8 model), so that an
+    op is not corrected again for the errors of the ops before it. ``outputs_of(module, {key:
+    node}, inputs)`` records node outputs."""
     import torch
     import torch.nn.functional as functional
 
@@ -158,7 +159,8 @@ def bias_corrections(reference: Any, quantized: Any, ops: dict[str, tuple[str, s
                     error = _per_channel_mean(outputs[op].float() - fp32, channel)
                     errors[op] = errors[op] + error if op in errors else error
             count += 1
-        return {ops[op][2]: reference.get_parameter(ops[op][2]).detach() - error / count for op, error in errors.items()}
+        return {ops[op][2]: reference.get_parameter(ops[op][2]).detach() - error / count
+                for op, error in errors.items()}
 
 
 def _float_input(node: Any) -> Any:
@@ -201,7 +203,8 @@ def smoothing_scales(module: Any, alpha: float, batches: Iterable[Any],
     for name, linears in groups.items():
         if name not in ranges:
             continue
-        weight_max = torch.stack([_param(module, linear.args[1]).detach().abs().amax(dim=0) for linear in linears]).amax(dim=0)
+        weight_max = torch.stack([_param(module, linear.args[1]).detach().abs().amax(dim=0)
+                                  for linear in linears]).amax(dim=0)
         scale = ranges[name].clamp_min(1e-5) ** alpha / weight_max.clamp_min(1e-5) ** (1 - alpha)
         scales[name] = scale.clamp(1e-4, 1e4)
     return scales

@@ -8,9 +8,10 @@ Phases, each proposing a batch of independent configs:
    if one passes, done. Fallback then starts from the most accurate config of all, its recipes kept.
 2. rank: from the most accurate config so far (model-wise, or with recipes), each op alone in
    fp32, all at once. If one passes, done; otherwise the ops are ranked by the accuracy their
-   fallback recovered. (The mse strategy changes only this phase.) A model of more than ``GROUPED_ABOVE`` int8 ops
-   ranks groups of ops instead, as the model groups them (a transformer layer, a residual
-   stage: ``op_groups``), so that a 36-Linear model needs 7 ranking trials, not 36.
+   fallback recovered. (The mse strategy changes only this phase.) A model of more than
+   ``GROUPED_ABOVE`` int8 ops ranks groups of ops instead, as the model groups them (a
+   transformer layer, a residual stage: ``op_groups``), so that a 36-Linear model needs 7
+   ranking trials, not 36.
 3. accumulated fallback: the top-2, top-3, ... ranked ops (or groups) in fp32, proposed as
    speculative prefixes as fast as workers free up. The smallest passing prefix wins; longer ones
    in flight become obsolete.
@@ -106,7 +107,8 @@ class BasicStrategy(Strategy):
             if passing:
                 return self._finish()
             base = max(self.tried, key=self.score)
-            helping = sorted((trial for trial in outcomes if self.score(trial) > self.score(base)), key=self.score, reverse=True)
+            helping = sorted((trial for trial in outcomes if self.score(trial) > self.score(base)),
+                             key=self.score, reverse=True)
             self.tried += outcomes
             combined = self.space.combined_recipes(base.config, (trial.config for trial in helping))
             if combined is not None:
