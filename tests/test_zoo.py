@@ -193,8 +193,13 @@ def test_tunings_inside_a_workers_block_reuse_its_ray_workers_which_go_at_its_en
         assert pool.jobs == {} and pool.job_refs == {}  # finished jobs leave nothing behind on the workers' side
     assert first.passed and second.passed and first.config == second.config
     assert pool.slots == []
-    with pytest.raises(ray_session.exceptions.RayActorError):  # the block's Ray worker went with it
-        ray_session.get(ray_worker.actor.placed.remote(), timeout=60)
+    # The block's Ray worker went with it: ray.kill is asynchronous, so a call made at once may
+    # still be answered; within a minute one fails.
+    deadline = time.monotonic() + 60
+    with pytest.raises(ray_session.exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            ray_session.get(ray_worker.actor.placed.remote(), timeout=60)
+            time.sleep(0.5)
 
 
 def test_a_config_alone_is_evaluated_in_parts_on_idle_workers_with_the_whole_evaluations_value(
