@@ -175,3 +175,39 @@ def test_a_metric_that_reads_every_output_gets_them_all():
     total, peak = adaptor.predict_outputs(model, images.numpy())
     assert np.allclose(total, images.sum(dim=(2, 3)).numpy()) and np.allclose(peak, images.amax(dim=(2, 3)).numpy())
     assert np.allclose(adaptor.predict(model, images.numpy()), total)
+
+
+def test_equalization_on_the_onnx_graph_is_exact_and_rescues_an_outlier_model(outlier_digits):
+    """The outlier digits CNN exported to ONNX: static int8 breaks on its x1000 channels, the
+    equalized graph computes the same in fp32 and tunes all int8."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from lpot_ray.adaptors import onnxrt_recipes
+    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION
+    from lpot_ray.space import TuningSpace
+
+    model, calibration, evaluation = outlier_digits
+    images = next(iter(calibration))[0]
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (images,), buffer, dynamo=False, input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    adaptor = OnnxRuntimeAdaptor()
+    fp32 = adaptor.load(adaptor.prepare(onnx.load_from_string(buffer.getvalue()), images))
+    assert adaptor.recipes(fp32) == (CROSS_LAYER_EQUALIZATION,)
+    proto = onnx.load_from_string(fp32.content)
+    assert onnxrt_recipes.equalize(proto) == 3  # conv1 -> conv2 -> (pool, flatten) fc1 -> fc2
+    equalized = OnnxModel(proto.SerializeToString())
+    batch = images.numpy()
+    assert np.allclose(equalized(batch), fp32(batch), rtol=1e-4, atol=1e-4 * float(np.abs(fp32(batch)).max()))
+
+    space = TuningSpace.build(adaptor.capabilities(fp32), load_config({"model": {"framework": "onnxrt"}}).quantization,
+                              adaptor.recipes(fp32))
+    config = space.model_wise_configs()[0]
+    batches = [images for images, _ in calibration]
+    accuracy = lambda quantized: accuracy_of_numpy(quantized, evaluation)  # noqa: E731
+    assert accuracy(adaptor.quantize(fp32, config, batches)) < 0.5
+    assert accuracy(adaptor.quantize(fp32, dataclasses.replace(config, recipes=(CROSS_LAYER_EQUALIZATION,)), batches)) \
+        >= accuracy(fp32) - 0.01

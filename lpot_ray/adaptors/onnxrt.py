@@ -41,6 +41,7 @@ import numpy as np
 
 from ..config import Approach
 from ..errors import DataError, MissingFrameworkError, ModelError
+from ..recipes import CROSS_LAYER_EQUALIZATION
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
 
@@ -212,6 +213,13 @@ class OnnxRuntimeAdaptor(Adaptor):
                                 int(np.prod(weight))))
         return found
 
+    def recipes(self, model: OnnxModel) -> tuple[str, ...]:
+        """Equalization where the graph has a pair of Conv/Gemm nodes to equalize (a weight
+        rewrite before ONNX Runtime's quantizer)."""
+        from . import onnxrt_recipes
+
+        return (CROSS_LAYER_EQUALIZATION,) if onnxrt_recipes.equalize(self.onnx.load_from_string(model.content)) else ()
+
     def quantize(self, model: OnnxModel, config: TuneConfig, calibration: Sequence[Any]) -> OnnxModel:
         if not config.int8_ops:
             return model
@@ -236,6 +244,10 @@ class OnnxRuntimeAdaptor(Adaptor):
         with tempfile.TemporaryDirectory(prefix="lpot_ray_onnx_") as folder, _quantizer_hints_silenced():
             output = Path(folder) / "quantized.onnx"
             source = self.onnx.load_from_string(model.content)
+            if CROSS_LAYER_EQUALIZATION in config.recipes:
+                from . import onnxrt_recipes
+
+                onnxrt_recipes.equalize(source)
             if reader is None:
                 q.quantize_dynamic(source, output, **common)
             else:
