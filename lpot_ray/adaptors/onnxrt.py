@@ -218,7 +218,8 @@ class OnnxRuntimeAdaptor(Adaptor):
         rewrite before ONNX Runtime's quantizer)."""
         from . import onnxrt_recipes
 
-        return (CROSS_LAYER_EQUALIZATION,) if onnxrt_recipes.equalize(self.onnx.load_from_string(model.content)) else ()
+        proto = self.onnx.load_from_string(model.content)
+        return (CROSS_LAYER_EQUALIZATION,) if onnxrt_recipes.equalizable(proto) else ()
 
     def quantize(self, model: OnnxModel, config: TuneConfig, calibration: Sequence[Any]) -> OnnxModel:
         if not config.int8_ops:

@@ -19,8 +19,9 @@ def equalize(proto: Any) -> int:
     from onnx import numpy_helper
 
     initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
-    arrays = {name: numpy_helper.to_array(tensor).astype(np.float64) for name, tensor in initializers.items()}
     pairs = list(_pairs(proto, initializers))
+    touched = {name for pair in pairs for name in pair[:3] if name is not None}
+    arrays = {name: numpy_helper.to_array(initializers[name]).astype(np.float64) for name in touched}
     for _ in range(EQUALIZATION_PASSES):
         for first, bias, second, second_type in pairs:
             w1, w2 = arrays[first], arrays[second]
@@ -36,10 +37,15 @@ def equalize(proto: Any) -> int:
             if bias is not None:
                 arrays[bias] = arrays[bias] / scale
             arrays[second] = (w2_blocks * scale.reshape(1, channels, 1)).reshape(w2.shape)
-    for name in {name for pair in pairs for name in pair[:3] if name is not None}:
+    for name in touched:
         tensor = initializers[name]
         tensor.CopyFrom(numpy_helper.from_array(arrays[name].astype(numpy_helper.to_array(tensor).dtype), name))
     return len(pairs)
+
+
+def equalizable(proto: Any) -> bool:
+    """Whether the graph has a pair of nodes that equalization would rescale."""
+    return next(_pairs(proto, {tensor.name: tensor for tensor in proto.graph.initializer}), None) is not None
 
 
 def _pairs(proto: Any, initializers: dict[str, Any]) -> Iterator[tuple[str, Optional[str], str, str]]:

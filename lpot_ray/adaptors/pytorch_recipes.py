@@ -35,8 +35,9 @@ def equalized(module: Any) -> dict[str, Any]:
     range in both. The function is unchanged in fp32: ReLU(x / s) = ReLU(x) / s for s > 0."""
     import torch
 
-    values = {name: tensor.detach().clone() for name, tensor in module.named_parameters()}
     pairs = list(_equalization_pairs(module))
+    changed = {name for pair in pairs for name in pair if name is not None}
+    values = {name: module.get_parameter(name).detach().clone() for name in changed}
     with torch.no_grad():
         for _ in range(EQUALIZATION_PASSES):
             for first_weight, first_bias, second_weight in pairs:
@@ -53,8 +54,7 @@ def equalized(module: Any) -> dict[str, Any]:
                     values[first_bias] = values[first_bias] / scale
                 shape = [1, channels, 1] + [1] * (w2.dim() - 2)
                 values[second_weight] = (w2_blocks * scale.reshape(shape)).reshape(w2.shape)
-    changed = {name for pair in pairs for name in pair if name is not None}
-    return {name: value for name, value in values.items() if name in changed}
+    return values
 
 
 def equalizable(module: Any) -> bool:
