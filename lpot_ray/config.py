@@ -200,12 +200,6 @@ class RecipesSection(_Section):
 class QuantizationSection(_Section):
     approach: Approach = Approach.STATIC
     recipes: RecipesSection = RecipesSection()
-
-    @field_validator("recipes", mode="before")
-    @classmethod
-    def _all_off_for_false(cls, value: Any) -> Any:
-        """``recipes: false`` turns every recipe off (the search then falls back ops at once)."""
-        return dict.fromkeys(RECIPES, False) if value is False else value
     # bf16 where the CPU computes it natively. true: a per-op choice between int8 and fp32 in the
     # search; unset: not searched, but the chosen config's fp32 fallback ops are compiled in bf16
     # too at the end and kept so if that passes and runs faster (on small models the casts around
@@ -215,6 +209,12 @@ class QuantizationSection(_Section):
     calibration: CalibrationSection = CalibrationSection()
     model_wise: OpRestriction = OpRestriction()
     op_wise: dict[str, OpRestriction] = Field(default_factory=dict)
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _all_off_for_false(cls, value: Any) -> Any:
+        """``recipes: false`` turns every recipe off (the search then falls back ops at once)."""
+        return dict.fromkeys(RECIPES, False) if value is False else value
 
     @field_validator("op_wise")
     @classmethod

@@ -35,8 +35,9 @@ def write_report(workspace: str, output: Optional[str] = None) -> Path:
         history.close()
     page = Path(output) if output else path.parent / "report.html"
     chosen = (meta["result"] or {}).get("key")
+    front = pareto.front(trials, Criterion(**meta["criterion"]).higher_is_better if meta.get("criterion") else True)
     plots = {
-        "accuracy_vs_objective": _accuracy_plot(trials, meta, chosen),
+        "accuracy_vs_objective": _accuracy_plot(trials, meta, chosen, front),
         "fp32_ops": _ops_plot(trials, meta, chosen),
         "timeline": _timeline_plot(trials, chosen),
     }
@@ -44,7 +45,7 @@ def write_report(workspace: str, output: Optional[str] = None) -> Path:
         page.parent.mkdir(parents=True, exist_ok=True)
         for name, png in plots.items():
             (page.parent / f"{page.stem}_{name}.png").write_bytes(png)
-        page.write_text(_page(trials, meta, chosen, plots))
+        page.write_text(_page(trials, meta, chosen, plots, front))
     except OSError as error:
         raise ConfigError(f"{page}: can't write the report there ({error.strerror or error}); choose another -o") from None
     return page
@@ -72,7 +73,7 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _accuracy_plot(trials: list[Trial], meta: dict, chosen: Optional[str]) -> bytes:
+def _accuracy_plot(trials: list[Trial], meta: dict, chosen: Optional[str], front: list[Trial]) -> bytes:
     figure, axes = _figure()
     evaluated = [trial for trial in trials if trial.status == Status.OK and trial.accuracy is not None]
     for passed, colour, label in ((True, "tab:green", "passed"), (False, "tab:red", "failed the criterion")):
@@ -83,10 +84,8 @@ def _accuracy_plot(trials: list[Trial], meta: dict, chosen: Optional[str]) -> by
         axes.axhline(threshold, color="grey", linestyle="--", label="criterion")
     if meta.get("baseline") is not None:
         axes.axhline(meta["baseline"], color="black", linewidth=0.8, label="fp32 baseline")
-    higher_is_better = (meta.get("criterion") or {}).get("higher_is_better", True)
-    on_front = pareto.front(trials, higher_is_better)
-    if on_front:
-        axes.step([trial.objective for trial in on_front], [trial.accuracy for trial in on_front], where="post",
+    if front:
+        axes.step([trial.objective for trial in front], [trial.accuracy for trial in front], where="post",
                   color="tab:green", linewidth=1, label="Pareto front")
     best = [trial for trial in evaluated if trial.key == chosen]
     if best:
@@ -137,7 +136,7 @@ def _timeline_plot(trials: list[Trial], chosen: Optional[str]) -> bytes:
 
 
 # --- the page --------------------------------------------------------------------------------
-def _page(trials: list[Trial], meta: dict, chosen: Optional[str], plots: dict[str, bytes]) -> str:
+def _page(trials: list[Trial], meta: dict, chosen: Optional[str], plots: dict[str, bytes], front: list[Trial]) -> str:
     result = meta.get("result") or {}
     job = meta.get("job") or {}
     figures = "".join(
@@ -153,16 +152,16 @@ def _page(trials: list[Trial], meta: dict, chosen: Optional[str], plots: dict[st
         f"<td>{trial.duration:.2f}</td></tr>"
         for trial in trials
     )
-    higher_is_better = (meta.get("criterion") or {}).get("higher_is_better", True)
-    front = "".join(
+    front_rows = "".join(
         f"<tr{' class=chosen' if trial.key == chosen else ''}><td>{trial.seq}</td><td>{_number(trial.accuracy)}</td>"
         f"<td>{_number(trial.objective)}</td><td>{html.escape(_fallen_back(trial.config))}</td></tr>"
-        for trial in pareto.front(trials, higher_is_better)
+        for trial in front
     ) or '<tr><td colspan="4">no trial passed</td></tr>'
     summary = (f"chosen trial key {html.escape(chosen)}, accuracy {_number(result.get('accuracy'))}"
                if chosen else "no config met the criterion")
     return TEMPLATE.format(
-        summary=summary, baseline=_number(meta.get("baseline")), count=len(trials), figures=figures, rows=rows, front=front,
+        summary=summary, baseline=_number(meta.get("baseline")), count=len(trials), figures=figures, rows=rows,
+        front=front_rows,
         result=html.escape(json.dumps(result, indent=2, sort_keys=True)),
         timings=html.escape(timings.table(meta.get("timings") or {}) or "not recorded"),
         config=html.escape(json.dumps(job.get("config", {}), indent=2, sort_keys=True)),

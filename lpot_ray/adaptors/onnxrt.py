@@ -33,6 +33,7 @@ import logging
 import os
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -147,6 +148,7 @@ class OnnxRuntimeAdaptor(Adaptor):
     def __init__(self) -> None:
         self.onnx, self.ort = import_onnxruntime()
         self.threads = 1
+        self.equalized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per fp32 model: its weights equalized
 
     def set_threads(self, threads: int) -> int:
         previous, self.threads = self.threads, max(1, int(threads))
@@ -221,6 +223,16 @@ class OnnxRuntimeAdaptor(Adaptor):
         proto = self.onnx.load_from_string(model.content)
         return (CROSS_LAYER_EQUALIZATION,) if onnxrt_recipes.equalizable(proto) else ()
 
+    def _equalized(self, model: OnnxModel) -> bytes:
+        """The model with its weights equalized, computed once per model."""
+        from . import onnxrt_recipes
+
+        if model not in self.equalized:
+            proto = self.onnx.load_from_string(model.content)
+            onnxrt_recipes.equalize(proto)
+            self.equalized[model] = proto.SerializeToString()
+        return self.equalized[model]
+
     def quantize(self, model: OnnxModel, config: TuneConfig, calibration: Sequence[Any]) -> OnnxModel:
         if not config.int8_ops:
             return model
@@ -244,11 +256,8 @@ class OnnxRuntimeAdaptor(Adaptor):
                       nodes_to_quantize=int8, nodes_to_exclude=fp32)
         with tempfile.TemporaryDirectory(prefix="lpot_ray_onnx_") as folder, _quantizer_hints_silenced():
             output = Path(folder) / "quantized.onnx"
-            source = self.onnx.load_from_string(model.content)
-            if CROSS_LAYER_EQUALIZATION in config.recipes:
-                from . import onnxrt_recipes
-
-                onnxrt_recipes.equalize(source)
+            content = self._equalized(model) if CROSS_LAYER_EQUALIZATION in config.recipes else model.content
+            source = self.onnx.load_from_string(content)
             if reader is None:
                 q.quantize_dynamic(source, output, **common)
             else:

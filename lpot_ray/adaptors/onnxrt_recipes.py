@@ -20,10 +20,10 @@ def equalize(proto: Any) -> int:
 
     initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
     pairs = list(_pairs(proto, initializers))
-    touched = {name for pair in pairs for name in pair[:3] if name is not None}
+    touched = {name for pair in pairs for name in pair if name is not None}
     arrays = {name: numpy_helper.to_array(initializers[name]).astype(np.float64) for name in touched}
     for _ in range(EQUALIZATION_PASSES):
-        for first, bias, second, second_type in pairs:
+        for first, bias, second in pairs:
             w1, w2 = arrays[first], arrays[second]
             channels = w1.shape[0]
             # the second op's input channels: Conv [out, in, ...]; Gemm with transB [out, in],
@@ -32,7 +32,8 @@ def equalize(proto: Any) -> int:
             range1 = np.abs(w1.reshape(channels, -1)).max(axis=1)
             range2 = np.abs(w2_blocks.transpose(1, 0, 2).reshape(channels, -1)).max(axis=1)
             usable = (range1 > 0) & (range2 > 0)
-            scale = np.where(usable, np.sqrt(np.where(usable, range1 / np.where(usable, range2, 1.0), 1.0)), 1.0)
+            scale = np.ones(channels)
+            scale[usable] = np.sqrt(range1[usable] / range2[usable])
             arrays[first] = w1 / scale.reshape(-1, *([1] * (w1.ndim - 1)))
             if bias is not None:
                 arrays[bias] = arrays[bias] / scale
@@ -48,8 +49,8 @@ def equalizable(proto: Any) -> bool:
     return next(_pairs(proto, {tensor.name: tensor for tensor in proto.graph.initializer}), None) is not None
 
 
-def _pairs(proto: Any, initializers: dict[str, Any]) -> Iterator[tuple[str, Optional[str], str, str]]:
-    """(first weight, first bias or None, second weight, second op type) of each pair of
+def _pairs(proto: Any, initializers: dict[str, Any]) -> Iterator[tuple[str, Optional[str], str]]:
+    """(first weight, first bias or None, second weight) of each pair of
     Conv/Gemm nodes joined only by scale-commuting nodes (and a Flatten after a Conv), each
     weight read by its node alone."""
     consumers: dict[str, list[Any]] = {}
@@ -85,7 +86,7 @@ def _pairs(proto: Any, initializers: dict[str, Any]) -> Iterator[tuple[str, Opti
         if len(second.dims) < 2 or second.dims[1] % channels or (not flattened and second.dims[1] != channels):
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        yield node.input[1], bias, consumer.input[1], consumer.op_type
+        yield node.input[1], bias, consumer.input[1]
 
 
 def _weighted(node: Any, initializers: dict[str, Any], consumers: dict[str, list[Any]]) -> bool:

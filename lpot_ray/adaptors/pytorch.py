@@ -49,6 +49,8 @@ from ..errors import DataError, MissingFrameworkError, ModelError
 from ..recipes import CROSS_LAYER_EQUALIZATION, FAST_BIAS_CORRECTION, SMOOTH_QUANT, alpha_of, name_of
 from ..space import BF16, Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
+from . import pytorch_recipes
+from .pytorch_recipes import bias_of
 
 
 
@@ -274,8 +276,6 @@ class PyTorchAdaptor(Adaptor):
         """Where activations are quantized: equalization where the graph has a pair to equalize,
         SmoothQuant where it has Linear ops; where they are calibrated, bias correction too (its
         error is measured on the calibration batches) if an op has a bias."""
-        from . import pytorch_recipes
-
         if self.approach == Approach.QAT:
             return ()
         module = model.module()
@@ -286,7 +286,7 @@ class PyTorchAdaptor(Adaptor):
         except Exception as error:  # a graph the recipes don't understand: tune without them
             log.warning("recipes: equalization and SmoothQuant are off for this model (%s: %s)", type(error).__name__, error)
             offered = []
-        if self.approach == Approach.STATIC and any(_bias_of(node) for _, _, node in _quantizable_nodes(module)):
+        if self.approach == Approach.STATIC and any(bias_of(node) for _, _, node in _quantizable_nodes(module)):
             offered.append(FAST_BIAS_CORRECTION)
         return tuple(offered)
 
@@ -295,8 +295,6 @@ class PyTorchAdaptor(Adaptor):
         int8 form is quantized from and compared with. A new module each time (quantizing
         rewrites the graph), sharing the model's tensors except those a recipe replaced; what a
         recipe computes is kept per model."""
-        from . import pytorch_recipes
-
         module, cache = model.module(), self.recipe_cache.setdefault(model, {})
         equalize = CROSS_LAYER_EQUALIZATION in config.recipes
         if equalize:
@@ -314,15 +312,13 @@ class PyTorchAdaptor(Adaptor):
         return module
 
     def quantize(self, model: Any, config: TuneConfig, calibration: Sequence[Any]) -> Any:
-        from . import pytorch_recipes
-
         preserving = tuple(recipe for recipe in config.recipes if recipe != FAST_BIAS_CORRECTION)
         quantized = self._quantized(model, self.fp32_module(model, config, calibration), config, calibration, preserving)
         if FAST_BIAS_CORRECTION not in config.recipes:
             return quantized
         reference = self.fp32_module(model, config, calibration)
-        ops = {path: (node.name, node.args[1].target, _bias_of(node), 1 if op_type.startswith("Conv") else -1)
-               for path, op_type, node in _quantizable_nodes(reference) if path in config.int8_ops and _bias_of(node)}
+        ops = {path: (node.name, node.args[1].target, bias_of(node), 1 if op_type.startswith("Conv") else -1)
+               for path, op_type, node in _quantizable_nodes(reference) if path in config.int8_ops and bias_of(node)}
         biases = pytorch_recipes.bias_corrections(reference, quantized, ops, take_samples(calibration, config.sampling_size),
                                                   _node_outputs)
         # The corrected biases are this config's own (they follow its int8 ops): so are their statistics.
@@ -804,12 +800,6 @@ def _quantizable_nodes(module: Any) -> Iterator[tuple[str, str, Any]]:
         if QUANTIZABLE_MODULES.get(op_type) == str(node.target).split(".")[1] and path not in seen:
             seen.add(path)
             yield path, op_type, node
-
-
-def _bias_of(node: Any) -> Optional[str]:
-    """The bias parameter of a conv/linear call, where it has one."""
-    bias = node.args[2] if len(node.args) > 2 else None
-    return bias.target if getattr(bias, "op", None) == "get_attr" else None
 
 
 def _separate_repeated_calls(graph: Any) -> None:

@@ -7,6 +7,7 @@ The fp32 model's own tensors are never written: ``ExportedProgram.module()`` sha
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, Iterable, Optional
 
 # Ops that commute with a positive per-channel scale: equalization may look through them.
@@ -64,8 +65,9 @@ def equalizable(module: Any) -> bool:
 
 def _equalization_pairs(module: Any) -> Iterable[tuple[str, Optional[str], str]]:
     """(first weight, first bias or None, second weight) of each equalizable pair."""
+    readers = _readers(module.graph)
     for node in module.graph.nodes:
-        if not _weighted(node) or not _owns_parameters(node):
+        if not _weighted(node) or not _owns_parameters(node, readers):
             continue
         chain, flattened = node, False
         while len(chain.users) == 1:
@@ -81,7 +83,7 @@ def _equalization_pairs(module: Any) -> Iterable[tuple[str, Optional[str], str]]
         if len(chain.users) != 1:
             continue
         (consumer,) = chain.users
-        if not _weighted(consumer) or not _owns_parameters(consumer) or consumer.args[0] is not chain:
+        if not _weighted(consumer) or not _owns_parameters(consumer, readers) or consumer.args[0] is not chain:
             continue
         if flattened and str(consumer.target) != "aten.linear.default":
             continue
@@ -89,8 +91,7 @@ def _equalization_pairs(module: Any) -> Iterable[tuple[str, Optional[str], str]]
         channels = first.shape[0]
         if second.dim() < 2 or second.shape[1] % channels or (not flattened and second.shape[1] != channels):
             continue  # the channels don't map one to one (or to blocks) onto the second op's inputs
-        bias = node.args[2] if len(node.args) > 2 and node.args[2] is not None else None
-        yield node.args[1].target, (bias.target if bias is not None else None), consumer.args[1].target
+        yield node.args[1].target, bias_of(node), consumer.args[1].target
 
 
 def _weighted(node: Any) -> bool:
@@ -105,13 +106,22 @@ def _weighted(node: Any) -> bool:
     return groups == 1
 
 
-def _owns_parameters(node: Any) -> bool:
+def bias_of(node: Any) -> Optional[str]:
+    """The bias parameter of a conv/linear call, where it has one."""
+    bias = node.args[2] if len(node.args) > 2 else None
+    return bias.target if getattr(bias, "op", None) == "get_attr" else None
+
+
+def _readers(graph: Any) -> collections.Counter:
+    """How many graph nodes read each parameter."""
+    return collections.Counter(node.target for node in graph.nodes if node.op == "get_attr")
+
+
+def _owns_parameters(node: Any, readers: collections.Counter) -> bool:
     """Whether the op's weight (and bias) serve it alone: a parameter another call reads too (a
     module called twice, tied weights) can't be rescaled for one of them."""
     parameters = [arg for arg in node.args[1:3] if getattr(arg, "op", None) == "get_attr"]
-    readers = [other for other in node.graph.nodes if other.op == "get_attr"
-               and other.target in {parameter.target for parameter in parameters}]
-    return len(readers) == len(parameters) and all(len(parameter.users) == 1 for parameter in parameters)
+    return all(readers[parameter.target] == 1 and len(parameter.users) == 1 for parameter in parameters)
 
 
 def _flattens_from_channels(node: Any) -> bool:
@@ -149,9 +159,9 @@ def bias_corrections(reference: Any, quantized: Any, ops: dict[str, tuple[str, s
             outputs = outputs_of(quantized, recorded, inputs)
             for op in ops:
                 if op in outputs and f"{op} input" in outputs:
-                    name, weight, bias, channel = ops[op]
-                    node, weight, bias = graph[name], reference.get_parameter(weight), reference.get_parameter(bias)
-                    x = outputs[f"{op} input"].float()
+                    name, weight_name, bias_name, channel = ops[op]
+                    node, x = graph[name], outputs[f"{op} input"].float()
+                    weight, bias = reference.get_parameter(weight_name), reference.get_parameter(bias_name)
                     if str(node.target) == "aten.conv2d.default":
                         fp32 = functional.conv2d(x, weight, bias, *node.args[3:7])
                     else:
@@ -184,7 +194,9 @@ def smoothing_groups(module: Any) -> dict[str, list[Any]]:
     for node in module.graph.nodes:
         if _weighted(node) and str(node.target) == "aten.linear.default" and hasattr(node.args[0], "name"):
             groups.setdefault(node.args[0].name, []).append(node)
-    return {name: linears for name, linears in groups.items() if all(map(_owns_parameters, linears))}
+    readers = _readers(module.graph)
+    return {name: linears for name, linears in groups.items()
+            if all(_owns_parameters(linear, readers) for linear in linears)}
 
 
 def smoothing_scales(module: Any, alpha: float, batches: Iterable[Any],

@@ -139,8 +139,7 @@ class COCOmAPv2(COCOmAP):
                                   f"{self.mapping} needs at least {needed + 1}")
         boxes, scores, classes = (np.asarray(outputs[self.mapping[name]]) for name in ("boxes", "scores", "classes"))
         counts = self.mapping["num_detections"]
-        images = []
-        for image in range(len(boxes)):
-            kept = int(np.asarray(outputs[counts]).reshape(-1)[image]) if counts >= 0 else len(boxes[image])
-            images.append((boxes[image][:kept], scores[image][:kept], classes[image][:kept]))
+        kept = np.asarray(outputs[counts]).reshape(-1).astype(int) if counts >= 0 else [len(image) for image in boxes]
+        images = [(boxes[image][:kept[image]], scores[image][:kept[image]], classes[image][:kept[image]])
+                  for image in range(len(boxes))]
         super().update(images, labels)
