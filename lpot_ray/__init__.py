@@ -10,6 +10,7 @@ from .config import Config, load_config
 from .errors import (ConfigError, DataError, EvaluationError, HistoryError, LpotRayError, MissingFrameworkError,
                      ModelError, PluginError, SpaceError)
 from .metrics import Metric
+from .pruning import Pruning, PruningResult
 from .result import TuneResult, load
 from .space import Op, OpScheme, TensorScheme, TuneConfig, TuningSpace
 from .strategies.base import Strategy
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Benchmark", "BenchmarkResult", "Config", "ConfigError", "DataError", "EvaluationError", "HistoryError", "LpotRayError", "Metric",
-    "MissingFrameworkError", "ModelError", "Op", "OpScheme", "PluginError", "Quantization", "SpaceError", "Strategy",
+    "MissingFrameworkError", "ModelError", "Op", "OpScheme", "PluginError", "Pruning", "PruningResult", "Quantization", "SpaceError", "Strategy",
     "TensorScheme",
     "Trial", "TuneConfig", "TuneResult", "TuningSpace", "ZooJob", "load", "load_config", "tune", "tune_many", "workers",
 ]

@@ -168,6 +168,64 @@ class TrainSection(_Section):
         return self
 
 
+# LPOT's pruners that lpot_ray implements (``lpot_ray.pruning``), and those it lacks.
+PRUNE_TYPES = ("basic_magnitude", "pattern_lock")
+LPOT_ONLY_PRUNE_TYPES = ("gradient_sensitivity", "group_lasso")
+
+
+class PrunerSection(_Section):
+    """One LPOT ``!Pruner``: which weights (unset: every conv and linear weight), how, and its
+    own schedule where it differs from ``weight_compression``'s."""
+
+    prune_type: str = "basic_magnitude"
+    names: Optional[tuple[str, ...]] = None
+    method: Literal["per_tensor", "per_channel"] = "per_tensor"
+    initial_sparsity: Optional[float] = Field(None, ge=0, lt=1)
+    target_sparsity: Optional[float] = Field(None, ge=0, lt=1)
+    start_epoch: Optional[int] = Field(None, ge=0)
+    end_epoch: Optional[int] = Field(None, ge=0)
+    update_frequency: float = Field(1.0, gt=0)
+    parameters: Optional[dict[str, Any]] = None  # read only by LPOT's gradient_sensitivity and group_lasso
+
+    @field_validator("prune_type")
+    @classmethod
+    def _implemented(cls, value: str) -> str:
+        if value in LPOT_ONLY_PRUNE_TYPES:
+            raise ValueError(f"is an LPOT option lpot_ray does not support yet; it prunes with {' and '.join(PRUNE_TYPES)}")
+        if value not in PRUNE_TYPES:
+            raise ValueError(f"is not a pruner; expected one of {', '.join(PRUNE_TYPES)}")
+        return value
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _unique_names(cls, value: Any) -> Any:
+        value = lpot_compat.as_list(value)
+        return tuple(dict.fromkeys(value)) if isinstance(value, list) else value
+
+
+class WeightCompression(_Section):
+    """LPOT's ``pruning.approach.weight_compression``: the schedule every pruner follows unless
+    it sets its own, and the pruners."""
+
+    initial_sparsity: float = Field(0.0, ge=0, lt=1)
+    target_sparsity: float = Field(0.97, ge=0, lt=1)
+    start_epoch: int = Field(0, ge=0)
+    end_epoch: int = Field(4, ge=0)
+    pruners: tuple[PrunerSection, ...] = Field(min_length=1)
+
+
+class PruningApproach(_Section):
+    weight_compression: WeightCompression
+
+
+class PruningSection(_Section):
+    """LPOT's ``pruning``: weights zeroed by magnitude while the model trains (``lpot_ray.Pruning``),
+    by the user's training function or by ``train`` from the YAML alone."""
+
+    approach: PruningApproach
+    train: Optional[TrainSection] = None
+
+
 class SmoothQuantArgs(_Section):
     alpha: tuple[float, ...] = SMOOTH_QUANT_ALPHAS  # Neural Compressor's key; a list is searched
 
@@ -385,6 +443,7 @@ class Config(_Section):
     model: ModelSection
     device: Literal["cpu"] = "cpu"
     quantization: QuantizationSection = QuantizationSection()
+    pruning: Optional[PruningSection] = None
     evaluation: EvaluationSection = EvaluationSection()
     tuning: TuningSection = TuningSection()
     ray: RaySection = RaySection()

@@ -33,13 +33,15 @@ ONNXRT_ALIASES = {
     "onnxrt_integerops": _DYNAMIC, "onnxrt_integer": _DYNAMIC,
 }
 
+# LPOT sections lpot_ray implements for some frameworks only (by the framework's name after aliases).
+FRAMEWORK_SECTIONS = {"pruning": ("pytorch",)}
+
 # Dotted key paths LPOT 1.x accepts that lpot_ray does not implement yet.
 LPOT_ONLY_KEYS = frozenset({
     "quantization.train.postprocess",
     "quantization.train.execution_mode",
     "quantization.optimization",
     "evaluation.accuracy.multi_metrics",
-    "pruning",
     "distillation",
     "graph_optimization",
     "mixed_precision",
@@ -71,8 +73,9 @@ IGNORED = {
     "evaluation.performance.configs.intra_num_of_threads": _THREADS,
     "quantization.train.frequency": "LPOT's pruning schedule reads it; quantization-aware training steps the "
                                     "optimizer on every batch",
-    "quantization.train.hostfile": "LPOT reserves it for multi-node training; lpot_ray's workers come from "
-                                   "the Ray cluster (`ray.address`)",
+    "*.train.hostfile": "LPOT reserves it for multi-node training; lpot_ray's workers come from "
+                        "the Ray cluster (`ray.address`)",
+    "pruning.train.frequency": "each pruner's `update_frequency` says in which epochs its masks are recomputed",
     "quantization.recipes.scale_propagation_*": "LPOT's TensorFlow graph rewrite; inductor, LiteRT and oneDNN "
                                                 "choose where requantization happens",
     "quantization.recipes.first_conv_or_matmul_quantization": "lpot_ray quantizes the first op like any "
@@ -99,6 +102,11 @@ def adapt(raw: dict, origin: str) -> dict:
             raise ConfigError(f"{origin}: `{path}` is an LPOT option lpot_ray does not support yet")
         if isinstance(value, str) and value in LPOT_ONLY_VALUES.get(path, ()) and not _registered(path, value):
             raise ConfigError(f"{origin}: `{path}: {value}` is an LPOT option lpot_ray does not support yet")
+    resolved = FRAMEWORK_ALIASES.get(framework, (framework,))[0]
+    for section, frameworks in FRAMEWORK_SECTIONS.items():
+        if section in raw and resolved not in frameworks:
+            raise ConfigError(f"{origin}: `{section}` with `model.framework: {framework}` is an LPOT option lpot_ray "
+                              f"does not support yet; lpot_ray does it for {', '.join(frameworks)}")
     adapted = copy.deepcopy(raw)
     _drop_ignored(adapted, "", origin)
     if framework in FRAMEWORK_ALIASES:

@@ -64,10 +64,14 @@ class Adaptor(ABC):
         return adaptor
 
     @classmethod
-    def training_from_yaml(cls, section: TrainSection) -> Any:
+    def training_from_yaml(cls, section: TrainSection, hooks: Any = None, loader: Any = None) -> Any:
         """A ``q_func`` that trains as LPOT's ``quantization.train`` section says (plain data, so
-        that it travels to workers)."""
+        that it travels to workers); for pruning, with the pruning hooks and its loader."""
         raise ConfigError(f"`quantization.train`: the {cls.framework} adaptor can't train from the YAML; pass q_func")
+
+    def weights(self, model: Any) -> Any:
+        """The model's conv and linear weights as ``pruning.Weights``: read as numpy, masked in place."""
+        raise ConfigError(f"`pruning`: the {self.framework} adaptor can't prune models")
 
     @contextlib.contextmanager
     def calibrating(self) -> Iterator[None]:

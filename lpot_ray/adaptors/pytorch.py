@@ -49,7 +49,7 @@ from ..errors import DataError, MissingFrameworkError, ModelError
 from ..recipes import CROSS_LAYER_EQUALIZATION, FAST_BIAS_CORRECTION, SMOOTH_QUANT, alpha_of, name_of
 from ..space import BF16, Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
-from . import pytorch_recipes
+from . import pytorch_pruning, pytorch_recipes
 from .pytorch_recipes import bias_of
 
 
@@ -166,8 +166,13 @@ class PyTorchAdaptor(Adaptor):
         self.varying_dims: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
-    def training_from_yaml(cls, section: TrainSection) -> "YamlTraining":
-        return YamlTraining(section)
+    def training_from_yaml(cls, section: TrainSection, hooks: Any = None, loader: Any = None) -> "YamlTraining":
+        return YamlTraining(section, hooks, loader)
+
+    def weights(self, model: Any) -> "pytorch_pruning.TorchWeights":
+        if not isinstance(model, self.torch.nn.Module):
+            raise ModelError(f"model: expected a torch.nn.Module for framework 'pytorch', got {type(model).__name__}")
+        return pytorch_pruning.TorchWeights(model)
 
     def set_threads(self, threads: int) -> int:
         previous = self.torch.get_num_threads()
@@ -939,11 +944,15 @@ def _call_lines(code: str) -> str:
 
 @dataclass(frozen=True)
 class YamlTraining:
-    """LPOT's ``quantization.train`` as a ``q_func``: plain data (the YAML section), so it travels
-    to Ray workers like any q_func; called on the prepared (fake-quantized) model, it builds the
-    training loader, the optimizer and the criterion the section names, and trains in place."""
+    """LPOT's ``quantization.train`` (or ``pruning.train``) as a training function: plain data (the
+    YAML section), so it travels to Ray workers like any q_func; called on a model, it builds the
+    training loader (unless given one), the optimizer and the criterion the section names, and
+    trains in place. ``hooks`` (pruning's) are called around each epoch and step, and the model is
+    then trained in train mode; a prepared QAT graph keeps the mode its quantizer set."""
 
     section: TrainSection
+    hooks: Any = None
+    loader: Any = None
 
     def __call__(self, model: Any) -> None:
         import torch
@@ -951,17 +960,28 @@ class YamlTraining:
         from ..data import build_loader
         from ..evaluation import split_batch
 
-        loader = build_loader(self.section.dataloader, "quantization.train.dataloader")
+        loader = self.loader if self.loader is not None else build_loader(self.section.dataloader, "quantization.train.dataloader")
         optimizer = self._optimizer(torch, model.parameters())
         criterion = self._criterion(torch)
-        for _ in range(self.section.start_epoch, self.section.end_epoch):
-            for batch in itertools.islice(loader, self.section.iteration):
-                inputs, labels = split_batch(batch)
-                args, kwargs = as_call(inputs)
-                optimizer.zero_grad()
-                loss = criterion(_first_tensor(model(*args, **kwargs)), torch.as_tensor(labels).long())
-                loss.backward()
-                optimizer.step()
+        hooks = self.hooks or _NoHooks()
+        if self.hooks is not None:
+            model.train()
+        try:
+            for epoch in range(self.section.start_epoch, self.section.end_epoch):
+                hooks.on_epoch_begin(epoch)
+                for step, batch in enumerate(itertools.islice(loader, self.section.iteration)):
+                    hooks.on_step_begin(step)
+                    inputs, labels = split_batch(batch)
+                    args, kwargs = as_call(inputs)
+                    optimizer.zero_grad()
+                    loss = criterion(_first_tensor(model(*args, **kwargs)), torch.as_tensor(labels).long())
+                    loss.backward()
+                    optimizer.step()
+                    hooks.on_step_end()
+                hooks.on_epoch_end()
+        finally:
+            if self.hooks is not None:
+                model.eval()
 
     def _optimizer(self, torch: Any, parameters: Any) -> Any:
         (name, params), = self.section.optimizer.items()
@@ -977,3 +997,15 @@ class YamlTraining:
         (_, params), = self.section.criterion.items()
         reduction = str(params.get("reduction", "mean")).lower()
         return torch.nn.CrossEntropyLoss(reduction="sum" if reduction == "sum" else "mean")
+
+
+class _NoHooks:
+    """What a training without pruning calls around its epochs and steps: nothing."""
+
+    def on_epoch_begin(self, epoch: int) -> None: ...
+
+    def on_step_begin(self, step: int) -> None: ...
+
+    def on_step_end(self) -> None: ...
+
+    def on_epoch_end(self) -> None: ...
