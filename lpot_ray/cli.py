@@ -5,10 +5,12 @@
     lpot-ray report WORKSPACE [-o report.html]
     lpot-ray benchmark CONF.yaml [--model PATH] [--mode performance|accuracy] [--json]
     lpot-ray zoo ZOO.yaml [--address A] [--workers N]
+    lpot-ray prune CONF.yaml [-o pruned.pt2]
 
 ``tune`` needs nothing but the YAML: the model is the file ``model.path`` names and the data
-come from the ``dataloader`` sections. Exit codes: 0 done (``tune``: a config passed),
-1 ``tune`` found no config that meets the criterion, 2 bad input (named on one line), 3 any
+come from the ``dataloader`` sections; so does ``prune``, from LPOT's ``pruning`` section. Exit
+codes: 0 done (``tune``: a config passed; ``prune``: the criterion is met, or nothing measured
+accuracy), 1 ``tune`` found no config that meets the criterion (``prune``: the pruned model misses it), 2 bad input (named on one line), 3 any
 other failure (one line; ``--verbose`` shows the traceback).
 """
 
@@ -70,8 +72,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     zoo.add_argument("zoo", help="a YAML with `jobs:`, a list of {name, config: tuning YAML path or mapping}")
     zoo.add_argument("--address", help="a Ray cluster to use (else the zoo's or the jobs' ray.address, a private Ray)")
     zoo.add_argument("--workers", type=int, help="workers shared by all jobs, the driver included")
+    prune = commands.add_parser("prune", help="prune the model a YAML names while training it as its `pruning` "
+                                              "section says", epilog=TRUSTED_MODELS)
+    prune.add_argument("config", help="an LPOT-style YAML with model.path and pruning.train with its dataloader")
+    prune.add_argument("-o", "--output", help="the pruned model's file (default: WORKSPACE/pruned/<model file>)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "prune":
+            return run_prune(args.config, args.output)
         if args.command == "tune":
             return run_tune(args.config, args.address, args.workers, args.resume, args.verbose)
         if args.command == "zoo":
@@ -148,6 +156,37 @@ def run_zoo(zoo_path: str, address: Optional[str], workers: Optional[int]) -> in
             result.save(Path(result.workspace) / "int8_model")
     print(results_table([entry.name for entry in entries], ordered))
     return EXIT_OK if all(result.passed for result in ordered) else EXIT_NO_PASS
+
+
+def run_prune(config_path: str, output: Optional[str]) -> int:
+    """Prune ``model.path`` as the YAML says, save it beside the workspace, print each weight's sparsity."""
+    from . import registry
+    from .data import build_loader
+    from .errors import ConfigError
+    from .evaluation import split_batch
+    from .pruning import Pruning
+
+    pruner = Pruning(config_path)
+    config = pruner.config
+    train = config.pruning.train
+    if config.model.path is None:
+        raise ConfigError(f"{config_path}: `model.path` is required to prune from the command line")
+    if train is None or train.dataloader is None:
+        raise ConfigError(f"{config_path}: `pruning.train` with its `dataloader` is required to prune from the command line")
+    adaptor = registry.adaptors.get(config.model.framework)()
+    pruner.model = adaptor.load_file(config.model.path)
+    pruner.train_dataloader = build_loader(train.dataloader, "pruning.train.dataloader", framework=config.model.framework)
+    result = pruner()
+    example, _ = split_batch(next(iter(pruner.train_dataloader)))
+    target = Path(output) if output else Path(config.tuning.workspace.path) / "pruned" / adaptor.model_file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(adaptor.prepare(result.model, example))
+    for name, sparsity in result.sparsity.items():
+        print(f"  {name}: {100 * sparsity:.1f}% zeros")
+    measured = (f"; accuracy {result.accuracy:.4f} (unpruned {result.baseline_accuracy:.4f}): "
+                f"{'meets' if result.passed else 'misses'} the criterion") if result.accuracy is not None else ""
+    print(f"pruned to {100 * result.overall_sparsity:.1f}% zeros{measured}; saved {target}")
+    return EXIT_NO_PASS if result.passed is False else EXIT_OK
 
 
 def model_from(config, source: str) -> Any:
