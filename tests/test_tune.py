@@ -206,4 +206,7 @@ def test_lpots_compare_label_false_measures_the_int8_outputs_against_the_fp32_mo
     assert result.baseline == 0.0 and result.passed and 0 < result.accuracy <= 1.0
     with torch.no_grad():
         error = torch.cat([result.model(images) - model(images) for images, _ in evaluation])
-    assert result.accuracy == pytest.approx(float(error.pow(2).mean().sqrt()), rel=1e-3)
+    # result.accuracy is measured on the compiled int8 kernels, result.model is the quantized model
+    # they were compiled from: their roundings differ by a few percent of this small error on some
+    # CPUs, while an error against the labels would be two orders of magnitude larger.
+    assert result.accuracy == pytest.approx(float(error.pow(2).mean().sqrt()), rel=0.05)
