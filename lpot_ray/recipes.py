@@ -23,13 +23,30 @@ from __future__ import annotations
 import itertools
 from typing import Optional, Sequence
 
+import numpy as np
+
 CROSS_LAYER_EQUALIZATION = "cross_layer_equalization"
 SMOOTH_QUANT = "smooth_quant"
 FAST_BIAS_CORRECTION = "fast_bias_correction"
 # In the order they are applied: equalized weights, then smoothed inputs, then the biases of
 # their int8 form.
 RECIPES = (CROSS_LAYER_EQUALIZATION, SMOOTH_QUANT, FAST_BIAS_CORRECTION)
+EQUALIZATION_PASSES = 3  # a chain conv -> conv -> linear settles in a few passes (AIMET iterates so too)
 SMOOTH_QUANT_ALPHAS = (0.5, 0.75)  # searched unless `smooth_quant_args.alpha` says (0.5: Neural Compressor's default)
+
+
+def equalization_scales(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Cross-layer equalization's factor per channel c: s_c = sqrt(r1_c / r2_c), with r1_c the
+    largest |weight| of the first op's output channel c and r2_c of the second op's weights that
+    read channel c (both given channel-first: [channels, ...]). Dividing the first op's channel
+    by s_c and multiplying the second's weights by it gives both the range sqrt(r1_c * r2_c);
+    1 where either range is 0. For the adaptors whose weights are numpy arrays."""
+    range1 = np.abs(first.reshape(first.shape[0], -1)).max(axis=1)
+    range2 = np.abs(second.reshape(second.shape[0], -1)).max(axis=1)
+    usable = (range1 > 0) & (range2 > 0)
+    scales = np.ones(first.shape[0])
+    scales[usable] = np.sqrt(range1[usable] / range2[usable])
+    return scales
 
 
 def entry(name: str, alpha: Optional[float] = None) -> str:

@@ -158,3 +158,48 @@ def test_quantized_model_pickles_without_its_interpreters(keras_digits):
     before = accuracy_of_numpy(quantized, evaluation)
     copy = pickle.loads(pickle.dumps(quantized))
     assert isinstance(copy, TFLiteModel) and accuracy_of_numpy(copy, evaluation) == before
+
+
+def test_equalization_on_the_flatbuffer_is_exact_and_rescues_the_outlier_model(keras_outliers):
+    """The x1000 channel between conv1 and conv2 breaks static int8; the equalized flatbuffer
+    computes the same in fp32 and quantizes all int8 at the fp32 model's accuracy."""
+    import dataclasses
+
+    import numpy as np
+
+    from lpot_ray.adaptors import tensorflow_recipes
+    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION
+
+    model, calibration, evaluation = keras_outliers
+    adaptor, fp32, space, batches = build(model, calibration)
+    assert adaptor.recipes(fp32) == (CROSS_LAYER_EQUALIZATION,)
+    content, pairs = tensorflow_recipes.equalize(fp32.content)
+    assert pairs == 3  # conv1 -> conv2 -> (pool, flatten) fc1 -> fc2
+    equalized = TFLiteModel(content, fp32.op_names)
+    for batch in batches:
+        assert np.allclose(equalized(batch), fp32(batch), rtol=1e-4, atol=1e-4 * float(np.abs(fp32(batch)).max()))
+    assert [op.name for op in equalized.ops()] == [op.name for op in fp32.ops()]
+
+    config = space.model_wise_configs()[0]
+    accuracy = lambda quantized: accuracy_of_numpy(quantized, evaluation)  # noqa: E731
+    assert accuracy(adaptor.quantize(fp32, config, batches)) < 0.5
+    with_recipe = adaptor.quantize(fp32, dataclasses.replace(config, recipes=(CROSS_LAYER_EQUALIZATION,)), batches)
+    assert accuracy(with_recipe) >= accuracy(fp32) - 0.01
+    assert adaptor.calibration_passes == 2  # the plain and the equalized flatbuffer, each calibrated once
+    adaptor.quantize(fp32, dataclasses.replace(config, recipes=(CROSS_LAYER_EQUALIZATION,)), batches)
+    assert adaptor.calibration_passes == 2
+
+
+def test_a_tuning_equalizes_instead_of_falling_back_and_the_saved_tflite_keeps_it(keras_outliers, tmp_path):
+    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION
+
+    model, calibration, evaluation = keras_outliers
+    conf = base_conf(tmp_path, "tensorflow", accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 0, "max_trials": 20})
+    del conf["quantization"]  # recipes searched, as by default
+    conf["ray"]["workers"] = 1
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed and result.fp32_ops == () and CROSS_LAYER_EQUALIZATION in result.config.recipes
+    assert len(result.int8_ops) == 4 and result.baseline - result.accuracy <= 0.02
+    loaded = lpot_ray.load(result.save(tmp_path / "saved"))
+    assert loaded.config.recipes == result.config.recipes
+    assert accuracy_of_numpy(loaded.model, evaluation) == pytest.approx(result.accuracy)

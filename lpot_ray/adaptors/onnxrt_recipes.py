@@ -8,9 +8,10 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from ..recipes import EQUALIZATION_PASSES, equalization_scales
+
 # Ops that commute with a positive per-channel scale, so equalization may look through them.
 SCALE_COMMUTING = {"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Dropout", "Identity"}
-EQUALIZATION_PASSES = 3
 
 
 def equalize(proto: Any) -> int:
@@ -29,11 +30,7 @@ def equalize(proto: Any) -> int:
             # the second op's input channels: Conv [out, in, ...]; Gemm with transB [out, in],
             # each channel a block of in / channels features after a Flatten
             w2_blocks = w2.reshape(w2.shape[0], channels, -1)
-            range1 = np.abs(w1.reshape(channels, -1)).max(axis=1)
-            range2 = np.abs(w2_blocks.transpose(1, 0, 2).reshape(channels, -1)).max(axis=1)
-            usable = (range1 > 0) & (range2 > 0)
-            scale = np.ones(channels)
-            scale[usable] = np.sqrt(range1[usable] / range2[usable])
+            scale = equalization_scales(w1, w2_blocks.transpose(1, 0, 2))
             arrays[first] = w1 / scale.reshape(-1, *([1] * (w1.ndim - 1)))
             if bias is not None:
                 arrays[bias] = arrays[bias] / scale

@@ -10,13 +10,14 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable, Iterable, Optional
 
+from ..recipes import EQUALIZATION_PASSES
+
 # Ops that commute with a positive per-channel scale: equalization may look through them.
 SCALE_COMMUTING = {"aten.relu.default", "aten.relu_.default", "aten.max_pool2d.default", "aten.avg_pool2d.default",
                    "aten.adaptive_avg_pool2d.default", "aten.dropout.default"}
 # Lays a conv's NCHW output out as consecutive blocks of features per channel (N, C*H*W).
 FLATTEN = "aten.flatten.using_ints"
 WEIGHTED = {"aten.conv2d.default", "aten.linear.default"}
-EQUALIZATION_PASSES = 3  # a chain conv -> conv -> linear settles in a few passes (AIMET iterates so too)
 
 
 def with_parameters(module: Any, values: dict[str, Any]) -> Any:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import pickle
 import re
@@ -56,9 +57,11 @@ import numpy as np
 
 from ..config import Approach
 from ..errors import DataError, MissingFrameworkError, ModelError
+from ..recipes import CROSS_LAYER_EQUALIZATION
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
 
+log = logging.getLogger("lpot_ray")
 # TFLite builtin op -> the Keras layer type users know it by.
 QUANTIZABLE_OPS = {"CONV_2D": "Conv2D", "DEPTHWISE_CONV_2D": "DepthwiseConv2D", "FULLY_CONNECTED": "Dense"}
 SCHEME = OpScheme(TensorScheme("int8", "sym", "per_channel", "minmax"), TensorScheme("int8", "asym", "per_tensor", "minmax"))
@@ -208,8 +211,9 @@ class TensorFlowAdaptor(Adaptor):
     def __init__(self) -> None:
         self.tf = import_tensorflow()
         self.threads = 1
-        # Per fp32 model: calibrated flatbuffers keyed by sampling size.
+        # Per fp32 model: calibrated flatbuffers keyed by sampling size, and its weights equalized.
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.equalized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def set_threads(self, threads: int) -> int:
         previous, self.threads = self.threads, max(1, int(threads))
@@ -302,12 +306,35 @@ class TensorFlowAdaptor(Adaptor):
             capabilities.append(OpCapability(op, schemes))
         return capabilities
 
+    def recipes(self, model: TFLiteModel) -> tuple[str, ...]:
+        """Equalization for static quantization where the flatbuffer has a pair of CONV_2D /
+        FULLY_CONNECTED ops to equalize (a rewrite of its weight buffers before calibration)."""
+        from . import tensorflow_recipes
+
+        if model.dynamic:
+            return ()
+        try:
+            return (CROSS_LAYER_EQUALIZATION,) if tensorflow_recipes.equalizable(model.content) else ()
+        except Exception as error:  # a flatbuffer the recipe doesn't understand: tune without it
+            log.warning("recipes: equalization is off for this model (%s: %s)", type(error).__name__, error)
+            return ()
+
+    def _equalized(self, model: TFLiteModel) -> TFLiteModel:
+        """The model with its weights equalized, computed once per model (and so calibrated once)."""
+        from . import tensorflow_recipes
+
+        if model not in self.equalized:
+            content, _ = tensorflow_recipes.equalize(model.content)
+            self.equalized[model] = TFLiteModel(content, model.op_names, self.threads)
+        return self.equalized[model]
+
     def quantize(self, model: TFLiteModel, config: TuneConfig, calibration: Sequence[Any]) -> TFLiteModel:
         from tensorflow.lite.python import convert
 
         if model.dynamic:  # prepared for dynamic quantization: its space holds dynamic schemes only
             return self._dynamic(model, config)
-        calibrated = self._calibrated(model, calibration, config.sampling_size)
+        source = self._equalized(model) if CROSS_LAYER_EQUALIZATION in config.recipes else model
+        calibrated = self._calibrated(source, calibration, config.sampling_size)
         fp32_ops = set(config.fp32_ops)
         denylisted = [graph_op.output_name for graph_op in calibrated.ops() if graph_op.name in fp32_ops]
         with _native_stderr_silenced():
