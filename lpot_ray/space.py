@@ -23,6 +23,12 @@ from .errors import ConfigError, SpaceError
 from .recipes import name_of, order, recipe_sets
 
 
+# Activation calibrations searched only where the YAML names them (``activation.algorithm``):
+# each would add a model-wise trial to every tuning, for the rare model whose calibration data
+# holds stray values.
+OPT_IN_ALGORITHMS = frozenset({"percentile"})
+
+
 @dataclass(frozen=True)
 class TensorScheme:
     """How one tensor (weight or activation) is quantized."""
@@ -373,9 +379,11 @@ def _restrict(schemes: tuple[OpScheme, ...], restriction: OpRestriction) -> tupl
 
     if fp32_only(restriction.weight) or fp32_only(restriction.activation):
         return ()
+    named = set(restriction.activation.algorithm or ()) if restriction.activation is not None else set()
     return tuple(
         scheme
         for scheme in schemes
         if (scheme.weight is None or scheme.weight.allowed_by(restriction.weight))
         and (scheme.activation is None or scheme.activation.allowed_by(restriction.activation))
+        and (scheme.activation is None or scheme.activation.algorithm not in OPT_IN_ALGORITHMS - named)
     )

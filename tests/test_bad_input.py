@@ -122,7 +122,7 @@ def test_resume_of_another_job_is_refused_saying_what_differs(digits, tmp_path):
 
 def test_restrictions_that_leave_nothing_to_quantize(digits, tmp_path):
     conf = base_conf(tmp_path)
-    conf["quantization"] = {"model_wise": {"activation": {"algorithm": "percentile"}}}
+    conf["quantization"] = {"model_wise": {"activation": {"scheme": "sym"}}}  # PyTorch activations are asym
     with pytest.raises(ConfigError, match="leave no int8 .*scheme for any op; pytorch offers .*w:int8/sym/per_channel/minmax a:uint8/asym/per_tensor/kl"):
         tune(digits, conf)
 

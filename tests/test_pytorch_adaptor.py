@@ -232,3 +232,36 @@ def test_a_module_called_twice_like_torchvisions_residual_relu_quantizes_and_low
                            eval_dataloader=[(images[start:start + 16], labels[start:start + 16]) for start in range(0, 64, 16)])
     assert result.passed, result.reason  # it failed every trial: "Input partition has more than one output node"
     assert result.int8_ops == ("0", "2.conv1", "2.conv2", "5") and result.fp32_ops == ()
+
+
+def test_percentile_calibration_leaves_out_the_stray_values_minmax_stretches_its_range_to():
+    """One corrupt value among 262144 calibration inputs: minmax's int8 grid for the input spans
+    it and rounds every real input to a few steps; percentile's leaves it out. (A layer after
+    would see the corrupt sample's whole output row: a range no percentile leaves out.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 16)).eval()
+    calibration = [torch.randn(32, 1024) for _ in range(8)]
+    calibration[3][5, 7] = 1e4
+    evaluation = torch.randn(64, 1024)
+    adaptor = PyTorchAdaptor()
+    exported = adaptor.load(adaptor.prepare(model, calibration[0]))
+    capabilities = adaptor.capabilities(exported)
+    default = TuningSpace.build(capabilities, load_config({"model": {"framework": "pytorch"}}).quantization)
+    assert {scheme.activation.algorithm for scheme in default.choices["0"][:-1]} == {"minmax", "kl"}  # percentile: opt-in
+    conf = {"model": {"framework": "pytorch"},
+            "quantization": {"model_wise": {"activation": {"algorithm": "minmax, percentile"}},
+                             "calibration": {"sampling_size": 256}}}
+    space = TuningSpace.build(capabilities, load_config(conf).quantization)
+    minmax, percentile = space.model_wise_configs()
+    assert [scheme.activation.algorithm for _, scheme in percentile.op_schemes] == ["percentile"]
+
+    with torch.no_grad():
+        expected = model(evaluation)
+
+        def cosine(config):
+            outputs = adaptor.quantize(exported, config, calibration)(evaluation)
+            return float(torch.nn.functional.cosine_similarity(outputs, expected).mean())
+
+        assert cosine(minmax) < 0.9 < 0.99 < cosine(percentile)
+    lowered = adaptor.lower(adaptor.quantize(exported, percentile, calibration), space.ops, percentile, calibration[0])
+    assert lowered.int8_ops == ("0",)

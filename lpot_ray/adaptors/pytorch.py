@@ -24,6 +24,7 @@ import collections.abc
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import io
 import importlib
@@ -82,7 +83,8 @@ VARYING_DIMS = "lpot_ray.varying_dims"  # a quantized module's meta key: {input:
 QUANTIZABLE_MODULES = {"Conv2d": "conv2d", "Linear": "linear"}
 TRAINED_KEPT = 4  # quantization-aware trainings kept per model for configs with the same int8 set
 WEIGHT = TensorScheme("int8", "sym", "per_channel", "minmax")
-ACTIVATIONS = [TensorScheme("uint8", "asym", "per_tensor", algorithm) for algorithm in ("minmax", "kl")]
+ACTIVATIONS = [TensorScheme("uint8", "asym", "per_tensor", algorithm) for algorithm in ("minmax", "kl", "percentile")]
+PERCENTILE = 99.999  # of the calibration values inside a percentile range (ONNX Runtime's and Neural Compressor's default)
 # Activations quantized with ranges computed per batch at run time: X86's dynamic path (Linear only).
 DYNAMIC = {"Linear": OpScheme(WEIGHT, TensorScheme("uint8", "asym", "per_tensor", "dynamic"))}
 
@@ -146,6 +148,29 @@ def _varying_dims(calls: Sequence[Call]) -> dict[str, set[int]]:
     for call in calls:
         shapes.learn(call)
     return shapes.dynamic
+
+
+@functools.cache
+def percentile_observer(histogram_observer: type) -> type:
+    """An observer whose range leaves out the ``100 - PERCENTILE`` % of calibration values
+    farthest out, half at each end, read from the histogram torchao's HistogramObserver keeps:
+    a few stray values (a corrupt sample, a rare spike) no longer stretch the int8 grid of a
+    whole tensor. Built on first use, since torch is imported lazily."""
+    import torch
+
+    class PercentileObserver(histogram_observer):
+        def calculate_qparams(self):
+            total = float(self.histogram.sum())
+            if total == 0 or not bool(self.max_val > self.min_val):
+                return super().calculate_qparams()
+            cumulative = torch.cumsum(self.histogram, 0)
+            tail = total * (1 - PERCENTILE / 100) / 2
+            low = int(torch.searchsorted(cumulative, torch.tensor(tail, dtype=cumulative.dtype), right=True))
+            high = int(torch.searchsorted(cumulative, torch.tensor(total - tail, dtype=cumulative.dtype)))
+            width = (self.max_val - self.min_val) / self.bins
+            return self._calculate_qparams(self.min_val + width * low, self.min_val + width * min(high + 1, self.bins))
+
+    return PercentileObserver
 
 
 class PyTorchAdaptor(Adaptor):
@@ -408,7 +433,8 @@ class PyTorchAdaptor(Adaptor):
         default = self.x86.get_default_x86_inductor_quantization_config(is_qat=is_qat)
         if is_qat:  # fake-quantized while training: ranges are moving min/max (the only QAT scheme)
             return default
-        activation_observer = {"minmax": obs.MinMaxObserver, "kl": obs.HistogramObserver}[scheme.activation.algorithm]
+        activation_observer = {"minmax": obs.MinMaxObserver, "kl": obs.HistogramObserver,
+                               "percentile": percentile_observer(obs.HistogramObserver)}[scheme.activation.algorithm]
         activation = dataclasses.replace(default.input_activation, observer_or_fake_quant_ctr=activation_observer)
         weight = default.weight
         if scheme.weight.granularity == "per_tensor":
