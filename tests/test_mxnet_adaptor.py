@@ -217,3 +217,51 @@ def test_tune_mxnet_checkpoint_files_from_a_yaml_alone(trained, tmp_path):
     conf["model"]["path"] = str(tmp_path / "digits-0000.params")
     done = tune_yaml(tmp_path, conf)
     assert done.returncode == 2 and "expected an MXNet 'prefix-symbol.json' file" in done.stderr
+
+def test_equalization_of_the_parameters_is_exact_and_rescues_the_outlier_net(outlier_net):
+    """The x1000 channel between conv0 and conv1 breaks static int8; the equalized parameters
+    compute the same in fp32, and the net quantizes all int8 at the fp32 accuracy with them."""
+    import dataclasses
+    import json
+
+    from lpot_ray.adaptors import mxnet_recipes
+    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION
+
+    net, calibration, evaluation = outlier_net
+    adaptor, model, space, batches = build(net, calibration)
+    assert adaptor.recipes(model) == (CROSS_LAYER_EQUALIZATION,)
+    params = {name: array.asnumpy() for name, array in model.arg_params.items()}
+    rewritten, pairs = mxnet_recipes.equalize(json.loads(model.symbol.tojson()), params)
+    assert pairs == 3  # conv0 -> conv1 -> (pool, dense's flatten) dense0 -> dense1
+    assert set(rewritten) == {f"digitscnn_{layer}_{kind}" for layer in ("conv0", "conv1", "dense0")
+                              for kind in ("weight", "bias")} | {"digitscnn_dense1_weight"}
+    config = space.model_wise_configs()[0]
+    equalizing = dataclasses.replace(config, recipes=(CROSS_LAYER_EQUALIZATION,))
+    for batch in batches:
+        fp32 = adaptor.predict(model, batch)
+        assert np.allclose(adaptor.predict(adaptor.rewritten(model, equalizing), batch), fp32,
+                           rtol=1e-4, atol=1e-4 * float(np.abs(fp32).max()))
+
+    accuracy = lambda candidate: accuracy_of_numpy(lambda images: adaptor.predict(candidate, images), evaluation)  # noqa: E731
+    assert accuracy(adaptor.quantize(model, config, batches)) < 0.5
+    equalized = adaptor.quantize(model, equalizing, batches)
+    assert accuracy(equalized) >= accuracy(model) - 0.02
+    assert adaptor.lower(equalized, space.ops, equalizing, batches[0]).int8_ops == OPS
+    errors = adaptor.inspect_tensors(model, equalizing, batches)  # against the equalized fp32 layers
+    assert max(errors.values()) < 1e-3
+
+
+def test_a_tuning_equalizes_instead_of_falling_back_and_the_saved_model_keeps_it(outlier_net, tmp_path):
+    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION
+
+    net, calibration, evaluation = outlier_net
+    conf = base_conf(tmp_path, "mxnet", accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 0, "max_trials": 20})
+    del conf["quantization"]  # recipes searched, as by default
+    conf["ray"]["workers"] = 1
+    result = lpot_ray.tune(net, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed and result.fp32_ops == () and CROSS_LAYER_EQUALIZATION in result.config.recipes
+    assert result.baseline - result.accuracy <= 0.02
+    loaded = lpot_ray.load(result.save(tmp_path / "saved"))
+    assert loaded.config.recipes == result.config.recipes
+    assert accuracy_of_numpy(lambda images: loaded.model(mx.nd.array(images)).asnumpy(), evaluation) == \
+        pytest.approx(result.accuracy)

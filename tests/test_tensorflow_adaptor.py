@@ -188,6 +188,9 @@ def test_equalization_on_the_flatbuffer_is_exact_and_rescues_the_outlier_model(k
     assert adaptor.calibration_passes == 2  # the plain and the equalized flatbuffer, each calibrated once
     adaptor.quantize(fp32, dataclasses.replace(config, recipes=(CROSS_LAYER_EQUALIZATION,)), batches)
     assert adaptor.calibration_passes == 2
+    plain = adaptor.inspect_tensors(fp32, config, batches)
+    errors = adaptor.inspect_tensors(fp32, dataclasses.replace(config, recipes=(CROSS_LAYER_EQUALIZATION,)), batches)
+    assert max(errors.values()) < 1e-3 < plain["conv2"]  # measured against the equalized fp32 ops
 
 
 def test_a_tuning_equalizes_instead_of_falling_back_and_the_saved_tflite_keeps_it(keras_outliers, tmp_path):

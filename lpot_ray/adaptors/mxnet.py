@@ -40,6 +40,7 @@ import ctypes
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -53,9 +54,11 @@ import numpy as np
 
 from ..evaluation import as_numpy
 from ..errors import DataError, MissingFrameworkError, ModelError
+from ..recipes import CROSS_LAYER_EQUALIZATION
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
 
+log = logging.getLogger("lpot_ray")
 SYMBOL_FILE = "model-symbol.json"
 PARAMS_FILE = "model-0000.params"
 INPUTS_FILE = "inputs.json"  # input names and per-sample shapes, in the fp32 payload only
@@ -120,6 +123,7 @@ class MXNetAdaptor(Adaptor):
         # Per fp32 model: {(tensor, "minmax" | "kl", sampling size): (low, high)}.
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.fused_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per fp32 model
+        self.equalized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per fp32 model: its weights equalized
 
     def set_threads(self, threads: int) -> int:
         previous = MXNetAdaptor._threads or int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
@@ -218,8 +222,35 @@ class MXNetAdaptor(Adaptor):
             return dict(zip(internals.list_outputs(), out_shapes, strict=True))
         return {}
 
+    def recipes(self, model: MXNetModel) -> tuple[str, ...]:
+        """Equalization where the graph has a pair of Convolution / FullyConnected layers to
+        equalize (a rewrite of their parameters before fusion and calibration)."""
+        from . import mxnet_recipes
+
+        try:
+            graph = json.loads(model.symbol.tojson())
+            return (CROSS_LAYER_EQUALIZATION,) if mxnet_recipes.equalizable(graph, _numpy_params(model.arg_params)) else ()
+        except Exception as error:  # a graph the recipe doesn't understand: tune without it
+            log.warning("recipes: equalization is off for this model (%s: %s)", type(error).__name__, error)
+            return ()
+
+    def rewritten(self, model: MXNetModel, config: TuneConfig) -> MXNetModel:
+        """The fp32 model the config quantizes: with its weights equalized if it names
+        equalization (computed once per model, and so calibrated once)."""
+        from . import mxnet_recipes
+
+        if CROSS_LAYER_EQUALIZATION not in config.recipes:
+            return model
+        if model not in self.equalized:
+            graph = json.loads(model.symbol.tojson())
+            rewritten, _ = mxnet_recipes.equalize(graph, _numpy_params(model.arg_params))
+            arg_params = {**model.arg_params, **{name: self.mx.nd.array(array) for name, array in rewritten.items()}}
+            self.equalized[model] = MXNetModel(model.symbol, arg_params, model.aux_params, model.input_shapes)
+        return self.equalized[model]
+
     def quantize(self, model: MXNetModel, config: TuneConfig, calibration: Sequence[Any]) -> QuantizedModel:
         mx = self.mx
+        model = self.rewritten(model, config)
         graph = self._fused(model)
         excluded = sorted({graph.fused_name[name] for name in config.fp32_ops})
         with _quiet():
@@ -285,8 +316,9 @@ class MXNetAdaptor(Adaptor):
         graph = self._fused(model)
         names = model.input_names
         internals = graph.symbol.get_internals()
+        source = self.rewritten(model, config)
         reference_block = symbol_block(mx, mx.sym.Group([internals[graph.fused_name[op] + "_output"] for op in config.int8_ops]),
-                                       model.arg_params, model.aux_params, names)
+                                       source.arg_params, source.aux_params, names)
         alone = {}
         for name in config.int8_ops:
             quantized = self.quantize(model, config.with_fallback(set(config.int8_ops) - {name}), calibration)
@@ -496,6 +528,10 @@ def int8_ops_of(symbol: Any) -> list[str]:
 
 def input_names(symbol: Any, arg_params: dict, aux_params: dict) -> list[str]:
     return [name for name in symbol.list_arguments() if name not in arg_params and name not in aux_params]
+
+
+def _numpy_params(params: dict) -> dict[str, np.ndarray]:
+    return {name: array.asnumpy() for name, array in params.items()}
 
 
 def _weight_of(node: dict, model: MXNetModel) -> Any:

@@ -319,10 +319,13 @@ class TensorFlowAdaptor(Adaptor):
             log.warning("recipes: equalization is off for this model (%s: %s)", type(error).__name__, error)
             return ()
 
-    def _equalized(self, model: TFLiteModel) -> TFLiteModel:
-        """The model with its weights equalized, computed once per model (and so calibrated once)."""
+    def rewritten(self, model: TFLiteModel, config: TuneConfig) -> TFLiteModel:
+        """The float model the config quantizes: with its weights equalized if it names
+        equalization (computed once per model, and so calibrated once)."""
         from . import tensorflow_recipes
 
+        if CROSS_LAYER_EQUALIZATION not in config.recipes:
+            return model
         if model not in self.equalized:
             content, _ = tensorflow_recipes.equalize(model.content)
             self.equalized[model] = TFLiteModel(content, model.op_names, self.threads)
@@ -333,8 +336,7 @@ class TensorFlowAdaptor(Adaptor):
 
         if model.dynamic:  # prepared for dynamic quantization: its space holds dynamic schemes only
             return self._dynamic(model, config)
-        source = self._equalized(model) if CROSS_LAYER_EQUALIZATION in config.recipes else model
-        calibrated = self._calibrated(source, calibration, config.sampling_size)
+        calibrated = self._calibrated(self.rewritten(model, config), calibration, config.sampling_size)
         fp32_ops = set(config.fp32_ops)
         denylisted = [graph_op.output_name for graph_op in calibrated.ops() if graph_op.name in fp32_ops]
         with _native_stderr_silenced():
@@ -371,7 +373,7 @@ class TensorFlowAdaptor(Adaptor):
         """Each int8 op quantized alone; its output against the fp32 op's, as noise/signal energy."""
         batches = [_as_inputs(inputs) for inputs in take_samples(calibration, config.sampling_size)]
         fp32_outputs = {graph_op.name: graph_op.output_index for graph_op in model.ops() if graph_op.name in config.int8_ops}
-        reference = _tensors(model.content, batches, self.threads, list(fp32_outputs.values()))
+        reference = _tensors(self.rewritten(model, config).content, batches, self.threads, list(fp32_outputs.values()))
         errors = {}
         for name in config.int8_ops:
             alone = self.quantize(model, config.with_fallback(set(config.int8_ops) - {name}), calibration)
