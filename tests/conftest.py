@@ -85,3 +85,22 @@ def base_conf(tmp_path, framework: str = "pytorch", **tuning) -> dict:
         "ray": {"workers": 2},
     }
     return conf
+
+
+def tune_equalizing(framework: str, model, calibration, evaluation, tmp_path, accuracy):
+    """Tune an outlier CNN with recipes searched (the default): it must pass all int8 through
+    equalization instead of falling back, and its saved model must keep the recipe
+    (``accuracy(model, loader)`` scores the reloaded model). Returns the result."""
+    import lpot_ray
+    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION
+
+    conf = base_conf(tmp_path, framework, accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 0, "max_trials": 20})
+    del conf["quantization"]  # recipes searched, as by default
+    conf["ray"]["workers"] = 1
+    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
+    assert result.passed and result.fp32_ops == () and CROSS_LAYER_EQUALIZATION in result.config.recipes
+    assert result.baseline - result.accuracy <= 0.02
+    loaded = lpot_ray.load(result.save(tmp_path / "saved"))
+    assert loaded.config.recipes == result.config.recipes
+    assert accuracy(loaded.model, evaluation) == pytest.approx(result.accuracy)
+    return result

@@ -15,7 +15,7 @@ from lpot_ray.history import History
 from lpot_ray.space import TuningSpace
 
 from cli_helpers import assert_history_and_report, digits_conf, tune_yaml
-from conftest import accuracy_of_numpy, base_conf
+from conftest import accuracy_of_numpy, base_conf, tune_equalizing
 
 try:
     from lpot_ray.adaptors.mxnet import MXNetAdaptor, import_mxnet
@@ -252,16 +252,6 @@ def test_equalization_of_the_parameters_is_exact_and_rescues_the_outlier_net(out
 
 
 def test_a_tuning_equalizes_instead_of_falling_back_and_the_saved_model_keeps_it(outlier_net, tmp_path):
-    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION
-
-    net, calibration, evaluation = outlier_net
-    conf = base_conf(tmp_path, "mxnet", accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 0, "max_trials": 20})
-    del conf["quantization"]  # recipes searched, as by default
-    conf["ray"]["workers"] = 1
-    result = lpot_ray.tune(net, conf, q_dataloader=calibration, eval_dataloader=evaluation)
-    assert result.passed and result.fp32_ops == () and CROSS_LAYER_EQUALIZATION in result.config.recipes
-    assert result.baseline - result.accuracy <= 0.02
-    loaded = lpot_ray.load(result.save(tmp_path / "saved"))
-    assert loaded.config.recipes == result.config.recipes
-    assert accuracy_of_numpy(lambda images: loaded.model(mx.nd.array(images)).asnumpy(), evaluation) == \
-        pytest.approx(result.accuracy)
+    result = tune_equalizing("mxnet", *outlier_net, tmp_path, lambda model, loader: accuracy_of_numpy(
+        lambda images: model(mx.nd.array(images)).asnumpy(), loader))
+    assert result.int8_ops == OPS

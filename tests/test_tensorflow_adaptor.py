@@ -14,7 +14,7 @@ from lpot_ray.errors import DataError, ModelError  # noqa: E402
 from lpot_ray.history import History  # noqa: E402
 
 from cli_helpers import CHANNELS_LAST, assert_history_and_report, digits_conf, tune_yaml
-from conftest import accuracy_of_numpy, base_conf  # noqa: E402
+from conftest import accuracy_of_numpy, base_conf, tune_equalizing  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -194,15 +194,5 @@ def test_equalization_on_the_flatbuffer_is_exact_and_rescues_the_outlier_model(k
 
 
 def test_a_tuning_equalizes_instead_of_falling_back_and_the_saved_tflite_keeps_it(keras_outliers, tmp_path):
-    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION
-
-    model, calibration, evaluation = keras_outliers
-    conf = base_conf(tmp_path, "tensorflow", accuracy_criterion={"absolute": 0.02}, exit_policy={"timeout": 0, "max_trials": 20})
-    del conf["quantization"]  # recipes searched, as by default
-    conf["ray"]["workers"] = 1
-    result = lpot_ray.tune(model, conf, q_dataloader=calibration, eval_dataloader=evaluation)
-    assert result.passed and result.fp32_ops == () and CROSS_LAYER_EQUALIZATION in result.config.recipes
-    assert len(result.int8_ops) == 4 and result.baseline - result.accuracy <= 0.02
-    loaded = lpot_ray.load(result.save(tmp_path / "saved"))
-    assert loaded.config.recipes == result.config.recipes
-    assert accuracy_of_numpy(loaded.model, evaluation) == pytest.approx(result.accuracy)
+    result = tune_equalizing("tensorflow", *keras_outliers, tmp_path, accuracy_of_numpy)
+    assert len(result.int8_ops) == 4

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import logging
 import time
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..config import Approach, TrainSection
 from ..errors import ConfigError, DataError, ModelError
+from ..recipes import CROSS_LAYER_EQUALIZATION
 from ..space import Op, OpCapability, TuneConfig
+
+log = logging.getLogger("lpot_ray")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,29 @@ class Adaptor(ABC):
         loaded ``model`` under this adaptor's approach when a config names them, and that can
         change something there (no equalization for a model without a pair to equalize)."""
         return ()
+
+    @staticmethod
+    def offers_equalization(finds_a_pair: Callable[[], bool]) -> tuple[str, ...]:
+        """``recipes`` of an adaptor whose one recipe is equalization: offered where
+        ``finds_a_pair()``; a graph the recipe can't read is tuned without it, with a warning."""
+        try:
+            return (CROSS_LAYER_EQUALIZATION,) if finds_a_pair() else ()
+        except Exception as error:
+            log.warning("recipes: equalization is off for this model (%s: %s)", type(error).__name__, error)
+            return ()
+
+    _equalized: Optional[weakref.WeakKeyDictionary] = None  # per fp32 model: the model equalized
+
+    def equalized(self, model: Any, config: TuneConfig, equalize: Callable[[Any], Any]) -> Any:
+        """The fp32 model as ``config`` quantizes it: ``equalize(model)`` if the config names
+        equalization, computed once per model (and so calibrated once), else ``model``."""
+        if CROSS_LAYER_EQUALIZATION not in config.recipes:
+            return model
+        if self._equalized is None:
+            self._equalized = weakref.WeakKeyDictionary()
+        if model not in self._equalized:
+            self._equalized[model] = equalize(model)
+        return self._equalized[model]
 
     @classmethod
     def for_approach(cls, approach: Approach) -> "Adaptor":

@@ -40,7 +40,6 @@ import ctypes
 import hashlib
 import io
 import json
-import logging
 import os
 import tempfile
 import warnings
@@ -54,11 +53,9 @@ import numpy as np
 
 from ..evaluation import as_numpy
 from ..errors import DataError, MissingFrameworkError, ModelError
-from ..recipes import CROSS_LAYER_EQUALIZATION
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
 
-log = logging.getLogger("lpot_ray")
 SYMBOL_FILE = "model-symbol.json"
 PARAMS_FILE = "model-0000.params"
 INPUTS_FILE = "inputs.json"  # input names and per-sample shapes, in the fp32 payload only
@@ -123,7 +120,6 @@ class MXNetAdaptor(Adaptor):
         # Per fp32 model: {(tensor, "minmax" | "kl", sampling size): (low, high)}.
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.fused_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per fp32 model
-        self.equalized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per fp32 model: its weights equalized
 
     def set_threads(self, threads: int) -> int:
         previous = MXNetAdaptor._threads or int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
@@ -227,26 +223,19 @@ class MXNetAdaptor(Adaptor):
         equalize (a rewrite of their parameters before fusion and calibration)."""
         from . import mxnet_recipes
 
-        try:
-            graph = json.loads(model.symbol.tojson())
-            return (CROSS_LAYER_EQUALIZATION,) if mxnet_recipes.equalizable(graph, _numpy_params(model.arg_params)) else ()
-        except Exception as error:  # a graph the recipe doesn't understand: tune without it
-            log.warning("recipes: equalization is off for this model (%s: %s)", type(error).__name__, error)
-            return ()
+        return self.offers_equalization(
+            lambda: mxnet_recipes.equalizable(json.loads(model.symbol.tojson()), _numpy_params(model.arg_params)))
 
     def rewritten(self, model: MXNetModel, config: TuneConfig) -> MXNetModel:
-        """The fp32 model the config quantizes: with its weights equalized if it names
-        equalization (computed once per model, and so calibrated once)."""
+        """The fp32 model the config quantizes: equalized if it names equalization."""
+        return self.equalized(model, config, self._equalize)
+
+    def _equalize(self, model: MXNetModel) -> MXNetModel:
         from . import mxnet_recipes
 
-        if CROSS_LAYER_EQUALIZATION not in config.recipes:
-            return model
-        if model not in self.equalized:
-            graph = json.loads(model.symbol.tojson())
-            rewritten, _ = mxnet_recipes.equalize(graph, _numpy_params(model.arg_params))
-            arg_params = {**model.arg_params, **{name: self.mx.nd.array(array) for name, array in rewritten.items()}}
-            self.equalized[model] = MXNetModel(model.symbol, arg_params, model.aux_params, model.input_shapes)
-        return self.equalized[model]
+        rewritten, _ = mxnet_recipes.equalize(json.loads(model.symbol.tojson()), _numpy_params(model.arg_params))
+        arg_params = {**model.arg_params, **{name: self.mx.nd.array(array) for name, array in rewritten.items()}}
+        return MXNetModel(model.symbol, arg_params, model.aux_params, model.input_shapes)
 
     def quantize(self, model: MXNetModel, config: TuneConfig, calibration: Sequence[Any]) -> QuantizedModel:
         mx = self.mx

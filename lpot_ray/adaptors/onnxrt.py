@@ -33,7 +33,6 @@ import logging
 import os
 import tempfile
 import threading
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -42,7 +41,6 @@ import numpy as np
 
 from ..config import Approach
 from ..errors import DataError, MissingFrameworkError, ModelError
-from ..recipes import CROSS_LAYER_EQUALIZATION
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
 
@@ -148,7 +146,6 @@ class OnnxRuntimeAdaptor(Adaptor):
     def __init__(self) -> None:
         self.onnx, self.ort = import_onnxruntime()
         self.threads = 1
-        self.equalized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per fp32 model: its weights equalized
 
     def set_threads(self, threads: int) -> int:
         previous, self.threads = self.threads, max(1, int(threads))
@@ -220,18 +217,14 @@ class OnnxRuntimeAdaptor(Adaptor):
         rewrite before ONNX Runtime's quantizer)."""
         from . import onnxrt_recipes
 
-        proto = self.onnx.load_from_string(model.content)
-        return (CROSS_LAYER_EQUALIZATION,) if onnxrt_recipes.equalizable(proto) else ()
+        return self.offers_equalization(lambda: onnxrt_recipes.equalizable(self.onnx.load_from_string(model.content)))
 
-    def _equalized(self, model: OnnxModel) -> bytes:
-        """The model with its weights equalized, computed once per model."""
+    def _equalize(self, model: OnnxModel) -> OnnxModel:
         from . import onnxrt_recipes
 
-        if model not in self.equalized:
-            proto = self.onnx.load_from_string(model.content)
-            onnxrt_recipes.equalize(proto)
-            self.equalized[model] = proto.SerializeToString()
-        return self.equalized[model]
+        proto = self.onnx.load_from_string(model.content)
+        onnxrt_recipes.equalize(proto)
+        return OnnxModel(proto.SerializeToString(), self.threads)
 
     def quantize(self, model: OnnxModel, config: TuneConfig, calibration: Sequence[Any]) -> OnnxModel:
         if not config.int8_ops:
@@ -256,8 +249,7 @@ class OnnxRuntimeAdaptor(Adaptor):
                       nodes_to_quantize=int8, nodes_to_exclude=fp32)
         with tempfile.TemporaryDirectory(prefix="lpot_ray_onnx_") as folder, _quantizer_hints_silenced():
             output = Path(folder) / "quantized.onnx"
-            content = self._equalized(model) if CROSS_LAYER_EQUALIZATION in config.recipes else model.content
-            source = self.onnx.load_from_string(content)
+            source = self.onnx.load_from_string(self.equalized(model, config, self._equalize).content)
             if reader is None:
                 q.quantize_dynamic(source, output, **common)
             else:

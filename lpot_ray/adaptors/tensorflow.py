@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import logging
 import os
 import pickle
 import re
@@ -57,11 +56,9 @@ import numpy as np
 
 from ..config import Approach
 from ..errors import DataError, MissingFrameworkError, ModelError
-from ..recipes import CROSS_LAYER_EQUALIZATION
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
 
-log = logging.getLogger("lpot_ray")
 # TFLite builtin op -> the Keras layer type users know it by.
 QUANTIZABLE_OPS = {"CONV_2D": "Conv2D", "DEPTHWISE_CONV_2D": "DepthwiseConv2D", "FULLY_CONNECTED": "Dense"}
 SCHEME = OpScheme(TensorScheme("int8", "sym", "per_channel", "minmax"), TensorScheme("int8", "asym", "per_tensor", "minmax"))
@@ -211,9 +208,8 @@ class TensorFlowAdaptor(Adaptor):
     def __init__(self) -> None:
         self.tf = import_tensorflow()
         self.threads = 1
-        # Per fp32 model: calibrated flatbuffers keyed by sampling size, and its weights equalized.
+        # Per fp32 model: calibrated flatbuffers keyed by sampling size.
         self.calibration_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.equalized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def set_threads(self, threads: int) -> int:
         previous, self.threads = self.threads, max(1, int(threads))
@@ -311,25 +307,14 @@ class TensorFlowAdaptor(Adaptor):
         FULLY_CONNECTED ops to equalize (a rewrite of its weight buffers before calibration)."""
         from . import tensorflow_recipes
 
-        if model.dynamic:
-            return ()
-        try:
-            return (CROSS_LAYER_EQUALIZATION,) if tensorflow_recipes.equalizable(model.content) else ()
-        except Exception as error:  # a flatbuffer the recipe doesn't understand: tune without it
-            log.warning("recipes: equalization is off for this model (%s: %s)", type(error).__name__, error)
-            return ()
+        return () if model.dynamic else self.offers_equalization(lambda: tensorflow_recipes.equalizable(model.content))
 
     def rewritten(self, model: TFLiteModel, config: TuneConfig) -> TFLiteModel:
-        """The float model the config quantizes: with its weights equalized if it names
-        equalization (computed once per model, and so calibrated once)."""
+        """The float model the config quantizes: equalized if it names equalization."""
         from . import tensorflow_recipes
 
-        if CROSS_LAYER_EQUALIZATION not in config.recipes:
-            return model
-        if model not in self.equalized:
-            content, _ = tensorflow_recipes.equalize(model.content)
-            self.equalized[model] = TFLiteModel(content, model.op_names, self.threads)
-        return self.equalized[model]
+        return self.equalized(model, config, lambda fp32: TFLiteModel(tensorflow_recipes.equalize(fp32.content)[0],
+                                                                      fp32.op_names, self.threads))
 
     def quantize(self, model: TFLiteModel, config: TuneConfig, calibration: Sequence[Any]) -> TFLiteModel:
         from tensorflow.lite.python import convert
