@@ -3,7 +3,9 @@
 Each job is the digits CNN (PyTorch) with activation outliers made by a function-preserving
 per-channel rescale between two layers, as large models have them: ``two-pairs`` (a x1000
 channel between conv1 and conv2 and another between conv2 and fc1, the fallback job of
-``time_to_result.py``), ``one-pair`` (the conv1/conv2 one only) and ``mild`` (both at x30). Each
+``time_to_result.py``), ``one-pair`` (the conv1/conv2 one only) and ``mild`` (both at x30), and
+the same digits CNN in Keras (``keras``, TensorFlow) and Gluon (``gluon``, MXNet) with a x1000
+channel between their first two convolutions, where equalization is the only recipe. Each
 is tuned with recipes (the default: the search tries cross-layer equalization and bias correction
 before falling back) and with ``recipes: false``, each run in a process of its own, one worker,
 ``basic``, stopping at the first passing config, an absolute criterion of 0.02. The table gives
@@ -12,7 +14,7 @@ fallback ops ended in bf16 as (where that ran faster), the accuracy of the compi
 against the fp32 baseline, the compiled fp32/int8 ``latency_ratio``, and the search and finalize
 seconds.
 
-    python benchmarks/recipes.py [--jobs two-pairs one-pair mild] [--width 64]
+    python benchmarks/recipes.py [--jobs two-pairs one-pair mild keras gluon] [--width 64]
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-JOBS = ("two-pairs", "one-pair", "mild")
+JOBS = ("two-pairs", "one-pair", "mild", "keras", "gluon")
+FRAMEWORKS = {"keras": "tensorflow", "gluon": "mxnet"}  # the other jobs: pytorch
 
 
 def outliers(model, calibration, job: str):
@@ -51,15 +54,31 @@ def outliers(model, calibration, job: str):
     return model
 
 
+def outlier_job(job: str, width: int) -> tuple:
+    """(model, calibration, evaluation) of the job, the model trained here."""
+    if job == "keras":
+        from lpot_ray.demo.keras_digits import train_digits_keras, with_activation_outliers
+
+        model, calibration, evaluation = train_digits_keras(width=width)
+        return with_activation_outliers(model, calibration), calibration, evaluation
+    if job == "gluon":
+        from lpot_ray.demo.gluon_digits import train_digits_gluon, with_activation_outliers
+
+        model, calibration, evaluation = train_digits_gluon(width=width)
+        return with_activation_outliers(model, calibration), calibration, evaluation
+    from lpot_ray.demo.torch_digits import train_digits_cnn
+
+    model, calibration, evaluation = train_digits_cnn(width=width)
+    return outliers(model, calibration, job), calibration, evaluation
+
+
 def child(job: str, recipes: bool, width: int, workspace: Path) -> None:
     """One tuning in this process; its figures as JSON on the last line."""
     import lpot_ray
     from lpot_ray.demo import demo_config
-    from lpot_ray.demo.torch_digits import train_digits_cnn
 
-    model, calibration, evaluation = train_digits_cnn(width=width)
-    model = outliers(model, calibration, job)
-    config = demo_config(workspace, 1)
+    model, calibration, evaluation = outlier_job(job, width)
+    config = demo_config(workspace, 1, FRAMEWORKS.get(job, "pytorch"))
     config["tuning"]["accuracy_criterion"] = {"absolute": 0.02}
     if not recipes:
         config["quantization"]["recipes"] = False
@@ -96,8 +115,8 @@ def main() -> None:
     rows = [("tune() wall s", lambda run: f"{run['wall']:.1f}"),
             ("trials", lambda run: str(run["trials"])),
             ("recipes", lambda run: "+".join(name.split("_")[0] for name in run["recipes"]) or "none"),
-            ("ops left fp32", lambda run: ",".join(run["fp32_ops"]) or "none" if run["passed"] else "nothing passed"),
-            ("ops in bf16", lambda run: ",".join(run["bf16_ops"]) or "none"),
+            ("ops left fp32", lambda run: short(run["fp32_ops"]) if run["passed"] else "nothing passed"),
+            ("ops in bf16", lambda run: short(run["bf16_ops"])),
             ("accuracy / fp32", lambda run: f"{run['accuracy'] or 0:.4f}/{run['baseline']:.4f}"),
             ("latency_ratio", lambda run: f"{run['latency_ratio'] or 0:.2f}x"),
             ("search s", lambda run: f"{run['timings'].get('search', 0.0):.1f}"),
@@ -105,6 +124,11 @@ def main() -> None:
     print(f"{'':<18}" + "".join(f"{f'{job} recipes {recipes}':>24}" for job, recipes in runs))
     for label, cell in rows:
         print(f"{label:<18}" + "".join(f"{cell(run):>24}" for run in runs.values()))
+
+
+def short(ops: list[str]) -> str:
+    """Op names without the Gluon block's prefix and suffix, so that a table cell holds them."""
+    return ",".join(name.removeprefix("digitscnn_").removesuffix("_fwd") for name in ops) or "none"
 
 
 if __name__ == "__main__":
