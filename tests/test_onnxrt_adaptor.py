@@ -186,7 +186,7 @@ def test_equalization_on_the_onnx_graph_is_exact_and_rescues_an_outlier_model(ou
     import torch
 
     from lpot_ray.adaptors import onnxrt_recipes
-    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION
+    from lpot_ray.recipes import CROSS_LAYER_EQUALIZATION, SMOOTH_QUANT
     from lpot_ray.space import TuningSpace
 
     model, calibration, evaluation = outlier_digits
@@ -196,7 +196,7 @@ def test_equalization_on_the_onnx_graph_is_exact_and_rescues_an_outlier_model(ou
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
     adaptor = OnnxRuntimeAdaptor()
     fp32 = adaptor.load(adaptor.prepare(onnx.load_from_string(buffer.getvalue()), images))
-    assert adaptor.recipes(fp32) == (CROSS_LAYER_EQUALIZATION,)
+    assert adaptor.recipes(fp32) == (CROSS_LAYER_EQUALIZATION, SMOOTH_QUANT)  # SmoothQuant: for the Gemm nodes
     proto = onnx.load_from_string(fp32.content)
     assert onnxrt_recipes.equalize(proto) == 3  # conv1 -> conv2 -> (pool, flatten) fc1 -> fc2
     equalized = OnnxModel(proto.SerializeToString())

@@ -189,15 +189,15 @@ def test_a_recipe_asked_for_where_it_cant_apply_is_off_with_a_warning(digits, tm
 
 
 @pytest.fixture(scope="module")
-def outlier_bert():
+def outlier_bert_module():
     """A tiny BertModel whose hidden states have a few x100 channels where they enter Linear
-    layers (LayerNorm weights scaled, as large transformers have them), exported."""
+    layers (LayerNorm weights scaled, as large transformers have them), with its calibration and
+    evaluation batches."""
     import torch
 
     pytest.importorskip("transformers", reason="the torch extra is not installed")
     import transformers
 
-    from lpot_ray.adaptors.pytorch import PyTorchAdaptor
     from test_transformers import tiny_config, token_batches
 
     torch.manual_seed(0)
@@ -207,8 +207,16 @@ def outlier_bert():
         for layer in bert.encoder.layer:
             layer.attention.output.LayerNorm.weight[[3, 17]] *= 100
         bert.encoder.layer[0].output.LayerNorm.weight[5] *= 100
+    return bert, token_batches((9, 6, 12, 7), 0), token_batches((5, 14, 8, 11, 3), 1)
+
+
+@pytest.fixture(scope="module")
+def outlier_bert(outlier_bert_module):
+    """That BERT exported by the PyTorch adaptor: (adaptor, exported, calibration, evaluation)."""
+    from lpot_ray.adaptors.pytorch import PyTorchAdaptor
+
+    bert, calibration, evaluation = outlier_bert_module
     adaptor = PyTorchAdaptor()
-    calibration, evaluation = token_batches((9, 6, 12, 7), 0), token_batches((5, 14, 8, 11, 3), 1)
     return adaptor, adaptor.load(adaptor.prepare(bert, calibration[0])), calibration, evaluation
 
 
@@ -255,3 +263,57 @@ def test_a_module_called_twice_is_not_rescaled_for_one_of_its_calls():
     exported = adaptor.load(adaptor.prepare(Twice().eval(), torch.rand(2, 1, 8, 8)))
     assert pytorch_recipes.equalized(exported.module()) == {}  # first -> shared and shared -> shared share a weight
     assert not pytorch_recipes.equalizable(exported.module()) and CLE not in adaptor.recipes(exported)
+
+
+def test_smooth_quant_on_the_onnx_graph_is_exact_and_cuts_the_int8_error(outlier_bert_module):
+    """The outlier BERT exported to ONNX: a Mul before each group of MatMul nodes, their weight
+    rows scaled up as much; the same function in fp32, a far smaller int8 error."""
+    import io
+    import warnings
+
+    pytest.importorskip("onnxruntime", reason="the onnxrt extra is not installed")
+    import onnx
+    import torch
+
+    from lpot_ray.adaptors.onnxrt import OnnxRuntimeAdaptor
+    from lpot_ray.recipes import SMOOTH_QUANT
+
+    bert, calibration, evaluation = outlier_bert_module
+    names = list(calibration[0])
+
+    class Hidden(torch.nn.Module):  # positional inputs and one output, as ONNX has them
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, *inputs):
+            return self.bert(**dict(zip(names, inputs))).last_hidden_state
+
+    buffer = io.BytesIO()
+    axes = {name: {0: "batch", 1: "length"} for name in [*names, "hidden"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on transformers' mask code
+        torch.onnx.export(Hidden(), tuple(calibration[0].values()), buffer, dynamo=False, input_names=names,
+                          output_names=["hidden"], dynamic_axes=axes, opset_version=17)
+    adaptor = OnnxRuntimeAdaptor()
+    feeds = lambda batches: [{name: batch[name].numpy() for name in names} for batch in batches]  # noqa: E731
+    calibration, evaluation = feeds(calibration), feeds(evaluation)
+    fp32 = adaptor.load(adaptor.prepare(onnx.load_from_string(buffer.getvalue()), calibration[0]))
+    assert SMOOTH_QUANT in adaptor.recipes(fp32)
+    space = TuningSpace.build(adaptor.capabilities(fp32), load_config({"model": {"framework": "onnxrt"}}).quantization,
+                              adaptor.recipes(fp32))
+    config = space.model_wise_configs()[0]
+    smoothed = adaptor.rewritten(fp32, replace(config, recipes=(SQ5,)), calibration)
+    assert sum(node.op_type == "Mul" and node.name.startswith("SmoothQuant")
+               for node in onnx.load_from_string(smoothed.content).graph.node) == 4 * 2  # qkv, output, intermediate, ffn out; 2 layers
+    for batch in evaluation:
+        expected = fp32(batch)
+        assert np.allclose(smoothed(batch), expected, atol=1e-4 * float(np.abs(expected).max()))
+
+    def error(recipes):  # relative error of the int8 model's hidden states
+        quantized = adaptor.quantize(fp32, replace(config, recipes=recipes), calibration)
+        return sum(float(np.linalg.norm(quantized(batch) - fp32(batch)) / np.linalg.norm(fp32(batch))) for batch in evaluation)
+
+    assert error((SQ5,)) < 0.7 * error(())
+    quantized = adaptor.quantize(fp32, replace(config, recipes=(SQ5,)), calibration)
+    assert len(adaptor.lower(quantized, space.ops, replace(config, recipes=(SQ5,)), calibration[0]).int8_ops) == 12

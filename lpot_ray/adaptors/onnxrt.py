@@ -33,6 +33,7 @@ import logging
 import os
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -41,6 +42,7 @@ import numpy as np
 
 from ..config import Approach
 from ..errors import DataError, MissingFrameworkError, ModelError
+from ..recipes import SMOOTH_QUANT, alpha_of, name_of
 from ..space import Op, OpCapability, OpScheme, TensorScheme, TuneConfig
 from .base import Adaptor, Lowered, take_samples
 
@@ -146,6 +148,9 @@ class OnnxRuntimeAdaptor(Adaptor):
     def __init__(self) -> None:
         self.onnx, self.ort = import_onnxruntime()
         self.threads = 1
+        # Per fp32 model (equalized or not): SmoothQuant's activation ranges by sampling size,
+        # and the smoothed model by (alpha, sampling size).
+        self.smoothed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def set_threads(self, threads: int) -> int:
         previous, self.threads = self.threads, max(1, int(threads))
@@ -213,11 +218,55 @@ class OnnxRuntimeAdaptor(Adaptor):
         return found
 
     def recipes(self, model: OnnxModel) -> tuple[str, ...]:
-        """Equalization where the graph has a pair of Conv/Gemm nodes to equalize (a weight
-        rewrite before ONNX Runtime's quantizer)."""
+        """Equalization where the graph has a pair of Conv/Gemm nodes to equalize, SmoothQuant
+        where it has MatMul/Gemm nodes with weights (rewrites before ONNX Runtime's quantizer)."""
         from . import onnxrt_recipes
 
-        return self.offers_equalization(lambda: onnxrt_recipes.equalizable(self.onnx.load_from_string(model.content)))
+        proto = self.onnx.load_from_string(model.content)
+        offered = self.offers_equalization(lambda: onnxrt_recipes.equalizable(proto))
+        return offered + ((SMOOTH_QUANT,) if onnxrt_recipes.smoothing_groups(proto) else ())
+
+    def rewritten(self, model: OnnxModel, config: TuneConfig, calibration: Sequence[Any]) -> OnnxModel:
+        """The fp32 model the config quantizes: equalized, then smoothed with SmoothQuant's
+        alpha, as its recipes say; each rewrite computed once per model (and sampling size)."""
+        from . import onnxrt_recipes
+
+        source = self.equalized(model, config, self._equalize)
+        alpha = next((alpha_of(recipe) for recipe in config.recipes if name_of(recipe) == SMOOTH_QUANT), None)
+        if alpha is None:
+            return source
+        cache = self.smoothed.setdefault(source, {})
+        if (alpha, config.sampling_size) not in cache:
+            if config.sampling_size not in cache:  # the activation ranges, shared by every alpha
+                cache[config.sampling_size] = self._channel_max(source, take_samples(calibration, config.sampling_size))
+            proto = self.onnx.load_from_string(source.content)
+            onnxrt_recipes.smooth(proto, onnxrt_recipes.smoothing_scales(proto, alpha, cache[config.sampling_size]))
+            cache[(alpha, config.sampling_size)] = OnnxModel(proto.SerializeToString(), self.threads)
+        return cache[(alpha, config.sampling_size)]
+
+    def _channel_max(self, model: OnnxModel, batches: Sequence[Any]) -> dict[str, np.ndarray]:
+        """max |x| per last-axis channel of each SmoothQuant group's input over ``batches``."""
+        from . import onnxrt_recipes
+
+        proto = self.onnx.load_from_string(model.content)
+        groups = list(onnxrt_recipes.smoothing_groups(proto))
+        inputs = {value.name for value in proto.graph.input}
+        watched = [name for name in groups if name not in inputs]  # made outputs; the model's inputs are fed
+        known = {value.name for value in proto.graph.output}
+        proto.graph.output.extend(self.onnx.helper.make_tensor_value_info(name, self.onnx.TensorProto.FLOAT, None)
+                                  for name in watched if name not in known)
+        session = OnnxModel(proto.SerializeToString(), self.threads).session
+        channel_max: dict[str, np.ndarray] = {}
+        with self.calibrating():
+            for batch in batches:
+                feed = model.feed(batch, "q_dataloader")
+                values = {**feed, **dict(zip(watched, session.run(watched, feed), strict=True))}
+                for name in groups:
+                    value = np.abs(np.asarray(values[name], dtype=np.float64))
+                    peak = value.reshape(-1, value.shape[-1]).max(axis=0)
+                    channel_max[name] = np.maximum(channel_max[name], peak) if name in channel_max else peak
+        self.calibration_passes += 1
+        return channel_max
 
     def _equalize(self, model: OnnxModel) -> OnnxModel:
         from . import onnxrt_recipes
@@ -229,17 +278,18 @@ class OnnxRuntimeAdaptor(Adaptor):
     def quantize(self, model: OnnxModel, config: TuneConfig, calibration: Sequence[Any]) -> OnnxModel:
         if not config.int8_ops:
             return model
+        source = self.rewritten(model, config, calibration)
         if self.approach == Approach.DYNAMIC:
-            return self._quantized(model, config, None)
+            return self._quantized(source, config, None)
         with self.calibrating():
-            reader = self._reader(model, take_samples(calibration, config.sampling_size))
-            quantized = self._quantized(model, config, reader)
+            reader = self._reader(source, take_samples(calibration, config.sampling_size))
+            quantized = self._quantized(source, config, reader)
         self.calibration_passes += 1
         return quantized
 
     def _quantized(self, model: OnnxModel, config: TuneConfig, reader: Any) -> OnnxModel:
         """``quantize_static`` with ``reader`` (``quantize_dynamic`` without one) on a fresh copy of
-        the model: the quantizer edits the proto it is given."""
+        the (rewritten) fp32 model: the quantizer edits the proto it is given."""
         from onnxruntime import quantization as q
 
         gemms = {op.name for op in self.ops(model) if op.op_type == "Gemm"}
@@ -249,7 +299,7 @@ class OnnxRuntimeAdaptor(Adaptor):
                       nodes_to_quantize=int8, nodes_to_exclude=fp32)
         with tempfile.TemporaryDirectory(prefix="lpot_ray_onnx_") as folder, _quantizer_hints_silenced():
             output = Path(folder) / "quantized.onnx"
-            source = self.onnx.load_from_string(self.equalized(model, config, self._equalize).content)
+            source = self.onnx.load_from_string(model.content)
             if reader is None:
                 q.quantize_dynamic(source, output, **common)
             else:
