@@ -98,8 +98,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as error:  # not the user's input as far as we can tell: say so in one line
         if getattr(args, "verbose", False):
             raise
+        hint = " (--verbose shows the traceback)" if hasattr(args, "verbose") else ""
         print(f"lpot-ray: failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-              " (--verbose shows the traceback)", file=sys.stderr)
+              f"{hint}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -52,12 +52,12 @@ class PrunerPlan:
 
     prune_type: str
     names: tuple[str, ...]
-    per_channel: bool = False
-    initial_sparsity: float = 0.0
-    target_sparsity: float = 0.97
-    start_epoch: int = 0
-    end_epoch: int = 4
-    update_frequency: float = 1.0
+    per_channel: bool
+    initial_sparsity: float
+    target_sparsity: float
+    start_epoch: int
+    end_epoch: int
+    update_frequency: float
 
     @classmethod
     def resolve(cls, pruner: PrunerSection, defaults: WeightCompression, names: tuple[str, ...]) -> "PrunerPlan":
@@ -71,16 +71,18 @@ class PrunerPlan:
                    update_frequency=pruner.update_frequency)
 
     def sparsity_at(self, epoch: int) -> float:
-        """LPOT's schedule: none before ``start_epoch``; from ``initial_sparsity`` toward
-        ``target_sparsity`` in a step every ``update_frequency`` epochs, reaching it in
-        ``end_epoch`` (inclusive) and keeping it after."""
+        """LPOT 1.x's schedule (its ``Pruner.update_sparsity``): none before ``start_epoch``;
+        from ``initial_sparsity`` toward ``target_sparsity`` in a step every ``update_frequency``
+        epochs, reaching it in ``end_epoch`` when the frequency divides the span, and kept after.
+        As in LPOT, a pruner whose start and end epochs are one prunes to ``initial_sparsity``."""
+        if self.start_epoch == self.end_epoch:
+            return self.initial_sparsity
         if epoch < self.start_epoch:
             return 0.0
-        if self.start_epoch >= self.end_epoch or epoch > self.end_epoch:
+        if epoch > self.end_epoch:
             return self.target_sparsity
-        span = self.end_epoch - self.start_epoch + 1
-        reached = math.floor((epoch - self.start_epoch + 1) / self.update_frequency) * self.update_frequency
-        return self.initial_sparsity + (self.target_sparsity - self.initial_sparsity) * min(1.0, reached / span)
+        reached = math.floor((epoch - self.start_epoch) / self.update_frequency) * self.update_frequency
+        return self.initial_sparsity + (self.target_sparsity - self.initial_sparsity) * reached / (self.end_epoch - self.start_epoch)
 
     def recomputes_in(self, epoch: int) -> bool:
         """A magnitude pruner recomputes its masks in each epoch of its schedule; pattern lock keeps
@@ -117,7 +119,15 @@ def plans_for(config: Config, weights: Weights) -> list[PrunerPlan]:
             if name in claimed:
                 raise ConfigError(f"{where}: {name!r} is pruned by pruner {claimed[name]} too; name each weight once")
             claimed[name] = index
-        plans.append(PrunerPlan.resolve(pruner, compression, tuple(names)))
+        plan = PrunerPlan.resolve(pruner, compression, tuple(names))
+        where = f"`pruning.approach.weight_compression.pruners.{index}`"
+        if plan.start_epoch > plan.end_epoch:
+            raise ConfigError(f"{where}: start_epoch {plan.start_epoch} is after end_epoch {plan.end_epoch}; "
+                              "it would never prune")
+        if plan.initial_sparsity > plan.target_sparsity:
+            raise ConfigError(f"{where}: initial_sparsity {plan.initial_sparsity} is above target_sparsity "
+                              f"{plan.target_sparsity}; the sparsity only rises")
+        plans.append(plan)
     return plans
 
 

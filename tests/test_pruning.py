@@ -32,15 +32,30 @@ def plan(**own):
                                                                       target_sparsity=0.6, end_epoch=4), ("w",))
 
 
+def lpots_update_sparsity(epoch, start, end, initial, target, frequency):
+    """LPOT 1.x's ``Pruner.update_sparsity``, written out as LPOT's source has it."""
+    if start == end:
+        return initial
+    if epoch < start:
+        return 0
+    if epoch > end:
+        return target
+    return initial + (target - initial) * ((epoch - start) // frequency) * frequency / (end - start)
+
+
 def test_the_schedule_steps_from_initial_to_target_sparsity_as_lpot_computes_it():
     every_epoch = plan()
-    assert [round(every_epoch.sparsity_at(epoch), 6) for epoch in range(7)] == [0.12, 0.24, 0.36, 0.48, 0.6, 0.6, 0.6]
+    assert [round(every_epoch.sparsity_at(epoch), 6) for epoch in range(7)] == [0.0, 0.15, 0.3, 0.45, 0.6, 0.6, 0.6]
     every_other = plan(update_frequency=2)
-    assert [round(every_other.sparsity_at(epoch), 6) for epoch in range(6)] == [0.0, 0.24, 0.24, 0.48, 0.48, 0.6]
+    assert [round(every_other.sparsity_at(epoch), 6) for epoch in range(6)] == [0.0, 0.0, 0.3, 0.3, 0.6, 0.6]
     late = plan(start_epoch=2, target_sparsity=0.9)
     assert late.sparsity_at(1) == 0.0 and late.recomputes_in(2) and not late.recomputes_in(1)
-    assert plan(start_epoch=3, end_epoch=3).sparsity_at(3) == 0.6  # one-shot
+    assert plan(start_epoch=3, end_epoch=3).sparsity_at(3) == 0.0  # LPOT's rule: start == end prunes to initial
     assert not plan(prune_type="pattern_lock").recomputes_in(0)
+    for start, end, initial, frequency in [(0, 4, 0.0, 1), (1, 3, 0.1, 1), (0, 4, 0.2, 2), (0, 5, 0.0, 2), (2, 9, 0.05, 3)]:
+        schedule = plan(start_epoch=start, end_epoch=end, initial_sparsity=initial, update_frequency=frequency)
+        for epoch in range(12):
+            assert schedule.sparsity_at(epoch) == pytest.approx(lpots_update_sparsity(epoch, start, end, initial, 0.6, frequency))
 
 
 def test_a_magnitude_mask_prunes_exactly_the_smallest_weights():
@@ -111,7 +126,7 @@ def test_a_users_training_loop_calls_the_hooks_and_pattern_lock_keeps_the_zeros_
     assert result.sparsity["conv2.weight"] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_pruning_mistakes_are_named_before_training(digits):
+def test_pruning_mistakes_are_named(digits):
     model, _, _ = digits
     pruner = lpot_ray.Pruning(pruning_conf([{"names": ["conv9.weight"]}], {"dataloader": DIGITS_TRAIN}))
     pruner.model = model
@@ -122,6 +137,13 @@ def test_pruning_mistakes_are_named_before_training(digits):
     pruner.model = model
     with pytest.raises(ConfigError, match="'fc1.weight' is pruned by pruner 0 too"):
         pruner()
+
+    for schedule, message in [({"start_epoch": 3, "end_epoch": 1}, "start_epoch 3 is after end_epoch 1"),
+                              ({"initial_sparsity": 0.7, "target_sparsity": 0.5}, "initial_sparsity 0.7 is above target_sparsity 0.5")]:
+        pruner = lpot_ray.Pruning(pruning_conf([{"names": ["fc1.weight"], **schedule}], {"dataloader": DIGITS_TRAIN}))
+        pruner.model = model
+        with pytest.raises(ConfigError, match=rf"pruners\.0`: {message}"):
+            pruner()
 
     pruner = lpot_ray.Pruning(pruning_conf([{}]))
     pruner.model = model

@@ -970,11 +970,12 @@ def _call_lines(code: str) -> str:
 
 @dataclass(frozen=True)
 class YamlTraining:
-    """LPOT's ``quantization.train`` (or ``pruning.train``) as a training function: plain data (the
-    YAML section), so it travels to Ray workers like any q_func; called on a model, it builds the
-    training loader (unless given one), the optimizer and the criterion the section names, and
-    trains in place. ``hooks`` (pruning's) are called around each epoch and step, and the model is
-    then trained in train mode; a prepared QAT graph keeps the mode its quantizer set."""
+    """LPOT's ``quantization.train`` (or ``pruning.train``) as a training function; called on a
+    model, it builds the training loader (unless given one), the optimizer and the criterion the
+    section names, and trains in place. For quantization it is plain data (the YAML section), so it
+    travels to Ray workers like any q_func. For pruning, which runs in the calling process,
+    ``hooks`` (the pruner's) are called around each epoch and step, and the model is trained in
+    train mode; a prepared QAT graph keeps the mode its quantizer set."""
 
     section: TrainSection
     hooks: Any = None

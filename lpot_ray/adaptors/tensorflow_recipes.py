@@ -10,6 +10,7 @@ RESHAPE whose features run channel-fastest. A ReLU is usually fused into the op 
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -76,6 +77,8 @@ def _pairs(model: Any) -> Iterator[Pair]:
             if index >= 0:
                 readers.setdefault(int(index), []).append(op)
     outputs = {int(index) for index in subgraph.outputs}
+    uses = collections.Counter(tensor.buffer for graph in model.subgraphs for tensor in graph.tensors)
+    shared = {buffer for buffer, count in uses.items() if count > 1}
 
     def only_reader(op: Any) -> Optional[Any]:
         tensor = int(op.outputs[0])
@@ -83,7 +86,7 @@ def _pairs(model: Any) -> Iterator[Pair]:
         return users[0] if len(users) == 1 and tensor not in outputs and int(users[0].inputs[0]) == tensor else None
 
     for op in subgraph.operators:
-        if not _weighted(model, op, names, readers) or not _commutes(op):
+        if not _weighted(model, op, names, readers, shared) or not _commutes(op):
             continue
         chain, flattened = op, False
         while (user := only_reader(chain)) is not None:
@@ -95,7 +98,7 @@ def _pairs(model: Any) -> Iterator[Pair]:
             else:
                 break
         consumer = only_reader(chain)
-        if consumer is None or not _weighted(model, consumer, names, readers):
+        if consumer is None or not _weighted(model, consumer, names, readers, shared):
             continue
         if flattened != (names[consumer.opcodeIndex] == "FULLY_CONNECTED" and names[op.opcodeIndex] == "CONV_2D"):
             continue
@@ -107,13 +110,15 @@ def _pairs(model: Any) -> Iterator[Pair]:
         yield Pair(int(op.inputs[1]), bias, int(consumer.inputs[1]))
 
 
-def _weighted(model: Any, op: Any, names: list[str], readers: dict[int, list[Any]]) -> bool:
-    """A CONV_2D or FULLY_CONNECTED op whose weight and bias are float constants it alone reads."""
+def _weighted(model: Any, op: Any, names: list[str], readers: dict[int, list[Any]], shared: set[int]) -> bool:
+    """A CONV_2D or FULLY_CONNECTED op whose weight and bias are float constants it alone reads,
+    each in a buffer no other tensor uses (``shared``: the converter may give equal constants one)."""
     if names[op.opcodeIndex] not in WEIGHTED or len(op.inputs) < 2:
         return False
     parameters = [int(index) for index in op.inputs[1:3] if index >= 0]
     tensors = model.subgraphs[0].tensors
-    return all(_array(model, tensors[index]) is not None and len(readers.get(index, [])) == 1 for index in parameters)
+    return all(_array(model, tensors[index]) is not None and len(readers.get(index, [])) == 1
+               and tensors[index].buffer not in shared for index in parameters)
 
 
 def _commutes(op: Any) -> bool:
