@@ -35,18 +35,31 @@ EQUALIZATION_PASSES = 3  # a chain conv -> conv -> linear settles in a few passe
 SMOOTH_QUANT_ALPHAS = (0.5, 0.75)  # searched unless `smooth_quant_args.alpha` says (0.5: Neural Compressor's default)
 
 
-def equalization_scales(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Cross-layer equalization's factor per channel c: s_c = sqrt(r1_c / r2_c), with r1_c the
-    largest |weight| of the first op's output channel c and r2_c of the second op's weights that
-    read channel c (both given channel-first: [channels, ...]). Dividing the first op's channel
-    by s_c and multiplying the second's weights by it gives both the range sqrt(r1_c * r2_c);
-    1 where either range is 0. For the adaptors whose weights are numpy arrays."""
-    range1 = np.abs(first.reshape(first.shape[0], -1)).max(axis=1)
-    range2 = np.abs(second.reshape(second.shape[0], -1)).max(axis=1)
-    usable = (range1 > 0) & (range2 > 0)
-    scales = np.ones(first.shape[0])
-    scales[usable] = np.sqrt(range1[usable] / range2[usable])
-    return scales
+def equalize_arrays(arrays: dict, pairs: Sequence[tuple], channels_last: bool = False) -> None:
+    """Cross-layer equalization of numpy weights, in place (the adaptors whose weights are numpy
+    arrays share it): for each ``(first, bias, second)`` pair of keys (``bias`` None where the
+    first op has none), channel c gets s_c = sqrt(r1_c / r2_c), with r1_c the largest |weight| of
+    the first op's output channel c and r2_c that of the second op's weights reading it; the first
+    op's channel (and bias) is divided by s_c and those weights multiplied by it, so both have the
+    range sqrt(r1_c * r2_c) (1 where a range is 0). The second op's weights are [out, ...] with
+    its input features in blocks per channel: ``[out, channels, block]`` (channel-first: PyTorch,
+    ONNX, MXNet), or ``[out, block, channels]`` with ``channels_last`` (TFLite). Repeated
+    ``EQUALIZATION_PASSES`` times, so that a chain settles."""
+    for _ in range(EQUALIZATION_PASSES):
+        for first, bias, second in pairs:
+            w1, w2 = arrays[first], arrays[second]
+            channels = w1.shape[0]
+            blocks = w2.reshape(w2.shape[0], -1, channels) if channels_last else w2.reshape(w2.shape[0], channels, -1)
+            channel_axis = 2 if channels_last else 1
+            range1 = np.abs(w1.reshape(channels, -1)).max(axis=1)
+            range2 = np.abs(np.moveaxis(blocks, channel_axis, 0).reshape(channels, -1)).max(axis=1)
+            usable = (range1 > 0) & (range2 > 0)
+            scale = np.ones(channels)
+            scale[usable] = np.sqrt(range1[usable] / range2[usable])
+            arrays[first] = w1 / scale.reshape(-1, *([1] * (w1.ndim - 1)))
+            if bias is not None:
+                arrays[bias] = arrays[bias] / scale
+            arrays[second] = (blocks * np.expand_dims(scale, [axis for axis in (0, 1, 2) if axis != channel_axis])).reshape(w2.shape)
 
 
 def entry(name: str, alpha: Optional[float] = None) -> str:

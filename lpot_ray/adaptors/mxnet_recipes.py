@@ -9,18 +9,16 @@ an NCHW map as consecutive blocks of features per channel, as a ``Flatten`` lays
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from ..recipes import EQUALIZATION_PASSES, equalization_scales
+from ..recipes import equalize_arrays
 
 WEIGHTED = {"Convolution", "FullyConnected"}
 
 
-@dataclass(frozen=True)
-class Pair:
+class Pair(NamedTuple):
     """Two layers to equalize, by parameter name: the first's weight and bias, the second's weight."""
 
     first: str
@@ -33,18 +31,9 @@ def equalize(graph: dict, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.n
     equalizable layers of ``graph`` (a symbol's JSON) has the same weight range in both, and the
     number of pairs."""
     pairs = list(_pairs(graph, arrays))
-    touched = {name for pair in pairs for name in (pair.first, pair.bias, pair.second) if name is not None}
+    touched = {name for pair in pairs for name in pair if name is not None}
     rewritten = {name: arrays[name].astype(np.float64) for name in touched}
-    for _ in range(EQUALIZATION_PASSES):
-        for pair in pairs:
-            w1, w2 = rewritten[pair.first], rewritten[pair.second]
-            channels = w1.shape[0]
-            w2_blocks = w2.reshape(w2.shape[0], channels, -1)  # [out, channels, blocks]
-            scale = equalization_scales(w1, w2_blocks.transpose(1, 0, 2))
-            rewritten[pair.first] = w1 / scale.reshape(-1, *([1] * (w1.ndim - 1)))
-            if pair.bias is not None:
-                rewritten[pair.bias] = rewritten[pair.bias] / scale
-            rewritten[pair.second] = (w2_blocks * scale[None, :, None]).reshape(w2.shape)
+    equalize_arrays(rewritten, pairs)
     return {name: array.astype(np.float32) for name, array in rewritten.items()}, len(pairs)
 
 

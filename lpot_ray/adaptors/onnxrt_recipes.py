@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from ..recipes import EQUALIZATION_PASSES, equalization_scales
+from ..recipes import equalize_arrays
 
 # Ops that commute with a positive per-channel scale, so equalization may look through them.
 SCALE_COMMUTING = {"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Dropout", "Identity"}
@@ -23,18 +23,7 @@ def equalize(proto: Any) -> int:
     pairs = list(_pairs(proto, initializers))
     touched = {name for pair in pairs for name in pair if name is not None}
     arrays = {name: numpy_helper.to_array(initializers[name]).astype(np.float64) for name in touched}
-    for _ in range(EQUALIZATION_PASSES):
-        for first, bias, second in pairs:
-            w1, w2 = arrays[first], arrays[second]
-            channels = w1.shape[0]
-            # the second op's input channels: Conv [out, in, ...]; Gemm with transB [out, in],
-            # each channel a block of in / channels features after a Flatten
-            w2_blocks = w2.reshape(w2.shape[0], channels, -1)
-            scale = equalization_scales(w1, w2_blocks.transpose(1, 0, 2))
-            arrays[first] = w1 / scale.reshape(-1, *([1] * (w1.ndim - 1)))
-            if bias is not None:
-                arrays[bias] = arrays[bias] / scale
-            arrays[second] = (w2_blocks * scale.reshape(1, channels, 1)).reshape(w2.shape)
+    equalize_arrays(arrays, pairs)  # Conv [out, in, ...]; Gemm (transB) [out, in], a block per channel after a Flatten
     for name in touched:
         tensor = initializers[name]
         tensor.CopyFrom(numpy_helper.from_array(arrays[name].astype(numpy_helper.to_array(tensor).dtype), name))

@@ -11,12 +11,11 @@ RESHAPE whose features run channel-fastest. A ReLU is usually fused into the op 
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from ..recipes import EQUALIZATION_PASSES, equalization_scales
+from ..recipes import equalize_arrays
 
 WEIGHTED = {"CONV_2D", "FULLY_CONNECTED"}
 # Ops that commute with a positive per-channel scale (with no fused activation, or a ReLU).
@@ -24,8 +23,7 @@ SCALE_COMMUTING = {"RELU", "MAX_POOL_2D", "AVERAGE_POOL_2D"}
 SHAPE_ONLY = {"SHAPE"}  # reads a tensor's shape, not its values: no obstacle to rescaling it
 
 
-@dataclass(frozen=True)
-class Pair:
+class Pair(NamedTuple):
     """Two ops to equalize, by tensor index: the first's weight and bias, the second's weight."""
 
     first: int
@@ -41,18 +39,9 @@ def equalize(content: bytes) -> tuple[bytes, int]:
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
     subgraph = model.subgraphs[0]
     pairs = list(_pairs(model))
-    touched = {index for pair in pairs for index in (pair.first, pair.bias, pair.second) if index is not None}
+    touched = {index for pair in pairs for index in pair if index is not None}
     arrays = {index: _array(model, subgraph.tensors[index]).astype(np.float64) for index in touched}
-    for _ in range(EQUALIZATION_PASSES):
-        for pair in pairs:
-            w1, w2 = arrays[pair.first], arrays[pair.second]
-            channels = w1.shape[0]
-            w2_blocks = w2.reshape(w2.shape[0], -1, channels)  # [out, blocks, channels]: channels fastest
-            scale = equalization_scales(w1, np.moveaxis(w2_blocks, -1, 0))
-            arrays[pair.first] = w1 / scale.reshape(-1, *([1] * (w1.ndim - 1)))
-            if pair.bias is not None:
-                arrays[pair.bias] = arrays[pair.bias] / scale
-            arrays[pair.second] = (w2_blocks * scale).reshape(w2.shape)
+    equalize_arrays(arrays, pairs, channels_last=True)
     for index in touched:
         buffer = model.buffers[subgraph.tensors[index].buffer]
         buffer.data = np.frombuffer(arrays[index].astype(np.float32).tobytes(), dtype=np.uint8)
