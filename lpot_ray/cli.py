@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prune = commands.add_parser("prune", help="prune the model a YAML names while training it as its `pruning` "
                                               "section says", epilog=TRUSTED_MODELS)
     prune.add_argument("config", help="an LPOT-style YAML with model.path and pruning.train with its dataloader")
-    prune.add_argument("-o", "--output", help="the pruned model's file (default: WORKSPACE/pruned/<model file>)")
+    prune.add_argument("-o", "--output", help="the pruned model's file (default: WORKSPACE/pruned/model.pt2)")
     args = parser.parse_args(argv)
     try:
         if args.command == "prune":
@@ -177,8 +177,9 @@ def run_prune(config_path: str, output: Optional[str]) -> int:
     adaptor = registry.adaptors.get(config.model.framework)()
     pruner.model = adaptor.load_file(config.model.path)
     pruner.train_dataloader = build_loader(train.dataloader, "pruning.train.dataloader", framework=config.model.framework)
-    result = pruner()
     example, _ = split_batch(next(iter(pruner.train_dataloader)))
+    adaptor.prepare(pruner.model, example)  # a model that can't take the training batches is named before training
+    result = pruner()
     target = Path(output) if output else Path(config.tuning.workspace.path) / "pruned" / adaptor.model_file
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(adaptor.prepare(result.model, example))

@@ -211,7 +211,14 @@ class WeightCompression(_Section):
     target_sparsity: float = Field(0.97, ge=0, lt=1)
     start_epoch: int = Field(0, ge=0)
     end_epoch: int = Field(4, ge=0)
-    pruners: tuple[PrunerSection, ...] = Field(min_length=1)
+    pruners: tuple[PrunerSection, ...]
+
+    @field_validator("pruners")
+    @classmethod
+    def _some(cls, value: tuple[PrunerSection, ...]) -> tuple[PrunerSection, ...]:
+        if not value:
+            raise ValueError("names no pruner; give at least one !Pruner")
+        return value
 
 
 class PruningApproach(_Section):
@@ -272,7 +279,12 @@ class QuantizationSection(_Section):
     @classmethod
     def _all_off_for_false(cls, value: Any) -> Any:
         """``recipes: false`` turns every recipe off (the search then falls back ops at once)."""
-        return dict.fromkeys(RECIPES, False) if value is False else value
+        if value is False:
+            return dict.fromkeys(RECIPES, False)
+        if value is True:
+            raise ValueError(f"expected false (no recipe) or a mapping of recipe names ({', '.join(RECIPES)}) to "
+                             "true (always) or false (never); unset, each is tried with and without")
+        return value
 
     @field_validator("op_wise")
     @classmethod

@@ -230,8 +230,9 @@ class Pruning:
 
     def _active(self) -> Pruners:
         if self._pruners is None:
-            raise ConfigError("Pruning: its hooks are called from train_func while Pruning runs it; call the Pruning "
-                              "object first")
+            raise ConfigError("Pruning: a hook was called while this Pruning object is not running; its hooks "
+                              "work only inside the train_func it calls (pruner() runs it): call the hooks of the "
+                              "object you called")
         return self._pruners
 
     # --- running ---------------------------------------------------------------------------------

@@ -170,3 +170,20 @@ def test_lpot_pruning_options_lpot_ray_lacks_are_refused_by_name():
         load_config(conf)
     with pytest.raises(ConfigError, match="target_sparsity"):
         load_config(pruning_conf([{"target_sparsity": 1.5}]))
+
+
+def test_the_command_line_names_a_model_file_that_cant_take_the_training_batches(digits, tmp_path, capsys):
+    import torch
+    import yaml
+
+    from lpot_ray import cli
+
+    model, _, _ = digits
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 8, 8),)), str(tmp_path / "fixed.pt2"))  # batch 2 only
+    conf = pruning_conf([{"names": ["fc1.weight"]}], {"dataloader": DIGITS_TRAIN, "end_epoch": 1})
+    conf["model"]["path"] = str(tmp_path / "fixed.pt2")
+    conf["tuning"]["workspace"] = {"path": str(tmp_path / "ws")}
+    (tmp_path / "prune.yaml").write_text(yaml.safe_dump(conf))
+    assert cli.main(["prune", str(tmp_path / "prune.yaml")]) == cli.EXIT_BAD_INPUT
+    assert "lpot_ray needs a dynamic batch dimension" in capsys.readouterr().err
+    assert not (tmp_path / "ws" / "pruned").exists()
