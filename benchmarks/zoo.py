@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 
 import lpot_ray  # noqa: E402
-from lpot_ray import zoo  # noqa: E402
+from lpot_ray import pool, zoo  # noqa: E402
 from simulated import CALIBRATION, SimulatedModel, simulated_eval  # noqa: E402
 
 JOBS = (("basic-strict", "basic", 0.012), ("bayesian-loose", "bayesian", 0.05), ("random", "random", 0.03))
@@ -62,13 +62,13 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     pools = []
+    opened = pool.WorkerPool.__init__
 
-    class RecordedPool(zoo.WorkerPool):
-        def __init__(self, *pool_args, **kwargs):
-            super().__init__(*pool_args, **kwargs)
-            pools.append(self)
+    def recorded(self, *pool_args, **kwargs):  # every pool the tunings open, wherever it is opened
+        opened(self, *pool_args, **kwargs)
+        pools.append(self)
 
-    zoo.WorkerPool = RecordedPool
+    pool.WorkerPool.__init__ = recorded
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
         together = lpot_ray.tune_many(jobs(Path(root) / "together", args.workers, args.trial_seconds, args.max_trials))

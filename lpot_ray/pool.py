@@ -282,6 +282,7 @@ class WorkerPool:
         """Start connecting to Ray (idempotent); the watcher adds workers once it is up."""
         if self.plan is not None and self.session is None and not self._closed.is_set():
             self.session = self.plan.connect()
+            self.events.put(None)  # wakes the pool's thread, which adds the workers once Ray is up
 
     def check_cluster(self, timeout: float = 60.0) -> None:
         """Raise ClusterError unless a cluster named by an address is connected: a connection
@@ -615,6 +616,7 @@ class WorkerPool:
         if self._closed.is_set():
             return
         self._closed.set()
+        self.events.put(None)  # the pool's thread sees the close now, not at its next time-out
         if self._watcher is not threading.current_thread():
             self._watcher.join(timeout=SHUTDOWN_WAIT)  # still copying jobs into Ray after that: it releases Ray itself
         with self.lock:

@@ -74,9 +74,10 @@ class RayPlan:
                    max(config.ray.worker_start_timeout for config in configs))
 
     def planned_workers(self) -> int:
-        """Workers the tuning expects before Ray is up: ``workers``, else one per
-        ``cpus_per_worker`` of this machine; on this machine, no more than it holds."""
-        capacity = self.capacity(os.cpu_count() or 1)
+        """Workers the tuning expects before its Ray workers are up: ``workers``, else one per
+        ``cpus_per_worker`` of the CPUs it will have (those of a Ray this process already runs,
+        else this machine's); outside a cluster, no more than those CPUs hold."""
+        capacity = self.capacity(running_ray_cpus() or os.cpu_count() or 1)
         if not self.workers:
             return capacity
         return self.workers if self.cluster_address() else min(self.workers, capacity)
@@ -97,8 +98,7 @@ class RayPlan:
     def connect_eagerly(self) -> bool:
         """A cluster or a Ray already running costs little to reach; a private Ray is started
         only once the tuning shows it has more work than the driver alone."""
-        ray = sys.modules.get("ray")
-        return bool(self.cluster_address() or (ray is not None and ray.is_initialized()))
+        return bool(self.cluster_address() or ray_running())
 
     def ray_workers(self, cluster: dict[str, float]) -> int:
         """Worker actors to start next to the driver: ``workers - 1`` if given, else one per
@@ -232,3 +232,21 @@ def _cluster_error(address: str, error: BaseException) -> ClusterError:
                 "in RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-token` "
                 "on the head node prints it)")
     return ClusterError(f"Ray cluster {address!r}: can't connect: {type(error).__name__}: {text}; {hint}")
+
+
+def ray_running() -> bool:
+    """Whether this process runs Ray already (``ray.init`` by the user, a test, another tuning),
+    without importing it; False while another thread is still importing it."""
+    is_initialized = getattr(sys.modules.get("ray"), "is_initialized", None)
+    return bool(is_initialized is not None and is_initialized())
+
+
+def running_ray_cpus() -> Optional[float]:
+    """The CPUs of the Ray this process already runs, or None: the workers a tuning gets there
+    follow them, not this machine's count."""
+    if not ray_running():
+        return None
+    try:
+        return sys.modules["ray"].cluster_resources().get("CPU")
+    except Exception:  # a Ray shutting down: plan for this machine
+        return None

@@ -325,6 +325,20 @@ def test_worker_counts_a_machine_cannot_hold_are_capped_with_a_warning(caplog):
     assert RayPlan(workers=10000).planned_workers() <= 4 * os.cpu_count()
 
 
+def test_the_planned_workers_follow_a_ray_this_process_runs(monkeypatch):
+    """Strategies size their rounds by the planned workers: with a Ray of 4 CPUs already up,
+    ``workers: 4`` gets 4 even on a 2-core machine (as many as the pool then starts), not 2."""
+    from lpot_ray import ray_session
+    from lpot_ray.ray_session import RayPlan
+
+    monkeypatch.setattr(ray_session.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(ray_session, "running_ray_cpus", lambda: None)
+    assert RayPlan(workers=4).planned_workers() == 2 == RayPlan().planned_workers()
+    monkeypatch.setattr(ray_session, "running_ray_cpus", lambda: 4.0)
+    assert RayPlan(workers=4).planned_workers() == 4 == RayPlan().planned_workers()
+    assert RayPlan(workers=4).planned_workers() == 1 + RayPlan(workers=4).ray_workers({"CPU": 4.0})
+
+
 def test_resources_per_worker_is_validated():
     from lpot_ray.config import load_config
     from lpot_ray.errors import ConfigError
