@@ -59,7 +59,9 @@ def equalize_arrays(arrays: dict, pairs: Sequence[tuple], channels_last: bool = 
             arrays[first] = w1 / scale.reshape(-1, *([1] * (w1.ndim - 1)))
             if bias is not None:
                 arrays[bias] = arrays[bias] / scale
-            arrays[second] = (blocks * np.expand_dims(scale, [axis for axis in (0, 1, 2) if axis != channel_axis])).reshape(w2.shape)
+            along_channels = [1, 1, 1]
+            along_channels[channel_axis] = channels
+            arrays[second] = (blocks * scale.reshape(along_channels)).reshape(w2.shape)
 
 
 def entry(name: str, alpha: Optional[float] = None) -> str:
