@@ -242,10 +242,11 @@ class Pruning:
             raise ConfigError("Pruning.model: set the model to prune first")
         adaptor = registry.adaptors.get(config.model.framework)()
         weights = adaptor.weights(self.model)
+        plans = plans_for(config, weights)  # a mistake in the pruners is named before any evaluation
         train = self._training(adaptor)
         evaluation = self._evaluation()
         baseline = evaluation.measure(adaptor, self.model).value if evaluation is not None else None
-        self._pruners = pruners = Pruners(plans_for(config, weights), weights)
+        self._pruners = pruners = Pruners(plans, weights)
         try:
             train(self.model)
         finally:

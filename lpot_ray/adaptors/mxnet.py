@@ -224,7 +224,7 @@ class MXNetAdaptor(Adaptor):
         from . import mxnet_recipes
 
         return self.offers_equalization(
-            lambda: mxnet_recipes.equalizable(json.loads(model.symbol.tojson()), _numpy_params(model.arg_params)))
+            lambda: mxnet_recipes.equalizable(json.loads(model.symbol.tojson()), model.arg_params))
 
     def rewritten(self, model: MXNetModel, config: TuneConfig) -> MXNetModel:
         """The fp32 model the config quantizes: equalized if it names equalization."""
@@ -233,7 +233,7 @@ class MXNetAdaptor(Adaptor):
     def _equalize(self, model: MXNetModel) -> MXNetModel:
         from . import mxnet_recipes
 
-        rewritten, _ = mxnet_recipes.equalize(json.loads(model.symbol.tojson()), _numpy_params(model.arg_params))
+        rewritten, _ = mxnet_recipes.equalize(json.loads(model.symbol.tojson()), model.arg_params)
         arg_params = {**model.arg_params, **{name: self.mx.nd.array(array) for name, array in rewritten.items()}}
         return MXNetModel(model.symbol, arg_params, model.aux_params, model.input_shapes)
 
@@ -517,10 +517,6 @@ def int8_ops_of(symbol: Any) -> list[str]:
 
 def input_names(symbol: Any, arg_params: dict, aux_params: dict) -> list[str]:
     return [name for name in symbol.list_arguments() if name not in arg_params and name not in aux_params]
-
-
-def _numpy_params(params: dict) -> dict[str, np.ndarray]:
-    return {name: array.asnumpy() for name, array in params.items()}
 
 
 def _weight_of(node: dict, model: MXNetModel) -> Any:

@@ -9,7 +9,7 @@ an NCHW map as consecutive blocks of features per channel, as a ``Flatten`` lays
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -26,23 +26,23 @@ class Pair(NamedTuple):
     second: str
 
 
-def equalize(graph: dict, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-    """The parameters rewritten (only those that change) so that each channel between two
-    equalizable layers of ``graph`` (a symbol's JSON) has the same weight range in both, and the
-    number of pairs."""
+def equalize(graph: dict, arrays: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+    """The parameters rewritten (only those that change, as numpy) so that each channel between
+    two equalizable layers of ``graph`` (a symbol's JSON) has the same weight range in both, and
+    the number of pairs. ``arrays``: the parameters by name, MXNet NDArrays or numpy."""
     pairs = list(_pairs(graph, arrays))
     touched = {name for pair in pairs for name in pair if name is not None}
-    rewritten = {name: arrays[name].astype(np.float64) for name in touched}
+    rewritten = {name: _numpy(arrays[name]).astype(np.float64) for name in touched}
     equalize_arrays(rewritten, pairs)
     return {name: array.astype(np.float32) for name, array in rewritten.items()}, len(pairs)
 
 
-def equalizable(graph: dict, arrays: dict[str, np.ndarray]) -> bool:
+def equalizable(graph: dict, arrays: dict[str, Any]) -> bool:
     """Whether the graph has a pair of layers that equalization would rescale."""
     return next(_pairs(graph, arrays), None) is not None
 
 
-def _pairs(graph: dict, arrays: dict[str, np.ndarray]) -> Iterator[Pair]:
+def _pairs(graph: dict, arrays: dict[str, Any]) -> Iterator[Pair]:
     """Each pair of ungrouped layers joined only by ReLU, pooling, dropout or a flatten (after a
     convolution), each reading its weights alone and each intermediate output read once."""
     nodes, outputs = graph["nodes"], {head[0] for head in graph.get("heads", [])}
@@ -95,6 +95,10 @@ def _pairs(graph: dict, arrays: dict[str, np.ndarray]) -> Iterator[Pair]:
         if features % channels or (second["op"] == "Convolution" and features != channels):
             continue
         yield Pair(parameter(node, 1), parameter(node, 2), parameter(second, 1))
+
+
+def _numpy(array: Any) -> np.ndarray:
+    return array.asnumpy() if hasattr(array, "asnumpy") else np.asarray(array)
 
 
 def _commutes(kind: str, attrs: dict) -> bool:

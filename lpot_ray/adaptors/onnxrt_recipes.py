@@ -39,10 +39,7 @@ def _pairs(proto: Any, initializers: dict[str, Any]) -> Iterator[tuple[str, Opti
     """(first weight, first bias or None, second weight) of each pair of
     Conv/Gemm nodes joined only by scale-commuting nodes (and a Flatten after a Conv), each
     weight read by its node alone."""
-    consumers: dict[str, list[Any]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(proto)
     outputs = {output.name for output in proto.graph.output}
 
     def only_consumer(node: Any) -> Optional[Any]:
@@ -88,6 +85,15 @@ def _weighted(node: Any, initializers: dict[str, Any], consumers: dict[str, list
             and all(len(consumers.get(name, [])) == 1 for name in parameters))
 
 
+def _consumers(proto: Any) -> dict[str, list[Any]]:
+    """The nodes that read each tensor, by tensor name."""
+    consumers: dict[str, list[Any]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def _attribute(node: Any, name: str, default: Any) -> Any:
     from onnx import helper
 
@@ -102,10 +108,7 @@ def smoothing_groups(proto: Any) -> dict[str, list[Any]]:
     """The MatMul and Gemm nodes with a weight initializer read by them alone, by the tensor
     they multiply (a layer's query, key and value share one): each group's input is smoothed once."""
     initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
-    consumers: dict[str, list[Any]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(proto)
     groups: dict[str, list[Any]] = {}
     for node in proto.graph.node:
         if _smoothable(node, initializers, consumers) and node.input[0] not in initializers:

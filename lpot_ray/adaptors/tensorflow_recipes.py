@@ -106,7 +106,7 @@ def _weighted(model: Any, op: Any, names: list[str], readers: dict[int, list[Any
         return False
     parameters = [int(index) for index in op.inputs[1:3] if index >= 0]
     tensors = model.subgraphs[0].tensors
-    return all(_array(model, tensors[index]) is not None and len(readers.get(index, [])) == 1
+    return all(_is_float_constant(model, tensors[index]) and len(readers.get(index, [])) == 1
                and tensors[index].buffer not in shared for index in parameters)
 
 
@@ -132,11 +132,15 @@ def _op_names(model: Any) -> list[str]:
     return [by_value.get(max(code.builtinCode, code.deprecatedBuiltinCode), "") for code in model.operatorCodes]
 
 
-def _array(model: Any, tensor: Any) -> Optional[np.ndarray]:
-    """A float32 constant tensor's values, or None for a computed or non-float tensor."""
+def _is_float_constant(model: Any, tensor: Any) -> bool:
+    """A float32 tensor whose values the flatbuffer holds (not one an op computes)."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     data = model.buffers[tensor.buffer].data if tensor.buffer < len(model.buffers) else None
-    if data is None or len(data) == 0 or tensor.type != schema.TensorType.FLOAT32:
-        return None
+    return data is not None and len(data) > 0 and tensor.type == schema.TensorType.FLOAT32
+
+
+def _array(model: Any, tensor: Any) -> np.ndarray:
+    """A float constant tensor's values (``_is_float_constant``)."""
+    data = model.buffers[tensor.buffer].data
     return np.frombuffer(bytes(data), dtype=np.float32).reshape(tuple(int(dim) for dim in tensor.shape))
